@@ -1,0 +1,79 @@
+"""Quantization and calibration settings: frozen dataclasses validated on construction."""
+from dataclasses import asdict, dataclass, fields
+
+from .arc import ORDERS
+from .formats import FORMATS
+
+METHODS = ("fp", "w4a16", "w4a8", "rtn", "arc")
+ACT_SCALES = ("dynamic", "static", "token")
+CALIB_SOURCES = ("c4", "wiki-train")
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of: {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to do to every quantized linear layer.
+
+    method     fp (none) | w4a16 (weights only) | w4a8 (+ FP8 E4M3 per-token activations)
+               | rtn (W4A4 round-to-nearest) | arc (W4A4 with augmented residual channels)
+    fmt        4-bit format of weights (and activations for rtn/arc)
+    act_scale  activation tensor scale: dynamic (amax of the whole batch, the paper),
+               static (amax seen in calibration), token (one scale per token)
+    order      ARC channel order: sorted (the paper), blocks (keep 16-blocks, move the
+               worst whole blocks to the residual tail), none (no reorder; residual of the
+               top-s channels, weight tail stored separately)
+    threshold  a channel is an outlier of a token when |x| > threshold * the token's max
+    s_multiple s is rounded up to a multiple of this (a multiple of the format's block)
+    """
+    method: str = "arc"
+    fmt: str = "nvfp4"
+    act_scale: str = "token"
+    order: str = "blocks"
+    threshold: float = 2.0 ** -3
+    s_multiple: int = 64
+
+    def __post_init__(self):
+        _choice("method", self.method, METHODS)
+        _choice("fmt", self.fmt, tuple(FORMATS))
+        _choice("act_scale", self.act_scale, ACT_SCALES)
+        _choice("order", self.order, ORDERS)
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold={self.threshold} must be in (0, 1]; the paper uses 0.125")
+        block = FORMATS[self.fmt].block
+        if self.s_multiple <= 0 or self.s_multiple % block:
+            raise ValueError(f"s_multiple={self.s_multiple} must be a positive multiple of the "
+                             f"{self.fmt} block size {block}")
+
+    @classmethod
+    def paper(cls, **overrides) -> "QuantConfig":
+        """The published recipe: channels sorted by max, dynamic per-batch tensor scale."""
+        return cls(**{"method": "arc", "order": "sorted", "act_scale": "dynamic", **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown quantization settings {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Calibration text: `nsamples` windows of `seqlen` tokens drawn (seeded) from `source`."""
+    source: str = "c4"
+    nsamples: int = 32
+    seqlen: int = 512
+    seed: int = 0
+
+    def __post_init__(self):
+        _choice("source", self.source, CALIB_SOURCES)
+        if self.nsamples < 1 or self.seqlen < 2:
+            raise ValueError(f"nsamples={self.nsamples} and seqlen={self.seqlen} must be >= 1 and >= 2")

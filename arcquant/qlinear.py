@@ -1,0 +1,128 @@
+"""The quantized linear layer (reference backend: plain torch, runs anywhere).
+
+One class covers every method: weights are stored packed (4-bit codes, block scales,
+tensor scale) in the plan's column order; the activation is quantized per `act`:
+    none  weights only (w4a16)
+    fp8   FP8 E4M3 per token (w4a8)
+    fp4   the format of the weights, augmented by the plan's residual tail (rtn: s = 0, arc)
+Layers that read the same input (q/k/v, gate/up) hold the same SharedInput, so the
+activation is quantized once per forward for the whole group.
+"""
+import torch
+from torch import nn
+
+from . import arc
+from .formats import fp8, get_format
+
+ACTS = ("none", "fp8", "fp4")
+
+
+class SharedInput:
+    """Caches the quantized activation of the last input seen by one group of layers."""
+
+    def __init__(self):
+        self.x, self.version, self.value = None, None, None
+
+    def get(self, x, compute):
+        if self.x is x and self.version == x._version:
+            return self.value
+        self.x, self.version, self.value = x, x._version, compute(x)
+        return self.value
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, fmt: str, act: str, act_scale: str,
+                 plan: arc.ArcPlan, qw: arc.QuantizedWeight, weight_gs: torch.Tensor,
+                 input_gs: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+        super().__init__()
+        if act not in ACTS:
+            raise ValueError(f"act={act!r}; valid: {', '.join(ACTS)}")
+        self.in_features, self.out_features = in_features, out_features
+        self.fmt, self.act, self.act_scale = get_format(fmt), act, act_scale
+        self.k_padded = plan.k
+        pack = self.fmt.module.pack
+        self.register_buffer("weight_packed", pack(qw.codes))            # (N, Kp/2) uint8
+        self.register_buffer("weight_scale", qw.scales)                  # (N, Kp/B)
+        self.register_buffer("weight_global_scale", weight_gs.reshape(()).float())
+        self.register_buffer("perm", plan.perm.to(torch.int32))          # (Kp,)
+        self.register_buffer("tail", plan.tail.to(torch.int32))          # (s,)
+        if qw.tail_codes is not None:
+            self.register_buffer("weight_tail_packed", pack(qw.tail_codes))  # (N, s/2)
+            self.register_buffer("weight_tail_scale", qw.tail_scales)        # (N, s/B)
+        if input_gs is not None:
+            self.register_buffer("input_global_scale", input_gs.reshape(()).float())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.shared: SharedInput | None = None
+        self._w_aug = None                                               # dequantized cache
+
+    # ---- construction --------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: str, act: str, act_scale: str, plan: arc.ArcPlan,
+                    weight_gs: torch.Tensor, input_gs: torch.Tensor | None = None) -> "QuantLinear":
+        w = linear.weight.detach().to(torch.float32)
+        if not torch.isfinite(w).all():
+            raise FloatingPointError("NaN or Inf in the weights")
+        w = arc.pad_k(w, plan.k)                                         # (N, Kp)
+        qw = arc.quantize_weight(w, plan, get_format(fmt), weight_gs)
+        return cls(linear.in_features, linear.out_features, fmt, act, act_scale, plan, qw,
+                   weight_gs, input_gs, linear.bias)
+
+    @property
+    def plan(self) -> arc.ArcPlan:
+        return arc.ArcPlan(self.perm.long(), self.tail.long())
+
+    @property
+    def s(self) -> int:
+        return self.tail.numel()
+
+    @property
+    def avg_bits(self) -> float:
+        """Weight bits per original weight element: bits/elem * (K+s)/K (the spec's figure)."""
+        return self.fmt.bits_per_element * (self.k_padded + self.s) / self.in_features
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, fmt={self.fmt.name}, act={self.act}, "
+                f"act_scale={self.act_scale}, s={self.s}, bias={self.bias is not None}")
+
+    # ---- reference forward -------------------------------------------------------------------
+    def quantized_weight(self) -> arc.QuantizedWeight:
+        unpack = self.fmt.module.unpack
+        tail = getattr(self, "weight_tail_packed", None)
+        return arc.QuantizedWeight(unpack(self.weight_packed), self.weight_scale,
+                                   None if tail is None else unpack(tail),
+                                   getattr(self, "weight_tail_scale", None))
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """(N, Kp+s) float32: dequant(W_aug), cached after the first call."""
+        if self._w_aug is None or self._w_aug.device != self.weight_packed.device:
+            codes, scales = arc.augmented_weight(self.quantized_weight(), self.plan, self.fmt.block)
+            self._w_aug = self.fmt.dequantize(codes, scales, self.weight_global_scale)
+        return self._w_aug
+
+    def _activation_global_scale(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_scale == "static":
+            return self.input_global_scale
+        if self.act_scale == "token":
+            return self.fmt.global_scale(x.abs().amax(-1, keepdim=True))    # (M, 1)
+        return self.fmt.global_scale(x.abs().amax())                        # dynamic: whole batch
+
+    def quantize_input(self, x2d: torch.Tensor) -> torch.Tensor:
+        """x (M, K) -> dequant(X_aug) (M, Kp+s) float32 for the reference GEMM."""
+        x = arc.pad_k(x2d.to(torch.float32), self.k_padded)
+        if self.act == "none":
+            return x[:, self.perm.long()]
+        if self.act == "fp8":
+            return fp8.fake_quantize_per_row(x[:, self.perm.long()])
+        gs = self._activation_global_scale(x)
+        codes, scales = arc.quantize_activation(x, self.plan, self.fmt, gs)
+        return self.fmt.dequantize(codes, scales, gs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, this layer expects {self.in_features}")
+        flat = lambda t: self.quantize_input(t.reshape(-1, self.in_features))  # (M, K) -> (M, Kp+s)
+        xq = self.shared.get(x, flat) if self.shared else flat(x)
+        y = arc.augmented_matmul(xq, self.dequantized_weight())              # (M, N) float32
+        if self.bias is not None:
+            y = y + self.bias.to(torch.float32)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
