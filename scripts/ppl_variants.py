@@ -1,0 +1,70 @@
+"""Held-out perplexity of quantization variants on one model; appends JSON lines (resumable).
+
+    python scripts/ppl_variants.py --out results/variants-smollm2.jsonl
+Each variant is a QuantConfig; finished variants (same name, same eval settings) are skipped.
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from arcquant.config import CalibConfig, QuantConfig
+from arcquant.evaluate import perplexity
+from arcquant.modeling import load_model
+from arcquant.quantize import quantize_model
+
+VARIANTS = {
+    "fp": dict(method="fp"),
+    "w4a16": dict(method="w4a16"),
+    "w4a8": dict(method="w4a8"),
+    "rtn-dynamic": dict(method="rtn", act_scale="dynamic"),
+    "rtn-token": dict(method="rtn", act_scale="token"),
+    "arc-paper (sorted, dynamic)": dict(method="arc", order="sorted", act_scale="dynamic"),
+    "reorder-only (sorted, s=0, dynamic)": dict(method="arc", order="sorted", act_scale="dynamic", residual=False),
+    "arc sorted, token": dict(method="arc", order="sorted", act_scale="token"),
+    "arc none, dynamic": dict(method="arc", order="none", act_scale="dynamic"),
+    "arc none, token": dict(method="arc", order="none", act_scale="token"),
+    "arc blocks, dynamic": dict(method="arc", order="blocks", act_scale="dynamic"),
+    "arc blocks, token": dict(method="arc", order="blocks", act_scale="token"),
+    "arc blocks, static": dict(method="arc", order="blocks", act_scale="static"),
+    "reorder-only (blocks, s=0, token)": dict(method="arc", order="blocks", act_scale="token", residual=False),
+    "arc blocks, token, thr 1/16": dict(method="arc", order="blocks", act_scale="token", threshold=1 / 16),
+    "arc blocks, token, s mult 16": dict(method="arc", order="blocks", act_scale="token", s_multiple=16),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tokens", type=int, default=65536)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--calib", type=int, nargs=2, default=(32, 512), metavar=("N", "SEQLEN"))
+    ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    a = ap.parse_args()
+    out = Path(a.out)
+    done = set()
+    if out.exists():
+        done = {json.loads(l)["variant"] for l in out.read_text().splitlines() if l.strip()}
+    ccfg = CalibConfig(source="c4", nsamples=a.calib[0], seqlen=a.calib[1], seed=0)
+    for name, kw in VARIANTS.items():
+        if name in done or (a.only and name not in a.only):
+            continue
+        torch.manual_seed(0)
+        model, tok = load_model(a.model)
+        t0 = time.time()
+        qcfg = QuantConfig(**kw)
+        rep = quantize_model(model, tok, qcfg, ccfg, progress=False)
+        r = perplexity(model, tok, "wiki-test", a.seqlen, a.tokens, progress=False)
+        row = {"variant": name, "model": a.model, "config": qcfg.to_dict(), "avg_bits": rep["avg_bits"],
+               **r, "calib": f"c4 {ccfg.nsamples}x{ccfg.seqlen} seed {ccfg.seed}",
+               "torch": torch.__version__, "seconds": round(time.time() - t0, 1)}
+        print(json.dumps(row), flush=True)
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
