@@ -1,5 +1,6 @@
 """Quantization and calibration settings: frozen dataclasses validated on construction."""
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from .arc import ORDERS
 from .formats import FORMATS
@@ -68,13 +69,16 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class CalibConfig:
-    """Calibration text: `nsamples` windows of `seqlen` tokens drawn (seeded) from `source`."""
+    """Calibration text: `nsamples` windows of `seqlen` tokens drawn (seeded) from `source`
+    (c4, wiki-train, or the path of a UTF-8 text file)."""
     source: str = "c4"
     nsamples: int = 32
     seqlen: int = 512
     seed: int = 0
 
     def __post_init__(self):
-        _choice("source", self.source, CALIB_SOURCES)
+        if self.source not in CALIB_SOURCES and not Path(self.source).is_file():
+            raise ValueError(f"source={self.source!r} is neither one of {', '.join(CALIB_SOURCES)} "
+                             "nor an existing text file")
         if self.nsamples < 1 or self.seqlen < 2:
             raise ValueError(f"nsamples={self.nsamples} and seqlen={self.seqlen} must be >= 1 and >= 2")

@@ -35,14 +35,26 @@ def _documents(name: str) -> list[str]:
 
 
 def load_text(name: str) -> str:
-    """One of TEXTS as a single string, documents joined with blank lines."""
+    """One of TEXTS, or the path of a UTF-8 text file, as a single string."""
     if name not in TEXTS:
-        raise ValueError(f"unknown text {name!r}; valid: {', '.join(TEXTS)}")
+        return _read_user_text(Path(name))
     if name == "c4":
         return "\n\n".join(_documents("c4"))
     docs = _documents("wiki")
     half = len(docs) // 2
     return "\n\n".join(docs[:half] if name == "wiki-test" else docs[half:])
+
+
+def _read_user_text(path: Path) -> str:
+    if not path.is_file():
+        raise ValueError(f"unknown text {str(path)!r}: use one of {', '.join(TEXTS)} or the path of a UTF-8 file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"text file {str(path)!r} is not UTF-8 ({e}); convert it to UTF-8") from None
+    if not text.strip():
+        raise ValueError(f"text file {str(path)!r} is empty; calibration needs real text")
+    return text
 
 
 def calibration_batches(tokenizer, source: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:

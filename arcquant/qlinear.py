@@ -43,14 +43,16 @@ class QuantLinear(nn.Module):
         pack = self.fmt.module.pack
         self.register_buffer("weight_packed", pack(qw.codes))            # (N, Kp/2) uint8
         self.register_buffer("weight_scale", qw.scales)                  # (N, Kp/B)
-        self.register_buffer("weight_global_scale", weight_gs.reshape(()).float())
-        self.register_buffer("perm", plan.perm.to(torch.int32))          # (Kp,)
-        self.register_buffer("tail", plan.tail.to(torch.int32))          # (s,)
+        # each layer owns its tensors (a group shares values, never storage: tied-storage
+        # de-duplication at save time must not drop them)
+        self.register_buffer("weight_global_scale", weight_gs.reshape(()).float().clone())
+        self.register_buffer("perm", plan.perm.to(torch.int32).clone())  # (Kp,)
+        self.register_buffer("tail", plan.tail.to(torch.int32).clone())  # (s,)
         if qw.tail_codes is not None:
             self.register_buffer("weight_tail_packed", pack(qw.tail_codes))  # (N, s/2)
             self.register_buffer("weight_tail_scale", qw.tail_scales)        # (N, s/B)
         if input_gs is not None:
-            self.register_buffer("input_global_scale", input_gs.reshape(()).float())
+            self.register_buffer("input_global_scale", input_gs.reshape(()).float().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.shared: SharedInput | None = None
         self._w_aug = None                                               # dequantized cache

@@ -1,0 +1,191 @@
+"""Self-describing quantized checkpoints.
+
+A folder:
+    arcquant.json       format name and version, QuantConfig, calibration, per-layer plan
+                        (in/out features, s, activation mode, group), average bits
+    model.safetensors   every tensor of the model; per quantized layer NAME:
+                        NAME.weight_packed (N, Kp/2) uint8, NAME.weight_scale (N, Kp/B),
+                        NAME.weight_global_scale () f32 (448*6/amax), NAME.perm (Kp,) i32,
+                        NAME.tail (s,) i32, [NAME.weight_tail_packed / _scale when the weight
+                        tail is not the last s columns], [NAME.input_global_scale for static
+                        activation scales], [NAME.bias]
+    config.json, tokenizer files   the HF model config (quantization markers cleared)
+Written to a temporary sibling folder and renamed into place, so an interrupted save never
+leaves a folder that looks complete. Loading needs no calibration data.
+"""
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__, arc
+from .config import CalibConfig, QuantConfig
+from .formats import get_format
+from .modeling import UnsupportedModelError
+from .qlinear import QuantLinear, SharedInput
+
+FORMAT = "arcquant"
+FORMAT_VERSION = 1
+META_FILE = "arcquant.json"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def is_checkpoint(path) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def prepare_output(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not force:
+            raise FileExistsError(f"output {str(out)!r} already exists and is not empty; "
+                                  "choose another path or pass --force to replace it")
+
+
+def atomic_folder(out: Path, force: bool, write) -> Path:
+    """Call write(tmp_dir) then move tmp_dir to `out`; nothing is left at `out` on failure."""
+    out = Path(out)
+    prepare_output(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _unique_state(model) -> dict:
+    """state_dict without tied duplicates (safetensors refuses shared storage)."""
+    seen, out = set(), {}
+    for k, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.dtype) if t.numel() else (k,)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[k] = t.detach().contiguous().cpu()
+    return out
+
+
+def save_quantized(model, tokenizer, out, qcfg: QuantConfig, ccfg: CalibConfig | None, report: dict,
+                   source: str, force: bool = False) -> Path:
+    layers = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            row = next((r for r in report["layers"] if r["name"] == name), {})
+            layers[name] = {"in_features": mod.in_features, "out_features": mod.out_features,
+                            "fmt": mod.fmt.name, "act": mod.act, "act_scale": mod.act_scale,
+                            "s": mod.s, "bias": mod.bias is not None, "group": row.get("group", name)}
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "producer": f"arcquant {__version__}",
+            "source_model": source, "quant": qcfg.to_dict(),
+            "calibration": None if ccfg is None else vars(ccfg).copy(),
+            "avg_bits": report["avg_bits"], "layers": layers}
+
+    def write(tmp: Path):
+        save_file(_unique_state(model), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+
+    return atomic_folder(Path(out), force, write)
+
+
+def read_meta(path: Path) -> dict:
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{str(path)!r} is not an arcquant checkpoint (no {META_FILE})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / META_FILE} is not valid JSON ({e}); the checkpoint is damaged") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path / META_FILE} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    version = meta.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written in arcquant checkpoint format version {version!r}; this "
+                              f"arcquant ({__version__}) reads versions up to {FORMAT_VERSION}: upgrade arcquant")
+    return meta
+
+
+def _take(tensors: dict, key: str, path: Path) -> torch.Tensor:
+    if key not in tensors:
+        raise CheckpointError(f"{path}: tensor {key!r} is missing from model.safetensors; "
+                              "the checkpoint is incomplete: quantize again")
+    return tensors.pop(key)
+
+
+def _build_layer(name: str, info: dict, tensors: dict, path: Path) -> QuantLinear:
+    fmt = get_format(info["fmt"])
+    perm, tail = _take(tensors, f"{name}.perm", path), _take(tensors, f"{name}.tail", path)
+    plan = arc.ArcPlan(perm.long(), tail.long())
+    codes = fmt.module.unpack(_take(tensors, f"{name}.weight_packed", path))
+    scales = _take(tensors, f"{name}.weight_scale", path)
+    tail_codes = tail_scales = None
+    if f"{name}.weight_tail_packed" in tensors:
+        tail_codes = fmt.module.unpack(_take(tensors, f"{name}.weight_tail_packed", path))
+        tail_scales = _take(tensors, f"{name}.weight_tail_scale", path)
+    n, kp = info["out_features"], perm.numel()
+    expect = {"weight_packed": (codes.shape, (n, kp)), "weight_scale": (scales.shape, (n, kp // fmt.block)),
+              "tail": (tail.shape, (info["s"],))}
+    for key, (got, want) in expect.items():
+        if tuple(got) != tuple(want):
+            raise CheckpointError(f"{path}: {name}.{key} has shape {tuple(got)}, expected {tuple(want)}")
+    if tail_codes is None and not plan.tail_reuses_weight():
+        raise CheckpointError(f"{path}: {name}.weight_tail_packed is missing for a non-reused tail")
+    qw = arc.QuantizedWeight(codes, scales, tail_codes, tail_scales)
+    gs = _take(tensors, f"{name}.weight_global_scale", path)
+    in_gs = _take(tensors, f"{name}.input_global_scale", path) if info["act_scale"] == "static" \
+        and info["act"] == "fp4" else None
+    bias = _take(tensors, f"{name}.bias", path) if info["bias"] else None
+    return QuantLinear(info["in_features"], n, info["fmt"], info["act"], info["act_scale"], plan, qw,
+                       gs, in_gs, bias)
+
+
+def load_quantized(path, device: str = "cpu"):
+    """-> (model, tokenizer, meta) from a checkpoint folder, in eval mode on `device`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    path = Path(path)
+    meta = read_meta(path)
+    try:
+        tensors = load_file(str(path / "model.safetensors"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: model.safetensors is missing") from None
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"{path}/model.safetensors cannot be read ({e}); the file is damaged") from None
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+    groups: dict[str, SharedInput] = {}
+    sizes: dict[str, int] = {}
+    for info in meta["layers"].values():
+        sizes[info["group"]] = sizes.get(info["group"], 0) + 1
+    for name, info in meta["layers"].items():
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise UnsupportedModelError(f"{path}: layer {name!r} of the checkpoint does not exist in a "
+                                        f"{type(model).__name__}; config.json and arcquant.json disagree") from None
+        q = _build_layer(name, info, tensors, path)
+        if sizes[info["group"]] > 1:
+            q.shared = groups.setdefault(info["group"], SharedInput())
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: model.safetensors does not fit its config.json: {e}") from None
+    tied = {k for k in missing if k.endswith("lm_head.weight") and model.config.tie_word_embeddings}
+    quant_keys = {k for k in missing if k.rpartition(".")[0] in meta["layers"]}
+    rest = [k for k in missing if k not in tied and k not in quant_keys]
+    if rest or unexpected:
+        raise CheckpointError(f"{path}: tensors missing {rest[:5]} / unexpected {list(unexpected)[:5]} in "
+                              "model.safetensors; the checkpoint does not match its config")
+    model.tie_weights()
+    tok = AutoTokenizer.from_pretrained(str(path))
+    return model.to(device).eval(), tok, meta

@@ -1,0 +1,48 @@
+"""The main path, a screen each: load -> quantize -> save; load a checkpoint -> run."""
+from pathlib import Path
+
+import torch
+
+from .checkpoint import is_checkpoint, load_quantized, save_quantized
+from .config import CalibConfig, QuantConfig
+from .evaluate import perplexity
+from .modeling import load_model
+from .quantize import quantize_model
+
+
+def quantize_to_folder(model_name: str, out, qcfg: QuantConfig, ccfg: CalibConfig, device="cpu",
+                       force=False, progress=True) -> dict:
+    """Load `model_name`, quantize it, write a checkpoint folder; -> the quantization report."""
+    from .checkpoint import prepare_output
+    prepare_output(Path(out), force)                      # refuse before spending minutes
+    model, tok = load_model(model_name)
+    report = quantize_model(model, tok, qcfg, ccfg, device=device, progress=progress)
+    save_quantized(model, tok, out, qcfg, ccfg, report, source=model_name, force=force)
+    return report
+
+
+def load_any(path_or_name: str, device="cpu"):
+    """A checkpoint folder or a plain model -> (model, tokenizer, meta or None)."""
+    if is_checkpoint(path_or_name):
+        return load_quantized(path_or_name, device)
+    model, tok = load_model(path_or_name)
+    return model.to(device), tok, None
+
+
+def quantize_in_memory(model_name: str, qcfg: QuantConfig, ccfg: CalibConfig, device="cpu", progress=True):
+    model, tok = load_model(model_name)
+    report = quantize_model(model, tok, qcfg, ccfg, device=device, progress=progress)
+    return model, tok, report
+
+
+@torch.no_grad()
+def generate(model, tok, prompt: str, max_new_tokens: int = 32, device="cpu") -> str:
+    """Greedy completion of `prompt` (no sampling: reproducible)."""
+    ids = tok(prompt, return_tensors="pt").input_ids.to(device)
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def evaluate(model, tok, text="wiki-test", seqlen=512, tokens=65536, device="cpu", progress=True) -> dict:
+    return perplexity(model, tok, text, seqlen, tokens, device=device, progress=progress)
