@@ -50,6 +50,13 @@ def quantize_layer_group(qcfg: QuantConfig, layer, names: list, stats, layer_nam
     return rows
 
 
+def _check_finite_weights(linears: dict, layer_name: str) -> None:
+    bad = [n for n, lin in linears.items() if not torch.isfinite(lin.weight).all()]
+    if bad:
+        raise FloatingPointError(f"NaN or Inf in the weights of {', '.join(f'{layer_name}.{n}' for n in bad)}; "
+                                 "arcquant cannot quantize them: check the source model")
+
+
 def quantize_model(model, tokenizer, qcfg: QuantConfig, ccfg: CalibConfig = CalibConfig(),
                    device: str = "cpu", batch_size: int = 8, progress: bool = True) -> dict:
     """Quantize `model` in place; -> report {"layers": [...], "avg_bits": float}."""
@@ -65,8 +72,9 @@ def quantize_model(model, tokenizer, qcfg: QuantConfig, ccfg: CalibConfig = Cali
     for i, layer in enumerate(tqdm(layers, desc=f"quantize {qcfg.method}", disable=not progress)):
         layer.to(device)
         name = f"{lname}.{i}"
-        hidden, groups, stats = run_layer(layer, find_linears(layer, name), hidden, kwargs, name,
-                                          qcfg.threshold, fmt)
+        linears = find_linears(layer, name)
+        _check_finite_weights(linears, name)
+        hidden, groups, stats = run_layer(layer, linears, hidden, kwargs, name, qcfg.threshold, fmt)
         for g in groups:
             rows += quantize_layer_group(qcfg, layer, g, stats[g[0]], name)
         layer.to("cpu")

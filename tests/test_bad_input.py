@@ -1,0 +1,148 @@
+"""Bad input: one clear message naming the problem, and nothing half-written left behind."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from arcquant import checkpoint as ckpt
+from arcquant.checkpoint import CheckpointError, load_quantized, save_quantized
+from arcquant.config import CalibConfig, QuantConfig
+from arcquant.modeling import UnsupportedModelError, resolve_model
+from arcquant.quantize import quantize_model
+from conftest import tiny_llama
+
+CAL = CalibConfig(nsamples=2, seqlen=64)
+
+
+def quantized_tiny(tokenizer, **kw):
+    model = tiny_llama(**kw)
+    report = quantize_model(model, tokenizer, QuantConfig(), CAL, progress=False)
+    return model, report
+
+
+def test_width_not_multiple_of_16_is_zero_padded_exactly(tokenizer, tmp_path):
+    model = tiny_llama(hidden=40, inter=72)                    # K = 40 and 72: padded to 48, 80
+    ids = tokenizer("Some real words to run through the model.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = model(ids).logits
+    report = quantize_model(model, tokenizer, QuantConfig(), CAL, progress=False)
+    q = model.model.layers[0].mlp.down_proj
+    assert q.k_padded == 80 and q.in_features == 72
+    with torch.no_grad():
+        out = model(ids).logits
+    assert ((out - ref).norm() / ref.norm()) < 0.2
+    save_quantized(model, tokenizer, tmp_path / "ck", QuantConfig(), CAL, report, "tiny")
+    again, _, _ = load_quantized(tmp_path / "ck")
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, out)
+
+
+def test_not_a_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a model"):
+        resolve_model(str(tmp_path / "nothing-here"))
+
+
+def test_unsupported_architecture_names_the_modules(tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=49152)).eval()
+    with pytest.raises(UnsupportedModelError, match=r"transformer\.h\.0\.attn\.c_attn \(Conv1D\)"):
+        quantize_model(model, tokenizer, QuantConfig(), CAL, progress=False)
+    with pytest.raises(UnsupportedModelError, match="no list of repeated decoder layers"):
+        quantize_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), tokenizer, QuantConfig(), CAL)
+
+
+def test_nan_in_weights_names_the_layer(tokenizer):
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"weights of model\.layers\.1\.mlp\.up_proj"):
+        quantize_model(model, tokenizer, QuantConfig(), CAL, progress=False)
+
+
+def test_nan_in_calibration_activations_names_the_input(tokenizer):
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].post_attention_layernorm.weight[3] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"calibration activations at the input of model\.layers\.0\.mlp\.gate_proj"):
+        quantize_model(model, tokenizer, QuantConfig(), CAL, progress=False)
+
+
+@pytest.mark.parametrize("content,match", [(b"", "is empty"), (b"   \n", "is empty"),
+                                           (b"\xff\xfe\x00bad", "not UTF-8"),
+                                           (b"too short", "fewer than one window")])
+def test_bad_calibration_text(tokenizer, tmp_path, content, match):
+    f = tmp_path / "cal.txt"
+    f.write_bytes(content)
+    with pytest.raises(ValueError, match=match):
+        quantize_model(tiny_llama(), tokenizer, QuantConfig(), CalibConfig(str(f), 2, 64), progress=False)
+    with pytest.raises(ValueError, match="neither one of c4, wiki-train nor an existing text file"):
+        CalibConfig(str(tmp_path / "missing.txt"))
+
+
+def test_output_folder_that_holds_something_is_refused(tokenizer, tmp_path):
+    model, report = quantized_tiny(tokenizer)
+    out = tmp_path / "ck"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="already exists and is not empty"):
+        save_quantized(model, tokenizer, out, QuantConfig(), CAL, report, "tiny")
+    assert (out / "keep.txt").read_text() == "user data"
+
+
+def test_interrupted_save_leaves_nothing(tokenizer, tmp_path, monkeypatch):
+    model, report = quantized_tiny(tokenizer)
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(ckpt, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_quantized(model, tokenizer, tmp_path / "ck", QuantConfig(), CAL, report, "tiny")
+    assert list(tmp_path.iterdir()) == []                     # no folder, no temporary left
+
+
+@pytest.fixture
+def saved_tiny(tokenizer, tmp_path):
+    model, report = quantized_tiny(tokenizer)
+    return save_quantized(model, tokenizer, tmp_path / "ck", QuantConfig(), CAL, report, "tiny")
+
+
+def test_checkpoint_from_newer_version(saved_tiny):
+    meta = json.loads((saved_tiny / "arcquant.json").read_text())
+    meta["version"] = 99
+    (saved_tiny / "arcquant.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="format version 99.*upgrade arcquant"):
+        load_quantized(saved_tiny)
+
+
+def test_checkpoint_missing_tensor_is_named(saved_tiny):
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(saved_tiny / "model.safetensors"))
+    del tensors["model.layers.1.self_attn.v_proj.weight_scale"]
+    save_file(tensors, str(saved_tiny / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.1\.self_attn\.v_proj\.weight_scale' is missing"):
+        load_quantized(saved_tiny)
+
+
+def test_checkpoint_truncated_file(saved_tiny):
+    f = saved_tiny / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_quantized(saved_tiny)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="not an arcquant checkpoint"):
+        load_quantized(tmp_path)
+
+
+def test_cli_reports_errors_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "arcquant.cli", "eval", str(tmp_path / "nope")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "arcquant eval: error:" in r.stderr and "is not a model" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "arcquant.cli", "quantize", "--out", "x", "--method", "awq"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "invalid choice: 'awq'" in r.stderr
