@@ -43,8 +43,12 @@ def main():
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--calib", type=int, nargs=2, default=(32, 512), metavar=("N", "SEQLEN"))
     ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    ap.add_argument("--md", help="render the JSON lines of --out as a markdown table to this file")
     a = ap.parse_args()
     out = Path(a.out)
+    if a.md:
+        Path(a.md).write_text(render(out))
+        return
     done = set()
     if out.exists():
         done = {json.loads(l)["variant"] for l in out.read_text().splitlines() if l.strip()}
@@ -64,6 +68,29 @@ def main():
         print(json.dumps(row), flush=True)
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def render(jsonl: Path) -> str:
+    rows = [json.loads(l) for l in jsonl.read_text().splitlines() if l.strip()]
+    by = {r["variant"]: r for r in rows}
+    w4a8 = by["w4a8"]["ppl"]
+    lines = ["| variant | method | order | act scale | avg bits | ppl | rtn->w4a8 gap closed |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c = r["config"]
+        gap = ""
+        if c["method"] in ("rtn", "arc"):
+            rtn = by.get(f"rtn-{c['act_scale']}", by["rtn-token"])["ppl"]
+            gap = f"{100 * (rtn - r['ppl']) / (rtn - w4a8):.0f}%"
+        order = c["order"] if c["method"] == "arc" else ""
+        act = c["act_scale"] if c["method"] in ("rtn", "arc") else ""
+        lines.append(f"| {r['variant']} | {c['method']} | {order} | {act} | {r['avg_bits']:.2f} | "
+                     f"{r['ppl']:.2f} | {gap} |")
+    r0 = rows[0]
+    lines.append(f"\n{r0['model']}; perplexity on {r0['text']} ({r0['tokens']} tokens, seqlen {r0['seqlen']}, "
+                 f"GPTQ protocol); calibration {r0['calib']}; torch {r0['torch']}, CPU. The gap closed is "
+                 "(rtn - x) / (rtn - w4a8), against rtn with the same activation scale (rtn-token for static).")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
