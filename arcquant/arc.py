@@ -27,12 +27,14 @@ class ChannelStats:
 
     absmax (K,): max_t |X[t, c]|;  outliers: sum_t #{c : |X[t,c]| > threshold * max_c |X[t,c]|};
     sqerr (K,): sum_t (X[t,c] - Qtok(X)[t,c])^2, the per-channel error of plain per-token
-    NVFP4 quantization in the original order (used by the "blocks" order).
+    NVFP4 quantization in the original order (used by the "blocks" order and the budget);
+    sumsq (K,): sum_t X[t,c]^2.
     """
 
     def __init__(self, k: int, threshold: float, fmt: BlockFormat):
         self.absmax = torch.zeros(k, dtype=torch.float32)
         self.sqerr = torch.zeros(k, dtype=torch.float64)
+        self.sumsq = torch.zeros(k, dtype=torch.float64)
         self.outliers = 0
         self.tokens = 0
         self.threshold = threshold
@@ -51,6 +53,7 @@ class ChannelStats:
         gs = self.fmt.global_scale(xq.abs().amax(1, keepdim=True))
         dq = self.fmt.dequantize(*self.fmt.quantize(xq, gs), gs)[:, : x.shape[1]]
         self.sqerr += ((x - dq) ** 2).sum(0).double().cpu()
+        self.sumsq += (x.double() ** 2).sum(0).cpu()
 
 
 def pad_k(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -65,6 +68,41 @@ def num_augmented(outliers: int, tokens: int, k: int, multiple: int) -> int:
         raise ValueError("no calibration tokens were seen; cannot choose s")
     # ceil((outliers / tokens) / multiple) in exact integer arithmetic
     return min(k, -(-outliers // (tokens * multiple)) * multiple)
+
+
+def block_gains(stats: ChannelStats, k_padded: int, order: str, block: int,
+                weight_col_norm2: torch.Tensor) -> torch.Tensor:
+    """(K/block,) estimated output-error reduction of each further residual block, descending,
+    relative to the layer's output energy (diagonal approximations: sum_c err_c |W_c|^2 over
+    sum_c x_c^2 |W_c|^2). Whole original blocks for "blocks", best channels otherwise."""
+    w2 = pad_k(weight_col_norm2.double(), k_padded)
+    err = pad_k(stats.sqerr, k_padded) * w2
+    energy = float((pad_k(stats.sumsq, k_padded) * w2).sum()) or 1.0
+    if order == "blocks":
+        gains = err.view(-1, block).sum(1)
+    else:
+        gains = torch.sort(err, descending=True).values.view(-1, block).sum(1)
+    return torch.sort(gains, descending=True).values / energy
+
+
+def allocate_budget(gains: list, widths: list, members: list, target_bits: float, base_bits: float,
+                    block: int) -> list[int]:
+    """Greedy residual blocks across groups by gain per bit until the average bits
+    (mean over layers of base_bits * (K+s)/K) reach target_bits. -> s per group."""
+    n_layers = sum(members)
+    allowance = n_layers * target_bits - sum(m * base_bits for m in members)    # extra bit-units
+    cand = []
+    for g, (gain, k, m) in enumerate(zip(gains, widths, members)):
+        cost = m * base_bits * block / k
+        cand += [(float(v) * m / cost, cost, g) for v in gain.tolist()]
+    cand.sort(key=lambda c: -c[0])                 # per-group gains are descending: order kept
+    s = [0] * len(gains)
+    for value, cost, g in cand:
+        if value <= 0 or cost > allowance + 1e-9:
+            continue
+        allowance -= cost
+        s[g] += block
+    return s
 
 
 # ---- plans ----------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ class QuantConfig:
     threshold: float = 2.0 ** -3
     s_multiple: int = 64
     residual: bool = True
+    target_bits: float | None = None
 
     def __post_init__(self):
         _choice("method", self.method, METHODS)
@@ -49,6 +50,11 @@ class QuantConfig:
         if self.s_multiple <= 0 or self.s_multiple % block:
             raise ValueError(f"s_multiple={self.s_multiple} must be a positive multiple of the "
                              f"{self.fmt} block size {block}")
+
+        base = FORMATS[self.fmt].bits_per_element
+        if self.target_bits is not None and not base < self.target_bits <= 2 * base:
+            raise ValueError(f"target_bits={self.target_bits} must be in ({base}, {2 * base}] for "
+                             f"{self.fmt} (s between 0 and K)")
 
     @classmethod
     def paper(cls, **overrides) -> "QuantConfig":

@@ -18,21 +18,37 @@ def _set_module(root, dotted: str, new) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
-def _group_plan(qcfg: QuantConfig, stats, linears: list, k_padded: int) -> arc.ArcPlan:
-    if qcfg.method != "arc":
-        return arc.ArcPlan.identity(k_padded)
+def _col_norm2(linears: list) -> torch.Tensor:
+    """(K,) sum over the group's weights of each input column's squared norm."""
+    return sum(lin.weight.detach().float().pow(2).sum(0).cpu() for lin in linears)
+
+
+def _k_padded(linear, fmt) -> int:
+    return -(-linear.in_features // fmt.block) * fmt.block
+
+
+def choose_s(qcfg: QuantConfig, groups: list) -> list[int]:
+    """s for each (linears, stats) group: the threshold rule, or the bit budget (target_bits)."""
     fmt = get_format(qcfg.fmt)
-    s = arc.num_augmented(stats.outliers, stats.tokens, k_padded, qcfg.s_multiple) if qcfg.residual else 0
-    col_norm2 = sum(lin.weight.detach().float().pow(2).sum(0).cpu() for lin in linears)
-    return arc.make_plan(stats, k_padded, s, qcfg.order, fmt.block, col_norm2)
+    if qcfg.method != "arc" or not qcfg.residual:
+        return [0] * len(groups)
+    widths = [_k_padded(lins[0], fmt) for lins, _ in groups]
+    if qcfg.target_bits is None:
+        return [arc.num_augmented(st.outliers, st.tokens, k, qcfg.s_multiple)
+                for (_, st), k in zip(groups, widths)]
+    gains = [arc.block_gains(st, k, qcfg.order, fmt.block, _col_norm2(lins))
+             for (lins, st), k in zip(groups, widths)]
+    return arc.allocate_budget(gains, widths, [len(l) for l, _ in groups], qcfg.target_bits,
+                               fmt.bits_per_element, fmt.block)
 
 
-def quantize_layer_group(qcfg: QuantConfig, layer, names: list, stats, layer_name: str) -> list[dict]:
+def quantize_layer_group(qcfg: QuantConfig, layer, names: list, stats, layer_name: str, s: int) -> list[dict]:
     """Replace the linears `names` of `layer` (which share one input) by QuantLinear."""
     fmt = get_format(qcfg.fmt)
     linears = [layer.get_submodule(n) for n in names]
-    k_padded = -(-linears[0].in_features // fmt.block) * fmt.block
-    plan = _group_plan(qcfg, stats, linears, k_padded)
+    k_padded = _k_padded(linears[0], fmt)
+    plan = arc.ArcPlan.identity(k_padded) if qcfg.method != "arc" else \
+        arc.make_plan(stats, k_padded, s, qcfg.order, fmt.block, _col_norm2(linears))
     w_amax = torch.stack([lin.weight.detach().abs().max().float() for lin in linears]).max()
     weight_gs = fmt.global_scale(w_amax)                           # shared: engines fuse the group
     input_gs = fmt.global_scale(stats.absmax.max()) if qcfg.act_scale == "static" else None
@@ -68,15 +84,21 @@ def quantize_model(model, tokenizer, qcfg: QuantConfig, ccfg: CalibConfig = Cali
     batches = calibration_batches(tokenizer, ccfg.source, ccfg.nsamples, ccfg.seqlen, ccfg.seed)
     move_outside_layers(model, layers, device)
     hidden, kwargs = capture_inputs(model, layers, batches, device, batch_size)
-    fmt, rows = get_format(qcfg.fmt), []
-    for i, layer in enumerate(tqdm(layers, desc=f"quantize {qcfg.method}", disable=not progress)):
-        layer.to(device)
+    fmt, found = get_format(qcfg.fmt), []
+    for i, layer in enumerate(tqdm(layers, desc="calibrate", disable=not progress)):
+        layer.to(device)                                           # one layer on the device at a time
         name = f"{lname}.{i}"
         linears = find_linears(layer, name)
         _check_finite_weights(linears, name)
         hidden, groups, stats = run_layer(layer, linears, hidden, kwargs, name, qcfg.threshold, fmt)
-        for g in groups:
-            rows += quantize_layer_group(qcfg, layer, g, stats[g[0]], name)
+        found += [(i, g, stats[g[0]]) for g in groups]
         layer.to("cpu")
+    del hidden
+    s_all = choose_s(qcfg, [([layers[i].get_submodule(n) for n in g], st) for i, g, st in found])
+    rows = []
+    for (i, g, st), s in zip(tqdm(found, desc=f"quantize {qcfg.method}", disable=not progress), s_all):
+        layers[i].to(device)
+        rows += quantize_layer_group(qcfg, layers[i], g, st, f"{lname}.{i}", s)
+        layers[i].to("cpu")
     move_outside_layers(model, layers, "cpu")
     return {"layers": rows, "avg_bits": sum(r["avg_bits"] for r in rows) / len(rows)}

@@ -32,6 +32,10 @@ VARIANTS = {
     "reorder-only (blocks, s=0, token)": dict(method="arc", order="blocks", act_scale="token", residual=False),
     "arc blocks, token, thr 1/16": dict(method="arc", order="blocks", act_scale="token", threshold=1 / 16),
     "arc blocks, token, s mult 16": dict(method="arc", order="blocks", act_scale="token", s_multiple=16),
+    "arc blocks, token, budget 5.33": dict(method="arc", order="blocks", act_scale="token", target_bits=5.327),
+    "arc blocks, token, budget 5.5": dict(method="arc", order="blocks", act_scale="token", target_bits=5.5),
+    "arc sorted, token, budget 5.5": dict(method="arc", order="sorted", act_scale="token", target_bits=5.5),
+    "arc blocks, dynamic, budget 5.5": dict(method="arc", order="blocks", act_scale="dynamic", target_bits=5.5),
 }
 
 
@@ -53,8 +57,13 @@ def main():
     if out.exists():
         done = {json.loads(l)["variant"] for l in out.read_text().splitlines() if l.strip()}
     ccfg = CalibConfig(source="c4", nsamples=a.calib[0], seqlen=a.calib[1], seed=0)
-    for name, kw in VARIANTS.items():
-        if name in done or (a.only and name not in a.only):
+    names = a.only or list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    for name in names:
+        kw = VARIANTS[name]
+        if name in done:
             continue
         torch.manual_seed(0)
         model, tok = load_model(a.model)

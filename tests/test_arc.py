@@ -159,3 +159,28 @@ def test_config_validation_names_allowed_values():
     with pytest.raises(ValueError, match="multiple of the int4 block size 128"):
         QuantConfig(fmt="int4", s_multiple=64)
     assert QuantConfig.paper().order == "sorted"
+
+
+def test_budget_allocation_is_greedy_by_gain_per_bit_and_respects_budget():
+    # two groups: K=64 (1 layer) with big gains, K=128 (3 layers) with smaller ones
+    gains = [torch.tensor([0.5, 0.1, 0.0, 0.0]), torch.tensor([0.2, 0.15, 0.01, 0, 0, 0, 0, 0])]
+    widths, members = [64, 128], [1, 3]
+    # cost of one block: 4.5*16/64 = 1.125 (group 0), 3*4.5*16/128 = 1.6875 (group 1)
+    # value per cost: g0 0.444, 0.0889; g1 0.2*3/1.6875 = 0.356, 0.267, 0.0178
+    s = arc.allocate_budget(gains, widths, members, target_bits=4.5 + (1.125 + 1.6875) / 4, base_bits=4.5, block=16)
+    assert s == [16, 16]
+    s = arc.allocate_budget(gains, widths, members, target_bits=9.0, base_bits=4.5, block=16)
+    assert s == [32, 48]                       # zero-gain blocks are never bought
+    bits = (4.5 * (64 + s[0]) / 64 + 3 * 4.5 * (128 + s[1]) / 128) / 4
+    assert bits <= 9.0
+
+
+def test_block_gains_descending_and_relative():
+    x = outlier_input()
+    st = stats_of(x)
+    w2 = torch.ones(128)
+    g = arc.block_gains(st, 128, "blocks", 16, w2)
+    assert torch.all(g[:-1] >= g[1:]) and g.shape == (8,)
+    # relative to the output energy: the sum is the relative squared error of plain NVFP4
+    rel = (st.sqerr.sum() / st.sumsq.sum()).item()
+    assert g.sum().item() == pytest.approx(rel, rel=1e-6)

@@ -1,0 +1,120 @@
+"""Fused ARC activation quantization (Triton): gather -> NVFP4 -> residual -> NVFP4 -> pack.
+
+Layout
+    x       (M, K)        bf16 / fp16 / fp32, row-major, K a multiple of 16 (padded by caller)
+    perm    (K,)          int32, column order of the main part
+    gs      () or (M,)    float32 global scale (448*6/amax): per tensor, or per token
+    codes   (M, (K+s)/2)  uint8, E2M1 codes, element 2i in the low nibble
+    scales  (M, (K+s)/16) float8_e4m3fn (written as its bits)
+The tail must be the last s columns of the main part (ArcPlan.tail_reuses_weight(): the
+'sorted' and 'blocks' orders); augmented column c >= K re-reads main position c - s.
+
+Bit-exact with arcquant.arc.quantize_activation: same operation order (amax/6*gs; one IEEE
+division gs/s_b per block; x*recip; dequant as (code*s_b)/gs). E4M3 rounding is done in
+software (power-of-two quantum and a round-to-nearest-even add), because sm_90 has no
+e2m1 convert and the Triton interpreter's float8 convert is not round-to-nearest-even.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+
+@triton.jit
+def _e4m3_round(v):
+    """Non-negative fp32 -> (value rounded to E4M3, RNE, saturating at 448; its uint8 bits)."""
+    v = tl.minimum(v, 448.0)
+    e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    e = tl.maximum(e, -6)                                         # subnormal quantum 2^-9
+    inv_q = ((127 + 3 - e) << 23).to(tl.float32, bitcast=True)    # 2^(3-e), exact
+    q = ((127 - 3 + e) << 23).to(tl.float32, bitcast=True)        # 2^(e-3)
+    y = v * inv_q
+    r = ((y + 12582912.0) - 12582912.0) * q                       # 1.5*2^23: RNE to integer
+    r = tl.minimum(r, 448.0)
+    rb = r.to(tl.int32, bitcast=True)
+    er = ((rb >> 23) & 0xFF) - 127
+    normal_bits = ((er + 7) << 3) | ((rb >> 20) & 7)
+    sub_bits = (r * 512.0).to(tl.int32)                           # r < 2^-6: r / 2^-9, exact
+    bits = tl.where(r < 0.015625, sub_bits, normal_bits)
+    return r, bits.to(tl.uint8)
+
+
+@triton.jit
+def _e2m1_round(scaled):
+    """fp32 -> (signed E2M1 value, 4-bit code), ties to even, saturating at 6."""
+    a = tl.abs(scaled)
+    mag = ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
+           + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32)
+           + (a > 5.0).to(tl.int32))
+    val = tl.where(mag < 4, mag.to(tl.float32) * 0.5,
+                   tl.where(mag < 6, (mag - 2).to(tl.float32), tl.where(mag == 6, 4.0, 6.0)))
+    neg = (scaled.to(tl.int32, bitcast=True) >> 31) & 1           # sign bit, -0 included
+    val = tl.where(neg == 1, -val, val)
+    return val, (mag | (neg << 3)).to(tl.uint8)
+
+
+@triton.jit
+def _quant_blocks(x, gs):
+    """x (NB, 16) fp32 -> (dequantized values, codes, scale bits (NB,))."""
+    amax = tl.max(tl.abs(x), axis=1)                              # (NB,)
+    s, sbits = _e4m3_round(tl.math.div_rn(amax, 6.0) * gs)
+    recip = tl.where(s > 0, tl.math.div_rn(gs, tl.where(s > 0, s, 1.0)), 0.0)
+    val, code = _e2m1_round(x * recip[:, None])
+    deq = tl.math.div_rn(val * s[:, None], gs)
+    return deq, code, sbits
+
+
+@triton.jit
+def _arc_act_quant_kernel(
+    x_ptr, perm_ptr, gs_ptr, codes_ptr, scales_ptr,          # pointers
+    K, S,                                                     # sizes
+    stride_xm, stride_cm, stride_sm,                          # strides
+    GS_PER_ROW: tl.constexpr, NB: tl.constexpr,               # meta: 16-blocks per program
+):
+    m = tl.program_id(0)
+    c = tl.program_id(1) * NB * 16 + tl.arange(0, NB)[:, None] * 16 + tl.arange(0, 16)[None, :]
+    valid = c < K + S                                             # (NB, 16)
+    is_tail = c >= K
+    src = tl.where(is_tail, c - S, c)                             # main position read
+    col = tl.load(perm_ptr + src, mask=valid, other=0)
+    x = tl.load(x_ptr + m * stride_xm + col, mask=valid, other=0.0).to(tl.float32)
+    gs = tl.load(gs_ptr + m) if GS_PER_ROW else tl.load(gs_ptr)
+    deq1, code1, sbits1 = _quant_blocks(x, gs)
+    _, code2, sbits2 = _quant_blocks(x - deq1, gs)                # residual vs rounded scale
+    code = tl.where(is_tail, code2, code1)
+    blk_tail = tl.max(is_tail.to(tl.int32), axis=1) == 1          # (NB,)
+    sbits = tl.where(blk_tail, sbits2, sbits1)
+    lo, hi = tl.split(tl.reshape(code, (NB * 8, 2)))
+    pc = tl.program_id(1) * NB * 8 + tl.arange(0, NB * 8)
+    tl.store(codes_ptr + m * stride_cm + pc, lo | (hi << 4), mask=pc < (K + S) // 2)
+    pb = tl.program_id(1) * NB + tl.arange(0, NB)
+    tl.store(scales_ptr + m * stride_sm + pb, sbits, mask=pb < (K + S) // 16)
+
+
+def arc_quantize_activation(x: torch.Tensor, perm: torch.Tensor, s: int, gs: torch.Tensor,
+                            blocks_per_program: int = 8):
+    """x (M, K) -> (codes (M, (K+s)/2) uint8, scales (M, (K+s)/16) float8_e4m3fn)."""
+    if x.dim() != 2 or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous 2-D tensor, got shape {tuple(x.shape)} "
+                         f"contiguous={x.is_contiguous()}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"x has dtype {x.dtype}; expected bfloat16, float16 or float32")
+    m, k = x.shape
+    if k % 16 or s % 16 or not 0 <= s <= k:
+        raise ValueError(f"K={k} and s={s} must be multiples of 16 with 0 <= s <= K; pad K first")
+    if perm.shape != (k,) or perm.dtype != torch.int32:
+        raise ValueError(f"perm must be int32 of shape ({k},), got {perm.dtype} {tuple(perm.shape)}")
+    gs = gs.to(torch.float32).reshape(-1).contiguous()
+    if gs.numel() not in (1, m):
+        raise ValueError(f"gs must hold 1 or M={m} values, got {gs.numel()}")
+    for name, t in (("perm", perm), ("gs", gs)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    codes = torch.empty(m, (k + s) // 2, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(m, (k + s) // 16, dtype=torch.uint8, device=x.device)
+    nb = blocks_per_program
+    grid = (m, triton.cdiv((k + s) // 16, nb))
+    _arc_act_quant_kernel[grid](x, perm, gs, codes, scales, k, s, x.stride(0), codes.stride(0),
+                                scales.stride(0), GS_PER_ROW=gs.numel() > 1,
+                                NB=nb)
+    return codes, scales.view(torch.float8_e4m3fn)

@@ -1,0 +1,106 @@
+"""ARC W4A4 GEMM (Triton): Y = dequant(X_aug) @ dequant(W_aug)^T, depth K+s, FP32 accumulate.
+
+Layout
+    xc  (M, (K+s)/2) uint8, xs (M, (K+s)/16) e4m3   activation from arc_quantize_activation
+    wc  (N, K/2) uint8,     ws (N, K/16) e4m3        weight main part only: augmented columns
+                                                     K..K+s-1 are read from K-s..K-1 (stored once)
+    xgs () or (M,) float32, wgs () float32           global scales (448*6/amax)
+    y   (M, N);  y = acc / (xgs * wgs) (+ bias)
+Numerics (exact on Hopper, spec section 5): E2M1 x E4M3 has at most 6 significant bits and
+lies in [2^-10, 2688], so every operand element is exact in fp16, tensor-core products are
+exact, and they accumulate in fp32: the products Blackwell's FP4 MMA forms. (fp16 rather
+than bf16 also keeps the Triton interpreter's tl.dot right for CPU tests.) The oracle is
+arcquant.arc (same products; fp32 summation order differs).
+v1: plain output tiles over pairs of 4-bit codes; no split-K or operand swap for decode yet.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _e4m3_decode(bits):
+    b = bits.to(tl.int32)
+    exp = (b >> 3) & 15
+    man = (b & 7).to(tl.float32)
+    p2 = ((exp - 10 + 127) << 23).to(tl.float32, bitcast=True)          # 2^(exp-10)
+    return tl.where(exp == 0, man * 0.001953125, (man + 8.0) * p2)       # subnormal: man * 2^-9
+
+
+@triton.jit
+def _e2m1_decode(code):
+    mag = (code & 7).to(tl.int32)
+    val = tl.where(mag < 4, mag.to(tl.float32) * 0.5,
+                   tl.where(mag < 6, (mag - 2).to(tl.float32), tl.where(mag == 6, 4.0, 6.0)))
+    return tl.where((code & 8) != 0, -val, val)
+
+
+@triton.jit
+def _load_operand(codes_ptr, scales_ptr, rows, row_ok, byte_idx, blk_idx, col_ok, stride_c, stride_s,
+                  R: tl.constexpr, BK: tl.constexpr):
+    """-> (R, BK) fp16 dequantized values (without the global scale) of code pairs byte_idx."""
+    mask = row_ok[:, None] & col_ok[None, :]
+    b = tl.load(codes_ptr + rows[:, None] * stride_c + byte_idx[None, :], mask=mask, other=0)
+    s = _e4m3_decode(tl.load(scales_ptr + rows[:, None] * stride_s + blk_idx[None, :], mask=mask, other=0))
+    lo = _e2m1_decode(b & 0xF) * s                                       # (R, BK/2), exact
+    hi = _e2m1_decode(b >> 4) * s
+    return tl.reshape(tl.join(lo, hi), (R, BK)).to(tl.float16)
+
+
+@triton.jit
+def _arc_gemm_kernel(
+    xc_ptr, xs_ptr, xgs_ptr, wc_ptr, ws_ptr, wgs_ptr, bias_ptr, y_ptr,   # pointers
+    M, N, K, S, KS,                                                      # sizes (KS = K + S)
+    stride_xc, stride_xs, stride_wc, stride_ws, stride_y,                # strides
+    XGS_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,                   # meta
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    m_ok, n_ok = rm < M, rn < N
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    k0 = 0
+    while k0 < KS:  # a while loop: the interpreter cannot range() over a runtime bound on NumPy 2.4
+        pair = k0 // 2 + tl.arange(0, BK // 2)                           # code pairs (2p, 2p+1)
+        col = pair * 2                                                   # augmented column
+        ok = col < KS
+        wcol = tl.where(col >= K, col - S, col)                          # weight tail = main cols
+        xv = _load_operand(xc_ptr, xs_ptr, rm, m_ok, pair, col // 16, ok, stride_xc, stride_xs, BM, BK)
+        wv = _load_operand(wc_ptr, ws_ptr, rn, n_ok, wcol // 2, wcol // 16, ok, stride_wc, stride_ws, BN, BK)
+        acc += tl.dot(xv, tl.trans(wv))
+        k0 += BK
+    xgs = tl.load(xgs_ptr + rm, mask=m_ok, other=1.0) if XGS_PER_ROW else tl.load(xgs_ptr)
+    y = acc / (xgs[:, None] * tl.load(wgs_ptr)) if XGS_PER_ROW else acc / (xgs * tl.load(wgs_ptr))
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def arc_gemm(xc, xs, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat16,
+             block_m: int = 64, block_n: int = 64, block_k: int = 64):
+    """Augmented W4A4 product; see the module docstring for layouts. -> (M, N) out_dtype."""
+    m, n, k = xc.shape[0], wc.shape[0], wc.shape[1] * 2
+    checks = [(xc.dtype == torch.uint8 and wc.dtype == torch.uint8, "codes must be uint8"),
+              (xs.dtype == torch.float8_e4m3fn and ws.dtype == torch.float8_e4m3fn, "scales must be float8_e4m3fn"),
+              (xc.shape == (m, (k + s) // 2), f"xc shape {tuple(xc.shape)} != ({m}, {(k + s) // 2}) for K={k}, s={s}"),
+              (xs.shape == (m, (k + s) // 16), f"xs shape {tuple(xs.shape)} != ({m}, {(k + s) // 16})"),
+              (ws.shape == (n, k // 16), f"ws shape {tuple(ws.shape)} != ({n}, {k // 16})"),
+              (s % 16 == 0 and 0 <= s <= k, f"s={s} must be a multiple of 16 in [0, K={k}]"),
+              (all(t.is_contiguous() for t in (xc, xs, wc, ws)), "operands must be contiguous")]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(f"arc_gemm: {msg}")
+    devices = {t.device for t in (xc, xs, xgs, wc, ws, wgs)}
+    if len(devices) != 1:
+        raise ValueError(f"arc_gemm: operands are on several devices {sorted(map(str, devices))}")
+    xgs = xgs.to(torch.float32).reshape(-1).contiguous()
+    wgs = wgs.to(torch.float32).reshape(-1).contiguous()
+    y = torch.empty(m, n, dtype=out_dtype, device=xc.device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _arc_gemm_kernel[grid](xc, xs.view(torch.uint8), xgs, wc, ws.view(torch.uint8), wgs,
+                           bias if bias is not None else wgs, y, m, n, k, s, k + s,
+                           xc.stride(0), xs.stride(0), wc.stride(0), ws.stride(0), y.stride(0),
+                           XGS_PER_ROW=xgs.numel() > 1, HAS_BIAS=bias is not None,
+                           BM=block_m, BN=block_n, BK=block_k)
+    return y
