@@ -78,7 +78,7 @@ def _arc_gemm_kernel(
 
 
 def arc_gemm(xc, xs, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat16,
-             block_m: int = 64, block_n: int = 64, block_k: int = 64):
+             block_m: int = 64, block_n: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 2):
     """Augmented W4A4 product; see the module docstring for layouts. -> (M, N) out_dtype."""
     m, n, k = xc.shape[0], wc.shape[0], wc.shape[1] * 2
     checks = [(xc.dtype == torch.uint8 and wc.dtype == torch.uint8, "codes must be uint8"),
@@ -102,5 +102,5 @@ def arc_gemm(xc, xs, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat
                            bias if bias is not None else wgs, y, m, n, k, s, k + s,
                            xc.stride(0), xs.stride(0), wc.stride(0), ws.stride(0), y.stride(0),
                            XGS_PER_ROW=xgs.numel() > 1, HAS_BIAS=bias is not None,
-                           BM=block_m, BN=block_n, BK=block_k)
+                           BM=block_m, BN=block_n, BK=block_k, num_warps=num_warps, num_stages=num_stages)
     return y

@@ -1,0 +1,150 @@
+"""GPU exactness and speed of the ARC kernels (run on the device machine).
+
+    PYTHONPATH=. python3 scripts/bench_kernels.py --out results/bench-kernels.json
+
+1. Exactness: activation kernel bit-exact (codes, scale bits) vs the torch reference on the
+   issue's awkward shapes (M 1/3/100/1000, s 0/16/64/448, K 1040/3584/14336/18944), random
+   data with channel magnitudes over 6 decades, outputs poisoned first. GEMM vs float64.
+2. Speed: Llama-3.1-8B and Qwen2.5-7B layer shapes, s ~ 6% of K, M in 1..8192; median of
+   triton.testing.do_bench, inputs rotated over several buffers so they are not L2-resident;
+   cuBLAS BF16 and dequantize-then-BF16 in the same run.
+"""
+import argparse
+import json
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from arcquant import arc
+from arcquant.formats import get_format, nvfp4
+from arcquant.kernels.act_quant import arc_quantize_activation
+from arcquant.kernels.arc_gemm import arc_gemm
+
+F = get_format("nvfp4")
+SHAPES = {"llama-3.1-8b": [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)],
+          "qwen2.5-7b": [("qkv", 3584, 4608), ("o", 3584, 3584), ("gate_up", 3584, 37888), ("down", 18944, 3584)]}
+MS = [1, 4, 16, 64, 256, 1024, 4096, 8192]
+CONFIGS = [(16, 64, 128, 4, 3), (16, 128, 128, 4, 3), (32, 64, 256, 4, 3), (64, 128, 64, 4, 3),
+           (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]
+
+
+def plan_for(k, s, dev):
+    x = torch.randn(256, k, device=dev) * torch.logspace(-2, 1, k, device=dev)[torch.randperm(k, device=dev)]
+    st = arc.ChannelStats(k, 0.125, F)
+    st.update(x.cpu())
+    return arc.make_plan(st, k, s, "sorted", 16)
+
+
+def exactness(dev):
+    rows = []
+    for k in (1040, 3584, 14336, 18944):
+        for s in (0, 16, 64, 448):
+            plan = plan_for(k, s, dev)
+            perm = plan.perm.to(torch.int32).to(dev)
+            for m in (1, 3, 100, 1000):
+                x = (torch.randn(m, k, device=dev) * torch.logspace(-4, 2, k, device=dev)[torch.randperm(k, device=dev)]
+                     ).to(torch.bfloat16)
+                gs = F.global_scale(x.float().abs().amax(1, keepdim=True))
+                dplan = arc.ArcPlan(plan.perm.to(dev), plan.tail.to(dev))
+                rc, rs = arc.quantize_activation(x.float(), dplan, F, gs)
+                c, sc = arc_quantize_activation(x, perm, s, gs)
+                ok = torch.equal(c, nvfp4.pack(rc)) and torch.equal(sc.view(torch.uint8), rs.view(torch.uint8))
+                rows.append({"K": k, "s": s, "M": m, "act_bit_exact": ok})
+            n = 256
+            w = torch.randn(n, k, device=dev)
+            gsw = F.global_scale(w.abs().amax())
+            qw = arc.quantize_weight(w, dplan, F, gsw)
+            wa = F.dequantize(*arc.augmented_weight(qw, dplan, 16), gsw)
+            xa = F.dequantize(rc, rs, gs)
+            ref = xa.double() @ wa.double().t()
+            y = arc_gemm(c, sc, gs, nvfp4.pack(qw.codes), qw.scales, gsw, s, out_dtype=torch.float32)
+            rows[-1]["gemm_rel_err"] = ((y.double() - ref).norm() / ref.norm()).item()
+    return rows
+
+
+def bench_shape(name, k, n, m, dev, copies=4):
+    s = max(64, round(0.0625 * k / 64) * 64)
+    plan = plan_for(k, s, dev)
+    perm = plan.perm.to(torch.int32).to(dev)
+    ws = []
+    for _ in range(copies):
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+        gsw = F.global_scale(w.float().abs().amax())
+        codes, scales = F.quantize(w.float(), gsw)
+        ws.append((w, nvfp4.pack(codes), scales, gsw))
+    xs = [torch.randn(m, k, device=dev, dtype=torch.bfloat16) for _ in range(copies)]
+    it = {"i": 0}
+
+    def nxt():
+        it["i"] = (it["i"] + 1) % copies
+        return it["i"]
+
+    def t(fn):
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    bf16 = t(lambda: torch.matmul(xs[nxt()], ws[it["i"]][0].t()))
+    gsx = [F.global_scale(x.float().abs().amax(1, keepdim=True)) for x in xs]
+    act = t(lambda: arc_quantize_activation(xs[nxt()], perm, s, gsx[it["i"]]))
+    aq = [arc_quantize_activation(xs[i], perm, s, gsx[i]) for i in range(copies)]
+    best = None
+    for cfg in CONFIGS:
+        bm, bn, bk, nw, ns = cfg
+        if bm > max(16, triton.next_power_of_2(m)):
+            continue
+        i0 = 0
+        try:
+            ms = t(lambda: arc_gemm(*aq[nxt()], gsx[it["i"]], ws[it["i"]][1], ws[it["i"]][2], ws[it["i"]][3], s,
+                                    block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns))
+        except Exception as e:  # a config the compiler rejects (shared memory) is skipped, and said
+            print(f"  config {cfg} failed: {type(e).__name__}")
+            continue
+        if best is None or ms < best[0]:
+            best = (ms, cfg)
+    both = t(lambda: arc_gemm(*arc_quantize_activation(xs[nxt()], perm, s, gsx[it["i"]]), gsx[it["i"]],
+                              ws[it["i"]][1], ws[it["i"]][2], ws[it["i"]][3], s,
+                              block_m=best[1][0], block_n=best[1][1], block_k=best[1][2],
+                              num_warps=best[1][3], num_stages=best[1][4]))
+    deq = t(lambda: torch.matmul(xs[nxt()], F.dequantize(nvfp4.unpack(ws[it["i"]][1]), ws[it["i"]][2],
+                                                         ws[it["i"]][3]).to(torch.bfloat16).t()))
+    wbytes = n * k / 2 + n * k / 16
+    return {"model_layer": name, "K": k, "N": n, "s": s, "M": m, "bf16_ms": bf16, "act_ms": act,
+            "gemm_ms": best[0], "gemm_cfg": best[1], "act+gemm_ms": both, "dequant+bf16_ms": deq,
+            "speedup_vs_bf16": bf16 / both, "gemm_GBps": (wbytes + m * (k + s) * 0.5625) / best[0] / 1e6,
+            "gemm_TFLOPs": 2 * m * n * (k + s) / best[0] / 1e9}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--ms", type=int, nargs="*", default=MS)
+    ap.add_argument("--skip-exact", action="store_true")
+    a = ap.parse_args()
+    dev = "cuda"
+    props = torch.cuda.get_device_properties(0)
+    head = {"card": props.name, "torch": torch.__version__, "triton": triton.__version__}
+    buf = torch.empty(2 ** 28, dtype=torch.float32, device=dev)
+    copy_ms = do_bench(lambda: buf.clone(), return_mode="median")
+    head["copy_GBps"] = 2 * buf.numel() * 4 / copy_ms / 1e6
+    print(json.dumps(head), flush=True)
+    exact = [] if a.skip_exact else exactness(dev)
+    if exact:
+        bad = [r for r in exact if not r["act_bit_exact"]]
+        print(f"activation kernel bit-exact on {len(exact) - len(bad)}/{len(exact)} shapes; max GEMM rel err "
+              f"{max(r.get('gemm_rel_err', 0) for r in exact):.2e}", flush=True)
+    rows = []
+    for model, shapes in SHAPES.items():
+        for name, k, n in shapes:
+            for m in a.ms:
+                r = bench_shape(f"{model} {name}", k, n, m, dev)
+                rows.append(r)
+                print(f"{r['model_layer']:22s} M={m:5d} bf16 {r['bf16_ms'] * 1e3:8.1f}us act {r['act_ms'] * 1e3:7.1f}us "
+                      f"gemm {r['gemm_ms'] * 1e3:8.1f}us both {r['act+gemm_ms'] * 1e3:8.1f}us "
+                      f"deq+bf16 {r['dequant+bf16_ms'] * 1e3:8.1f}us  x{r['speedup_vs_bf16']:.2f}  "
+                      f"{r['gemm_GBps']:6.0f} GB/s {r['gemm_TFLOPs']:6.1f} TF/s cfg {r['gemm_cfg']}", flush=True)
+    with open(a.out, "w") as f:
+        json.dump({"header": head, "exactness": exact, "bench": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
