@@ -50,13 +50,18 @@ def exactness(dev):
                 rc, rs = arc.quantize_activation(x.float(), dplan, F, gs)
                 c, sc = arc_quantize_activation(x, perm, s, gs)
                 ok = torch.equal(c, nvfp4.pack(rc)) and torch.equal(sc.view(torch.uint8), rs.view(torch.uint8))
-                rows.append({"K": k, "s": s, "M": m, "act_bit_exact": ok})
+                # the oracle proper: the CPU reference
+                cc, cs = arc.quantize_activation(x.float().cpu(), plan, F, gs.cpu())
+                bad_codes = int((c.cpu() != nvfp4.pack(cc)).sum())
+                bad_scales = int((sc.view(torch.uint8).cpu() != cs.view(torch.uint8)).sum())
+                rows.append({"K": k, "s": s, "M": m, "act_bit_exact": bad_codes == 0 and bad_scales == 0,
+                             "gpu_ref_equal": ok, "bad_code_bytes": bad_codes, "bad_scales": bad_scales})
             n = 256
             w = torch.randn(n, k, device=dev)
             gsw = F.global_scale(w.abs().amax())
             qw = arc.quantize_weight(w, dplan, F, gsw)
             wa = F.dequantize(*arc.augmented_weight(qw, dplan, 16), gsw)
-            xa = F.dequantize(rc, rs, gs)
+            xa = F.dequantize(nvfp4.unpack(c), sc, gs)                           # the kernel's own codes
             ref = xa.double() @ wa.double().t()
             y = arc_gemm(c, sc, gs, nvfp4.pack(qw.codes), qw.scales, gsw, s, out_dtype=torch.float32)
             rows[-1]["gemm_rel_err"] = ((y.double() - ref).norm() / ref.norm()).item()
@@ -92,7 +97,6 @@ def bench_shape(name, k, n, m, dev, copies=4):
         bm, bn, bk, nw, ns = cfg
         if bm > max(16, triton.next_power_of_2(m)):
             continue
-        i0 = 0
         try:
             ms = t(lambda: arc_gemm(*aq[nxt()], gsx[it["i"]], ws[it["i"]][1], ws[it["i"]][2], ws[it["i"]][3], s,
                                     block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns))

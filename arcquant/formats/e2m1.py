@@ -48,3 +48,10 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """(..., K/2) uint8 -> (..., K) uint8 codes 0..15."""
     lo, hi = packed & 0x0F, packed >> 4
     return torch.stack((lo, hi), dim=-1).flatten(-2)
+
+
+def div_const(t: torch.Tensor, c: float) -> torch.Tensor:
+    """t / c as an IEEE division on every device. (PyTorch on CUDA turns division by a Python
+    scalar into multiplication by its reciprocal, which rounds differently: the reference
+    must not depend on the device.)"""
+    return t / torch.full_like(t, c)

@@ -5,7 +5,7 @@ scale 0 and codes 0. Codes are stored as 4-bit two's complement nibbles (-7 -> 0
 """
 import torch
 
-from .e2m1 import pack_nibbles, unpack_nibbles
+from .e2m1 import div_const, pack_nibbles, unpack_nibbles
 
 BLOCK = 128
 QMAX = 7
@@ -17,7 +17,7 @@ def quantize(x: torch.Tensor, global_scale=None):
         raise ValueError(f"last axis {x.shape[-1]} is not a multiple of the group size {BLOCK}; "
                          "zero-pad it to a multiple (padding with zeros is exact)")
     xb = x.to(torch.float32).unflatten(-1, (-1, BLOCK))                # (..., K/128, 128)
-    scale = xb.abs().amax(dim=-1, keepdim=True) / QMAX
+    scale = div_const(xb.abs().amax(dim=-1, keepdim=True), QMAX)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(xb / safe).clamp(-QMAX, QMAX).to(torch.int8)      # round half to even
     return (q.flatten(-2) & 0x0F).to(torch.uint8), scale.squeeze(-1)

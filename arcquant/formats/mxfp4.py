@@ -9,7 +9,7 @@ An all-zero block gets the smallest scale and zero codes.
 """
 import torch
 
-from .e2m1 import E2M1_MAX, e2m1_decode, e2m1_round, pack_nibbles, unpack_nibbles
+from .e2m1 import E2M1_MAX, div_const, e2m1_decode, e2m1_round, pack_nibbles, unpack_nibbles
 
 BLOCK = 32
 _BIAS = 127
@@ -26,7 +26,7 @@ def quantize(x: torch.Tensor, global_scale=None):
     global_scale is accepted for a uniform interface and ignored (MX has none)."""
     _check_last_axis(x)
     xb = x.to(torch.float32).unflatten(-1, (-1, BLOCK))                # (..., K/32, 32)
-    v = xb.abs().amax(dim=-1, keepdim=True) / E2M1_MAX                 # (..., K/32, 1)
+    v = div_const(xb.abs().amax(dim=-1, keepdim=True), E2M1_MAX)     # (..., K/32, 1)
     mant, exp = torch.frexp(v)                                         # v = mant * 2^exp
     e = torch.where(mant == 0.5, exp - 1, exp)                         # ceil(log2 v), exact
     e = torch.where(v > 0, e, torch.full_like(e, -_BIAS)).clamp(-_BIAS, _BIAS)

@@ -15,7 +15,7 @@ e.g. per token).
 """
 import torch
 
-from .e2m1 import E2M1_MAX, e2m1_decode, e2m1_round, pack_nibbles, unpack_nibbles
+from .e2m1 import E2M1_MAX, div_const, e2m1_decode, e2m1_round, pack_nibbles, unpack_nibbles
 
 BLOCK = 16
 E4M3_MAX = 448.0
@@ -27,7 +27,7 @@ _AMAX_FLOOR = 1e-30
 def global_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     """amax(|x|) -> float32 global scale 448*6/amax (a zero amax gives a finite scale)."""
     amax = amax.to(torch.float32).clamp(min=_AMAX_FLOOR)
-    return (E4M3_MAX * E2M1_MAX) / amax
+    return torch.full_like(amax, E4M3_MAX * E2M1_MAX) / amax
 
 
 def to_e4m3(x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +48,7 @@ def quantize(x: torch.Tensor, global_scale: torch.Tensor):
     xb = x.to(torch.float32).unflatten(-1, (-1, BLOCK))               # (..., K/16, 16)
     gsb = gs.unsqueeze(-1) if gs.dim() else gs                         # broadcast per block
     amax_b = xb.abs().amax(dim=-1, keepdim=True)                       # (..., K/16, 1)
-    scale = to_e4m3(amax_b / E2M1_MAX * gsb)                           # (..., K/16, 1) e4m3
+    scale = to_e4m3(div_const(amax_b, E2M1_MAX) * gsb)                           # (..., K/16, 1) e4m3
     sf = scale.to(torch.float32)
     recip = torch.where(sf > 0, gsb / sf, torch.zeros_like(sf))       # one division per block
     codes = e2m1_round(xb * recip)                                     # (..., K/16, 16)
