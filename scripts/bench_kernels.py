@@ -25,8 +25,10 @@ F = get_format("nvfp4")
 SHAPES = {"llama-3.1-8b": [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)],
           "qwen2.5-7b": [("qkv", 3584, 4608), ("o", 3584, 3584), ("gate_up", 3584, 37888), ("down", 18944, 3584)]}
 MS = [1, 4, 16, 64, 256, 1024, 4096, 8192]
-CONFIGS = [(16, 64, 128, 4, 3), (16, 128, 128, 4, 3), (32, 64, 256, 4, 3), (64, 128, 64, 4, 3),
-           (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]
+# (BM, BN, BK, warps, stages, split_k)
+CONFIGS = [(16, 64, 128, 4, 3, 1), (16, 64, 128, 4, 3, 4), (16, 64, 256, 4, 3, 8), (16, 128, 128, 4, 3, 8),
+           (16, 32, 256, 4, 3, 16), (64, 128, 64, 4, 3, 1), (128, 128, 64, 8, 3, 1), (128, 256, 64, 8, 3, 1),
+           (128, 128, 128, 8, 3, 1)]
 
 
 def plan_for(k, s, dev):
@@ -65,6 +67,9 @@ def exactness(dev):
             ref = xa.double() @ wa.double().t()
             y = arc_gemm(c, sc, gs, nvfp4.pack(qw.codes), qw.scales, gsw, s, out_dtype=torch.float32)
             rows[-1]["gemm_rel_err"] = ((y.double() - ref).norm() / ref.norm()).item()
+            y = arc_gemm(c[:3].contiguous(), sc[:3].contiguous(), gs[:3], nvfp4.pack(qw.codes), qw.scales, gsw, s,
+                         out_dtype=torch.float32, block_m=16, block_n=64, block_k=256, split_k=8)
+            rows[-1]["gemm_splitk_rel_err"] = ((y.double() - ref[:3]).norm() / ref[:3].norm()).item()
     return rows
 
 
@@ -94,12 +99,13 @@ def bench_shape(name, k, n, m, dev, copies=4):
     aq = [arc_quantize_activation(xs[i], perm, s, gsx[i]) for i in range(copies)]
     best = None
     for cfg in CONFIGS:
-        bm, bn, bk, nw, ns = cfg
+        bm, bn, bk, nw, ns, sk = cfg
         if bm > max(16, triton.next_power_of_2(m)):
             continue
         try:
             ms = t(lambda: arc_gemm(*aq[nxt()], gsx[it["i"]], ws[it["i"]][1], ws[it["i"]][2], ws[it["i"]][3], s,
-                                    block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns))
+                                    block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns,
+                                    split_k=sk))
         except Exception as e:  # a config the compiler rejects (shared memory) is skipped, and said
             print(f"  config {cfg} failed: {type(e).__name__}")
             continue
@@ -108,7 +114,7 @@ def bench_shape(name, k, n, m, dev, copies=4):
     both = t(lambda: arc_gemm(*arc_quantize_activation(xs[nxt()], perm, s, gsx[it["i"]]), gsx[it["i"]],
                               ws[it["i"]][1], ws[it["i"]][2], ws[it["i"]][3], s,
                               block_m=best[1][0], block_n=best[1][1], block_k=best[1][2],
-                              num_warps=best[1][3], num_stages=best[1][4]))
+                              num_warps=best[1][3], num_stages=best[1][4], split_k=best[1][5]))
     deq = t(lambda: torch.matmul(xs[nxt()], F.dequantize(nvfp4.unpack(ws[it["i"]][1]), ws[it["i"]][2],
                                                          ws[it["i"]][3]).to(torch.bfloat16).t()))
     wbytes = n * k / 2 + n * k / 16
@@ -135,7 +141,8 @@ def main():
     if exact:
         bad = [r for r in exact if not r["act_bit_exact"]]
         print(f"activation kernel bit-exact on {len(exact) - len(bad)}/{len(exact)} shapes; max GEMM rel err "
-              f"{max(r.get('gemm_rel_err', 0) for r in exact):.2e}", flush=True)
+              f"{max(r.get('gemm_rel_err', 0) for r in exact):.2e}, split-K "
+              f"{max(r.get('gemm_splitk_rel_err', 0) for r in exact):.2e}", flush=True)
     rows = []
     for model, shapes in SHAPES.items():
         for name, k, n in shapes:

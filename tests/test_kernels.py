@@ -60,9 +60,12 @@ def test_activation_kernel_special_values():
         assert torch.equal(c, nvfp4.pack(rc)) and torch.equal(sc.view(torch.uint8), rs.view(torch.uint8))
 
 
-@pytest.mark.parametrize("m,n,k,s,mode,bias", [(3, 40, 80, 16, "token", True), (17, 64, 128, 64, "dynamic", False),
-                                               (1, 24, 48, 0, "token", False), (5, 33, 96, 96, "token", True)])
-def test_gemm_matches_reference_product(m, n, k, s, mode, bias):
+@pytest.mark.parametrize("m,n,k,s,mode,bias,split", [(3, 40, 80, 16, "token", True, 1),
+                                                     (17, 64, 128, 64, "dynamic", False, 1),
+                                                     (1, 24, 48, 0, "token", False, 1),
+                                                     (5, 33, 96, 96, "token", True, 3),
+                                                     (2, 40, 208, 48, "dynamic", True, 4)])
+def test_gemm_matches_reference_product(m, n, k, s, mode, bias, split):
     x, plan = make_case(m, k, s, "sorted", seed=n + k)
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(n))
     gsx, gsw = global_scale(x, mode), F.global_scale(w.abs().amax())
@@ -73,7 +76,7 @@ def test_gemm_matches_reference_product(m, n, k, s, mode, bias):
     ref = xa.double() @ wa.double().t() + (0 if b is None else b.double())
     xc, xs = arc_quantize_activation(x, plan.perm.to(torch.int32), s, gsx)
     y = arc_gemm(xc, xs, gsx, nvfp4.pack(qw.codes), qw.scales, gsw, s, bias=b, out_dtype=torch.float32,
-                 block_m=16, block_n=16, block_k=32)
+                 block_m=16, block_n=16, block_k=32, split_k=split)
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6
 
 

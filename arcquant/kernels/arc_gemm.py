@@ -11,7 +11,8 @@ lies in [2^-10, 2688], so every operand element is exact in fp16, tensor-core pr
 exact, and they accumulate in fp32: the products Blackwell's FP4 MMA forms. (fp16 rather
 than bf16 also keeps the Triton interpreter's tl.dot right for CPU tests.) The oracle is
 arcquant.arc (same products; fp32 summation order differs).
-v1: plain output tiles over pairs of 4-bit codes; no split-K or operand swap for decode yet.
+Tile count is a compile-time constant (one compile per K+s: pipelinable loop); split_k > 1
+splits the depth over programs that add fp32 partial sums atomically (decode, small N).
 """
 import torch
 import triton
@@ -36,12 +37,15 @@ def _e2m1_decode(code):
 
 
 @triton.jit
-def _load_operand(codes_ptr, scales_ptr, rows, row_ok, byte_idx, blk_idx, col_ok, stride_c, stride_s,
+def _load_operand(codes_ptr, scales_ptr, rows, row_ok, byte_idx, blk_idx, col_ok, blk_ok, stride_c, stride_s,
                   R: tl.constexpr, BK: tl.constexpr):
-    """-> (R, BK) fp16 dequantized values (without the global scale) of code pairs byte_idx."""
+    """-> (R, BK) fp16 dequantized values (without the global scale) of code pairs byte_idx
+    (BK/2,); blk_idx (BK/16,) are the 16-blocks they belong to (one scale load per block)."""
     mask = row_ok[:, None] & col_ok[None, :]
     b = tl.load(codes_ptr + rows[:, None] * stride_c + byte_idx[None, :], mask=mask, other=0)
-    s = _e4m3_decode(tl.load(scales_ptr + rows[:, None] * stride_s + blk_idx[None, :], mask=mask, other=0))
+    sb = tl.load(scales_ptr + rows[:, None] * stride_s + blk_idx[None, :],
+                 mask=row_ok[:, None] & blk_ok[None, :], other=0)
+    s = tl.reshape(tl.broadcast_to(_e4m3_decode(sb)[:, :, None], (R, BK // 16, 8)), (R, BK // 2))
     lo = _e2m1_decode(b & 0xF) * s                                       # (R, BK/2), exact
     hi = _e2m1_decode(b >> 4) * s
     return tl.reshape(tl.join(lo, hi), (R, BK)).to(tl.float16)
@@ -50,35 +54,42 @@ def _load_operand(codes_ptr, scales_ptr, rows, row_ok, byte_idx, blk_idx, col_ok
 @triton.jit
 def _arc_gemm_kernel(
     xc_ptr, xs_ptr, xgs_ptr, wc_ptr, ws_ptr, wgs_ptr, bias_ptr, y_ptr,   # pointers
-    M, N, K, S, KS,                                                      # sizes (KS = K + S)
+    M, N, K, S,                                                          # sizes
     stride_xc, stride_xs, stride_wc, stride_ws, stride_y,                # strides
     XGS_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,                   # meta
+    K_TILES: tl.constexpr, TILES_PER_SPLIT: tl.constexpr, ATOMIC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     m_ok, n_ok = rm < M, rn < N
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    k0 = 0
-    while k0 < KS:  # a while loop: the interpreter cannot range() over a runtime bound on NumPy 2.4
-        pair = k0 // 2 + tl.arange(0, BK // 2)                           # code pairs (2p, 2p+1)
-        col = pair * 2                                                   # augmented column
-        ok = col < KS
-        wcol = tl.where(col >= K, col - S, col)                          # weight tail = main cols
-        xv = _load_operand(xc_ptr, xs_ptr, rm, m_ok, pair, col // 16, ok, stride_xc, stride_xs, BM, BK)
-        wv = _load_operand(wc_ptr, ws_ptr, rn, n_ok, wcol // 2, wcol // 16, ok, stride_wc, stride_ws, BN, BK)
+    t0 = tl.program_id(2) * TILES_PER_SPLIT
+    for t in range(TILES_PER_SPLIT):                                     # compile-time count
+        pair = (t0 + t) * (BK // 2) + tl.arange(0, BK // 2)              # code pairs (2p, 2p+1)
+        blk = (t0 + t) * (BK // 16) + tl.arange(0, BK // 16)             # 16-blocks
+        ok = (pair * 2 < K + S) & (t0 + t < K_TILES)
+        blk_ok = (blk * 16 < K + S) & (t0 + t < K_TILES)
+        wblk = tl.where(blk * 16 >= K, blk - S // 16, blk)               # weight tail = main cols
+        wpair = tl.where(pair * 2 >= K, pair - S // 2, pair)
+        xv = _load_operand(xc_ptr, xs_ptr, rm, m_ok, pair, blk, ok, blk_ok, stride_xc, stride_xs, BM, BK)
+        wv = _load_operand(wc_ptr, ws_ptr, rn, n_ok, wpair, wblk, ok, blk_ok, stride_wc, stride_ws, BN, BK)
         acc += tl.dot(xv, tl.trans(wv))
-        k0 += BK
     xgs = tl.load(xgs_ptr + rm, mask=m_ok, other=1.0) if XGS_PER_ROW else tl.load(xgs_ptr)
     y = acc / (xgs[:, None] * tl.load(wgs_ptr)) if XGS_PER_ROW else acc / (xgs * tl.load(wgs_ptr))
     if HAS_BIAS:
-        y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+        if tl.program_id(2) == 0:
+            y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = y_ptr + rm[:, None] * stride_y + rn[None, :]
+    if ATOMIC:
+        tl.atomic_add(out, y, mask=m_ok[:, None] & n_ok[None, :])
+    else:
+        tl.store(out, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def arc_gemm(xc, xs, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat16,
-             block_m: int = 64, block_n: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 2):
+             block_m: int = 64, block_n: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 2,
+             split_k: int = 1):
     """Augmented W4A4 product; see the module docstring for layouts. -> (M, N) out_dtype."""
     m, n, k = xc.shape[0], wc.shape[0], wc.shape[1] * 2
     checks = [(xc.dtype == torch.uint8 and wc.dtype == torch.uint8, "codes must be uint8"),
@@ -96,11 +107,17 @@ def arc_gemm(xc, xs, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat
         raise ValueError(f"arc_gemm: operands are on several devices {sorted(map(str, devices))}")
     xgs = xgs.to(torch.float32).reshape(-1).contiguous()
     wgs = wgs.to(torch.float32).reshape(-1).contiguous()
-    y = torch.empty(m, n, dtype=out_dtype, device=xc.device)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    k_tiles = triton.cdiv(k + s, block_k)
+    split_k = max(1, min(split_k, k_tiles))
+    per_split = triton.cdiv(k_tiles, split_k)
+    atomic = split_k > 1
+    y = (torch.zeros if atomic else torch.empty)(m, n, dtype=torch.float32 if atomic else out_dtype,
+                                                 device=xc.device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), triton.cdiv(k_tiles, per_split))
     _arc_gemm_kernel[grid](xc, xs.view(torch.uint8), xgs, wc, ws.view(torch.uint8), wgs,
-                           bias if bias is not None else wgs, y, m, n, k, s, k + s,
+                           bias if bias is not None else wgs, y, m, n, k, s,
                            xc.stride(0), xs.stride(0), wc.stride(0), ws.stride(0), y.stride(0),
                            XGS_PER_ROW=xgs.numel() > 1, HAS_BIAS=bias is not None,
+                           K_TILES=k_tiles, TILES_PER_SPLIT=per_split, ATOMIC=atomic,
                            BM=block_m, BN=block_n, BK=block_k, num_warps=num_warps, num_stages=num_stages)
-    return y
+    return y.to(out_dtype) if atomic else y
