@@ -25,9 +25,12 @@ def _quant_args(p, method_default="arc"):
     g.add_argument("--order", default=DEFAULTS.order, choices=ORDERS,
                    help="ARC channel order (default: %(default)s; 'sorted' is the paper's)")
     g.add_argument("--paper", action="store_true",
-                   help="the published recipe: --order sorted --act-scale dynamic")
+                   help="the published recipe: --order sorted --act-scale dynamic --target-bits 0")
     g.add_argument("--threshold", type=float, default=DEFAULTS.threshold, help="default: %(default)s")
     g.add_argument("--s-multiple", type=int, default=DEFAULTS.s_multiple, help="default: %(default)s")
+    g.add_argument("--target-bits", type=float, default=DEFAULTS.target_bits,
+                   help="average bits; residual blocks go where they remove the most error "
+                        "(default: %(default)s; 0 = the paper's threshold rule for s)")
     c = p.add_argument_group("calibration")
     c.add_argument("--calib-source", default="c4",
                    help=f"{' | '.join(CALIB_SOURCES)} | path of a UTF-8 text file (default: %(default)s)")
@@ -39,9 +42,9 @@ def _quant_args(p, method_default="arc"):
 
 def _configs(a, method=None):
     kw = dict(method=method or a.method, fmt=a.fmt, act_scale=a.act_scale, order=a.order,
-              threshold=a.threshold, s_multiple=a.s_multiple)
+              threshold=a.threshold, s_multiple=a.s_multiple, target_bits=a.target_bits or None)
     if a.paper:
-        kw.update(order="sorted", act_scale="dynamic")
+        kw.update(order="sorted", act_scale="dynamic", target_bits=None)
     return QuantConfig(**kw), CalibConfig(a.calib_source, a.calib_samples, a.calib_seqlen, a.seed)
 
 

@@ -37,7 +37,7 @@ class QuantConfig:
     threshold: float = 2.0 ** -3
     s_multiple: int = 64
     residual: bool = True
-    target_bits: float | None = None
+    target_bits: float | None = 5.5
 
     def __post_init__(self):
         _choice("method", self.method, METHODS)
@@ -58,8 +58,10 @@ class QuantConfig:
 
     @classmethod
     def paper(cls, **overrides) -> "QuantConfig":
-        """The published recipe: channels sorted by max, dynamic per-batch tensor scale."""
-        return cls(**{"method": "arc", "order": "sorted", "act_scale": "dynamic", **overrides})
+        """The published recipe: channels sorted by max, dynamic per-batch tensor scale, s by
+        the threshold rule."""
+        return cls(**{"method": "arc", "order": "sorted", "act_scale": "dynamic", "target_bits": None,
+                      **overrides})
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -39,6 +39,11 @@ VARIANTS = {
 }
 
 
+def _explicit(kw: dict) -> dict:
+    """Variants without 'budget' in their name use the paper's threshold rule for s."""
+    return {"target_bits": None, **kw}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
@@ -68,7 +73,7 @@ def main():
         torch.manual_seed(0)
         model, tok = load_model(a.model)
         t0 = time.time()
-        qcfg = QuantConfig(**kw)
+        qcfg = QuantConfig(**_explicit(kw))
         rep = quantize_model(model, tok, qcfg, ccfg, progress=False)
         r = perplexity(model, tok, "wiki-test", a.seqlen, a.tokens, progress=False)
         row = {"variant": name, "model": a.model, "config": qcfg.to_dict(), "avg_bits": rep["avg_bits"],
