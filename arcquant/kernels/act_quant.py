@@ -92,7 +92,7 @@ def _arc_act_quant_kernel(
 
 
 def arc_quantize_activation(x: torch.Tensor, perm: torch.Tensor, s: int, gs: torch.Tensor,
-                            blocks_per_program: int = 8):
+                            blocks_per_program: int = 64):
     """x (M, K) -> (codes (M, (K+s)/2) uint8, scales (M, (K+s)/16) float8_e4m3fn)."""
     if x.dim() != 2 or not x.is_contiguous():
         raise ValueError(f"x must be a contiguous 2-D tensor, got shape {tuple(x.shape)} "
