@@ -200,10 +200,6 @@ def quantize_activation(x: torch.Tensor, plan: ArcPlan, fmt: BlockFormat, gs):
     return torch.cat([c1, c2], 1), torch.cat([s1, s2], 1)
 
 
-def dequantize_augmented(codes, scales, fmt: BlockFormat, gs) -> torch.Tensor:
-    return fmt.dequantize(codes, scales, gs)
-
-
 def augmented_matmul(x_aug: torch.Tensor, w_aug: torch.Tensor) -> torch.Tensor:
     """The single GEMM of depth K+s on dequantized operands: (M, K+s) x (N, K+s)^T."""
     return x_aug @ w_aug.t()

@@ -52,8 +52,9 @@ def capture_inputs(model, layers: nn.ModuleList, batches: torch.Tensor, device, 
 
 @torch.no_grad()
 def run_layer(layer: nn.Module, linears: dict, hidden: list, kwargs: dict, layer_name: str,
-              threshold: float, fmt: BlockFormat):
+              threshold: float, fmt: BlockFormat, with_stats: bool = True):
     """Run `hidden` through `layer`; -> (outputs, groups, stats per group leader).
+    with_stats=False only finds the groups (methods that use no calibration statistics).
 
     groups: lists of linear names that received the very same input tensor (q/k/v, gate/up).
     """
@@ -64,7 +65,7 @@ def run_layer(layer: nn.Module, linears: dict, hidden: list, kwargs: dict, layer
             x = args[0]
             if leaders is None:
                 first_inputs[name] = x                    # kept alive to compare identity
-            elif name in leaders:
+            elif with_stats and name in leaders:
                 _update(stats, name, x)
         return record
 
@@ -87,7 +88,8 @@ def run_layer(layer: nn.Module, linears: dict, hidden: list, kwargs: dict, layer
                 groups = _group_by_input(first_inputs, list(linears))
                 leaders = {g[0] for g in groups}
                 for g in groups:
-                    _update(stats, g[0], first_inputs[g[0]])
+                    if with_stats:
+                        _update(stats, g[0], first_inputs[g[0]])
                 first_inputs.clear()
     finally:
         for hd in handles:

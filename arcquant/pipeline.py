@@ -3,7 +3,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import is_checkpoint, load_quantized, save_quantized
+from .checkpoint import is_checkpoint, load_quantized, prepare_output, save_quantized
 from .config import CalibConfig, QuantConfig
 from .evaluate import perplexity
 from .modeling import load_model
@@ -13,7 +13,6 @@ from .quantize import quantize_model
 def quantize_to_folder(model_name: str, out, qcfg: QuantConfig, ccfg: CalibConfig, device="cpu",
                        force=False, progress=True) -> dict:
     """Load `model_name`, quantize it, write a checkpoint folder; -> the quantization report."""
-    from .checkpoint import prepare_output
     prepare_output(Path(out), force)                      # refuse before spending minutes
     model, tok = load_model(model_name)
     report = quantize_model(model, tok, qcfg, ccfg, device=device, progress=progress)

@@ -85,13 +85,15 @@ def quantize_model(model, tokenizer, qcfg: QuantConfig, ccfg: CalibConfig = Cali
     move_outside_layers(model, layers, device)
     hidden, kwargs = capture_inputs(model, layers, batches, device, batch_size)
     fmt, found = get_format(qcfg.fmt), []
+    needs_stats = qcfg.method == "arc" or qcfg.act_scale == "static"
     for i, layer in enumerate(tqdm(layers, desc="calibrate", disable=not progress)):
         layer.to(device)                                           # one layer on the device at a time
         name = f"{lname}.{i}"
         linears = find_linears(layer, name)
         _check_finite_weights(linears, name)
-        hidden, groups, stats = run_layer(layer, linears, hidden, kwargs, name, qcfg.threshold, fmt)
-        found += [(i, g, stats[g[0]]) for g in groups]
+        hidden, groups, stats = run_layer(layer, linears, hidden, kwargs, name, qcfg.threshold, fmt,
+                                          with_stats=needs_stats)
+        found += [(i, g, stats.get(g[0])) for g in groups]
         layer.to("cpu")
     del hidden
     s_all = choose_s(qcfg, [([layers[i].get_submodule(n) for n in g], st) for i, g, st in found])

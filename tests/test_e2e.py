@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from arcquant.checkpoint import load_quantized, save_quantized
+from arcquant.checkpoint import save_quantized
 from arcquant.config import CalibConfig, QuantConfig
 from arcquant.evaluate import perplexity
 from arcquant.qlinear import QuantLinear
