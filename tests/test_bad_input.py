@@ -146,3 +146,26 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "arcquant.cli", "quantize", "--out", "x", "--method", "awq"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "invalid choice: 'awq'" in r.stderr
+
+
+def test_qwen2_with_qkv_bias_quantizes_saves_and_reloads(tokenizer, tmp_path):
+    """Qwen2 layout (q/k/v bias) through the same generic path, no architecture list."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=49152, max_position_embeddings=256)
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.bias.normal_()              # non-zero biases must survive
+    ids = tokenizer("Quantize a Qwen2 layout too.", return_tensors="pt").input_ids
+    report = quantize_model(model, tokenizer, QuantConfig(), CAL, progress=False)
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.bias is not None and q.shared is model.model.layers[0].self_attn.k_proj.shared
+    with torch.no_grad():
+        out = model(ids).logits
+    save_quantized(model, tokenizer, tmp_path / "ck", QuantConfig(), CAL, report, "tiny-qwen2")
+    again, _, meta = load_quantized(tmp_path / "ck")
+    assert meta["layers"]["model.layers.0.self_attn.q_proj"]["bias"] is True
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, out)
