@@ -25,10 +25,12 @@ F = get_format("nvfp4")
 SHAPES = {"llama-3.1-8b": [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)],
           "qwen2.5-7b": [("qkv", 3584, 4608), ("o", 3584, 3584), ("gate_up", 3584, 37888), ("down", 18944, 3584)]}
 MS = [1, 4, 16, 64, 256, 1024, 4096, 8192]
-# (BM, BN, BK, warps, stages, split_k)
-CONFIGS = [(16, 64, 128, 4, 3, 1), (16, 64, 128, 4, 3, 4), (16, 64, 256, 4, 3, 8), (16, 128, 128, 4, 3, 8),
-           (16, 32, 256, 4, 3, 16), (64, 128, 64, 4, 3, 1), (128, 128, 64, 8, 3, 1), (128, 256, 64, 8, 3, 1),
-           (128, 128, 128, 8, 3, 1)]
+# (BM, BN, BK, warps, stages, split_k, even_odd)
+CONFIGS = [(16, 64, 128, 4, 3, 1, eo) for eo in (False, True)] + [
+    (16, 64, 128, 4, 3, 4, True), (16, 64, 256, 4, 3, 8, True), (16, 128, 128, 4, 3, 8, True),
+    (16, 32, 256, 4, 3, 16, True), (16, 64, 128, 4, 3, 4, False), (16, 32, 256, 4, 3, 16, False),
+    (64, 128, 64, 4, 3, 1, True), (128, 128, 64, 8, 3, 1, True), (128, 256, 64, 8, 3, 1, True),
+    (128, 128, 128, 8, 3, 1, True), (128, 128, 128, 8, 3, 1, False), (128, 256, 64, 8, 3, 1, False)]
 
 
 def plan_for(k, s, dev):
@@ -97,31 +99,33 @@ def bench_shape(name, k, n, m, dev, copies=4):
     gsx = [F.global_scale(x.float().abs().amax(1, keepdim=True)) for x in xs]
     act = t(lambda: arc_quantize_activation(xs[nxt()], perm, s, gsx[it["i"]]))
     aq = [arc_quantize_activation(xs[i], perm, s, gsx[i]) for i in range(copies)]
-    best = None
+    best, per_cfg = None, []
     for cfg in CONFIGS:
-        bm, bn, bk, nw, ns, sk = cfg
+        bm, bn, bk, nw, ns, sk, eo = cfg
         if bm > max(16, triton.next_power_of_2(m)):
             continue
         try:
             ms = t(lambda: arc_gemm(*aq[nxt()], gsx[it["i"]], ws[it["i"]][1], ws[it["i"]][2], ws[it["i"]][3], s,
                                     block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns,
-                                    split_k=sk))
+                                    split_k=sk, even_odd=eo))
         except Exception as e:  # a config the compiler rejects (shared memory) is skipped, and said
             print(f"  config {cfg} failed: {type(e).__name__}")
             continue
+        per_cfg.append({"cfg": cfg, "ms": ms})
         if best is None or ms < best[0]:
             best = (ms, cfg)
     both = t(lambda: arc_gemm(*arc_quantize_activation(xs[nxt()], perm, s, gsx[it["i"]]), gsx[it["i"]],
                               ws[it["i"]][1], ws[it["i"]][2], ws[it["i"]][3], s,
                               block_m=best[1][0], block_n=best[1][1], block_k=best[1][2],
-                              num_warps=best[1][3], num_stages=best[1][4], split_k=best[1][5]))
+                              num_warps=best[1][3], num_stages=best[1][4], split_k=best[1][5],
+                              even_odd=best[1][6]))
     deq = t(lambda: torch.matmul(xs[nxt()], F.dequantize(nvfp4.unpack(ws[it["i"]][1]), ws[it["i"]][2],
                                                          ws[it["i"]][3]).to(torch.bfloat16).t()))
     wbytes = n * k / 2 + n * k / 16
     return {"model_layer": name, "K": k, "N": n, "s": s, "M": m, "bf16_ms": bf16, "act_ms": act,
             "gemm_ms": best[0], "gemm_cfg": best[1], "act+gemm_ms": both, "dequant+bf16_ms": deq,
             "speedup_vs_bf16": bf16 / both, "gemm_GBps": (wbytes + m * (k + s) * 0.5625) / best[0] / 1e6,
-            "gemm_TFLOPs": 2 * m * n * (k + s) / best[0] / 1e9}
+            "gemm_TFLOPs": 2 * m * n * (k + s) / best[0] / 1e9, "configs": per_cfg}
 
 
 def main():

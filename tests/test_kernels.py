@@ -65,7 +65,8 @@ def test_activation_kernel_special_values():
                                                      (1, 24, 48, 0, "token", False, 1),
                                                      (5, 33, 96, 96, "token", True, 3),
                                                      (2, 40, 208, 48, "dynamic", True, 4)])
-def test_gemm_matches_reference_product(m, n, k, s, mode, bias, split):
+@pytest.mark.parametrize("even_odd", [True, False])
+def test_gemm_matches_reference_product(m, n, k, s, mode, bias, split, even_odd):
     x, plan = make_case(m, k, s, "sorted", seed=n + k)
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(n))
     gsx, gsw = global_scale(x, mode), F.global_scale(w.abs().amax())
@@ -76,7 +77,7 @@ def test_gemm_matches_reference_product(m, n, k, s, mode, bias, split):
     ref = xa.double() @ wa.double().t() + (0 if b is None else b.double())
     xc, xs = arc_quantize_activation(x, plan.perm.to(torch.int32), s, gsx)
     y = arc_gemm(xc, xs, gsx, nvfp4.pack(qw.codes), qw.scales, gsw, s, bias=b, out_dtype=torch.float32,
-                 block_m=16, block_n=16, block_k=32, split_k=split)
+                 block_m=16, block_n=16, block_k=32, split_k=split, even_odd=even_odd)
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6
 
 

@@ -52,12 +52,25 @@ def _load_operand(codes_ptr, scales_ptr, rows, row_ok, byte_idx, blk_idx, col_ok
 
 
 @triton.jit
+def _load_halves(codes_ptr, scales_ptr, rows, row_ok, byte_idx, blk_idx, col_ok, blk_ok, stride_c, stride_s,
+                 R: tl.constexpr, BK: tl.constexpr):
+    """-> (even, odd) columns, each (R, BK/2) fp16: no interleave needed, since
+    sum_k x_k w_k = sum over even k + sum over odd k (low nibbles are the even columns)."""
+    mask = row_ok[:, None] & col_ok[None, :]
+    b = tl.load(codes_ptr + rows[:, None] * stride_c + byte_idx[None, :], mask=mask, other=0)
+    sb = tl.load(scales_ptr + rows[:, None] * stride_s + blk_idx[None, :],
+                 mask=row_ok[:, None] & blk_ok[None, :], other=0)
+    s = tl.reshape(tl.broadcast_to(_e4m3_decode(sb)[:, :, None], (R, BK // 16, 8)), (R, BK // 2))
+    return (_e2m1_decode(b & 0xF) * s).to(tl.float16), (_e2m1_decode(b >> 4) * s).to(tl.float16)
+
+
+@triton.jit
 def _arc_gemm_kernel(
     xc_ptr, xs_ptr, xgs_ptr, wc_ptr, ws_ptr, wgs_ptr, bias_ptr, y_ptr,   # pointers
     M, N, K, S,                                                          # sizes
     stride_xc, stride_xs, stride_wc, stride_ws, stride_y,                # strides
     XGS_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,                   # meta
-    K_TILES: tl.constexpr, TILES_PER_SPLIT: tl.constexpr, ATOMIC: tl.constexpr,
+    K_TILES: tl.constexpr, TILES_PER_SPLIT: tl.constexpr, ATOMIC: tl.constexpr, EVEN_ODD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -72,9 +85,15 @@ def _arc_gemm_kernel(
         blk_ok = (blk * 16 < K + S) & (t0 + t < K_TILES)
         wblk = tl.where(blk * 16 >= K, blk - S // 16, blk)               # weight tail = main cols
         wpair = tl.where(pair * 2 >= K, pair - S // 2, pair)
-        xv = _load_operand(xc_ptr, xs_ptr, rm, m_ok, pair, blk, ok, blk_ok, stride_xc, stride_xs, BM, BK)
-        wv = _load_operand(wc_ptr, ws_ptr, rn, n_ok, wpair, wblk, ok, blk_ok, stride_wc, stride_ws, BN, BK)
-        acc += tl.dot(xv, tl.trans(wv))
+        if EVEN_ODD:
+            xe, xo = _load_halves(xc_ptr, xs_ptr, rm, m_ok, pair, blk, ok, blk_ok, stride_xc, stride_xs, BM, BK)
+            we, wo = _load_halves(wc_ptr, ws_ptr, rn, n_ok, wpair, wblk, ok, blk_ok, stride_wc, stride_ws, BN, BK)
+            acc += tl.dot(xe, tl.trans(we))
+            acc += tl.dot(xo, tl.trans(wo))
+        else:
+            xv = _load_operand(xc_ptr, xs_ptr, rm, m_ok, pair, blk, ok, blk_ok, stride_xc, stride_xs, BM, BK)
+            wv = _load_operand(wc_ptr, ws_ptr, rn, n_ok, wpair, wblk, ok, blk_ok, stride_wc, stride_ws, BN, BK)
+            acc += tl.dot(xv, tl.trans(wv))
     xgs = tl.load(xgs_ptr + rm, mask=m_ok, other=1.0) if XGS_PER_ROW else tl.load(xgs_ptr)
     y = acc / (xgs[:, None] * tl.load(wgs_ptr)) if XGS_PER_ROW else acc / (xgs * tl.load(wgs_ptr))
     if HAS_BIAS:
@@ -89,7 +108,7 @@ def _arc_gemm_kernel(
 
 def arc_gemm(xc, xs, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat16,
              block_m: int = 64, block_n: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 2,
-             split_k: int = 1):
+             split_k: int = 1, even_odd: bool = True):
     """Augmented W4A4 product; see the module docstring for layouts. -> (M, N) out_dtype."""
     m, n, k = xc.shape[0], wc.shape[0], wc.shape[1] * 2
     checks = [(xc.dtype == torch.uint8 and wc.dtype == torch.uint8, "codes must be uint8"),
@@ -118,6 +137,6 @@ def arc_gemm(xc, xs, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat
                            bias if bias is not None else wgs, y, m, n, k, s,
                            xc.stride(0), xs.stride(0), wc.stride(0), ws.stride(0), y.stride(0),
                            XGS_PER_ROW=xgs.numel() > 1, HAS_BIAS=bias is not None,
-                           K_TILES=k_tiles, TILES_PER_SPLIT=per_split, ATOMIC=atomic,
+                           K_TILES=k_tiles, TILES_PER_SPLIT=per_split, ATOMIC=atomic, EVEN_ODD=even_odd,
                            BM=block_m, BN=block_n, BK=block_k, num_warps=num_warps, num_stages=num_stages)
     return y.to(out_dtype) if atomic else y
