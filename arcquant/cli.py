@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import pipeline
 from .arc import ORDERS
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, is_checkpoint
 from .config import ACT_SCALES, CALIB_SOURCES, METHODS, CalibConfig, QuantConfig
 from .data import TEXTS
 from .formats import FORMATS
@@ -67,6 +67,8 @@ def cmd_eval(a):
         model, tok, meta = pipeline.load_any(a.model, a.device)
         method, bits = (meta["quant"]["method"], meta["avg_bits"]) if meta else ("fp", 16.0)
     else:
+        if is_checkpoint(a.model):
+            raise ValueError(f"{a.model!r} is already a quantized checkpoint; evaluate it without --method")
         qcfg, ccfg = _configs(a)
         model, tok, rep = pipeline.quantize_in_memory(a.model, qcfg, ccfg, a.device)
         method, bits = qcfg.method, rep["avg_bits"]

@@ -51,7 +51,8 @@ def quantize_layer_group(qcfg: QuantConfig, layer, names: list, stats, layer_nam
         arc.make_plan(stats, k_padded, s, qcfg.order, fmt.block, _col_norm2(linears))
     w_amax = torch.stack([lin.weight.detach().abs().max().float() for lin in linears]).max()
     weight_gs = fmt.global_scale(w_amax)                           # shared: engines fuse the group
-    input_gs = fmt.global_scale(stats.absmax.max()) if qcfg.act_scale == "static" else None
+    static = qcfg.act_scale == "static" and ACT_OF_METHOD[qcfg.method] == "fp4"   # w4a8 is per token
+    input_gs = fmt.global_scale(stats.absmax.max()) if static else None
     shared, rows = SharedInput(), []
     for name, lin in zip(names, linears):
         try:
@@ -85,7 +86,7 @@ def quantize_model(model, tokenizer, qcfg: QuantConfig, ccfg: CalibConfig = Cali
     move_outside_layers(model, layers, device)
     hidden, kwargs = capture_inputs(model, layers, batches, device, batch_size)
     fmt, found = get_format(qcfg.fmt), []
-    needs_stats = qcfg.method == "arc" or qcfg.act_scale == "static"
+    needs_stats = qcfg.method == "arc" or (qcfg.act_scale == "static" and qcfg.method == "rtn")
     for i, layer in enumerate(tqdm(layers, desc="calibrate", disable=not progress)):
         layer.to(device)                                           # one layer on the device at a time
         name = f"{lname}.{i}"

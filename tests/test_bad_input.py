@@ -169,3 +169,23 @@ def test_qwen2_with_qkv_bias_quantizes_saves_and_reloads(tokenizer, tmp_path):
     assert meta["layers"]["model.layers.0.self_attn.q_proj"]["bias"] is True
     with torch.no_grad():
         assert torch.equal(again(ids).logits, out)
+
+
+@pytest.mark.parametrize("method", ["w4a8", "w4a16", "rtn"])
+def test_static_scale_roundtrip_for_every_method(tokenizer, tmp_path, method):
+    model = tiny_llama()
+    qcfg = QuantConfig(method=method, act_scale="static")
+    report = quantize_model(model, tokenizer, qcfg, CAL, progress=False)
+    ids = tokenizer("static scales", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model(ids).logits
+    save_quantized(model, tokenizer, tmp_path / "ck", qcfg, CAL, report, "tiny")
+    again, _, _ = load_quantized(tmp_path / "ck")
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, out)
+
+
+def test_cli_refuses_to_requantize_a_checkpoint(saved_tiny):
+    r = subprocess.run([sys.executable, "-m", "arcquant.cli", "eval", str(saved_tiny), "--method", "arc"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "already a quantized checkpoint" in r.stderr
