@@ -55,3 +55,10 @@ def div_const(t: torch.Tensor, c: float) -> torch.Tensor:
     scalar into multiplication by its reciprocal, which rounds differently: the reference
     must not depend on the device.)"""
     return t / torch.full_like(t, c)
+
+
+def check_last_axis(x: torch.Tensor, block: int, unit: str = "block size") -> None:
+    """Refuse a last axis that is not a whole number of blocks, saying what to do."""
+    if x.shape[-1] % block:
+        raise ValueError(f"last axis {x.shape[-1]} is not a multiple of the {unit} {block}; "
+                         "zero-pad it to a multiple (padding with zeros is exact)")

@@ -5,7 +5,7 @@ scale 0 and codes 0. Codes are stored as 4-bit two's complement nibbles (-7 -> 0
 """
 import torch
 
-from .e2m1 import div_const, pack_nibbles, unpack_nibbles
+from .e2m1 import check_last_axis, div_const, pack_nibbles, unpack_nibbles
 
 BLOCK = 128
 QMAX = 7
@@ -13,9 +13,7 @@ QMAX = 7
 
 def quantize(x: torch.Tensor, global_scale=None):
     """x (..., K) -> codes (..., K) uint8 nibbles, scales (..., K/128) float32."""
-    if x.shape[-1] % BLOCK:
-        raise ValueError(f"last axis {x.shape[-1]} is not a multiple of the group size {BLOCK}; "
-                         "zero-pad it to a multiple (padding with zeros is exact)")
+    check_last_axis(x, BLOCK, "group size")
     xb = x.to(torch.float32).unflatten(-1, (-1, BLOCK))                # (..., K/128, 128)
     scale = div_const(xb.abs().amax(dim=-1, keepdim=True), QMAX)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))

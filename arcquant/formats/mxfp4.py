@@ -9,22 +9,16 @@ An all-zero block gets the smallest scale and zero codes.
 """
 import torch
 
-from .e2m1 import E2M1_MAX, div_const, e2m1_decode, e2m1_round, pack_nibbles, unpack_nibbles
+from .e2m1 import E2M1_MAX, check_last_axis, div_const, e2m1_decode, e2m1_round, pack_nibbles, unpack_nibbles
 
 BLOCK = 32
 _BIAS = 127
 
 
-def _check_last_axis(x: torch.Tensor) -> None:
-    if x.shape[-1] % BLOCK:
-        raise ValueError(f"last axis {x.shape[-1]} is not a multiple of the block size {BLOCK}; "
-                         "zero-pad it to a multiple (padding with zeros is exact)")
-
-
 def quantize(x: torch.Tensor, global_scale=None):
     """x (..., K) -> codes (..., K) uint8, scales (..., K/32) uint8 biased exponents.
     global_scale is accepted for a uniform interface and ignored (MX has none)."""
-    _check_last_axis(x)
+    check_last_axis(x, BLOCK)
     xb = x.to(torch.float32).unflatten(-1, (-1, BLOCK))                # (..., K/32, 32)
     v = div_const(xb.abs().amax(dim=-1, keepdim=True), E2M1_MAX)     # (..., K/32, 1)
     mant, exp = torch.frexp(v)                                         # v = mant * 2^exp

@@ -15,7 +15,7 @@ e.g. per token).
 """
 import torch
 
-from .e2m1 import E2M1_MAX, div_const, e2m1_decode, e2m1_round, pack_nibbles, unpack_nibbles
+from .e2m1 import E2M1_MAX, check_last_axis, div_const, e2m1_decode, e2m1_round, pack_nibbles, unpack_nibbles
 
 BLOCK = 16
 E4M3_MAX = 448.0
@@ -35,15 +35,9 @@ def to_e4m3(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
 
 
-def _check_last_axis(x: torch.Tensor, block: int) -> None:
-    if x.shape[-1] % block:
-        raise ValueError(f"last axis {x.shape[-1]} is not a multiple of the block size {block}; "
-                         "zero-pad it to a multiple (padding with zeros is exact)")
-
-
 def quantize(x: torch.Tensor, global_scale: torch.Tensor):
     """x (..., K) float -> codes (..., K) uint8 0..15, scales (..., K/16) float8_e4m3fn."""
-    _check_last_axis(x, BLOCK)
+    check_last_axis(x, BLOCK)
     gs = torch.as_tensor(global_scale, dtype=torch.float32, device=x.device)
     xb = x.to(torch.float32).unflatten(-1, (-1, BLOCK))               # (..., K/16, 16)
     gsb = gs.unsqueeze(-1) if gs.dim() else gs                         # broadcast per block

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp4_jit import e2m1_decode
+
 
 
 @triton.jit
@@ -46,11 +48,9 @@ def _e2m1_round(scaled):
     mag = ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
            + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32)
            + (a > 5.0).to(tl.int32))
-    val = tl.where(mag < 4, mag.to(tl.float32) * 0.5,
-                   tl.where(mag < 6, (mag - 2).to(tl.float32), tl.where(mag == 6, 4.0, 6.0)))
     neg = (scaled.to(tl.int32, bitcast=True) >> 31) & 1           # sign bit, -0 included
-    val = tl.where(neg == 1, -val, val)
-    return val, (mag | (neg << 3)).to(tl.uint8)
+    code = mag | (neg << 3)
+    return e2m1_decode(code), code.to(tl.uint8)
 
 
 @triton.jit

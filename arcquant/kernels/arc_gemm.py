@@ -18,50 +18,29 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _e4m3_decode(bits):
-    b = bits.to(tl.int32)
-    exp = (b >> 3) & 15
-    man = (b & 7).to(tl.float32)
-    p2 = ((exp - 10 + 127) << 23).to(tl.float32, bitcast=True)          # 2^(exp-10)
-    return tl.where(exp == 0, man * 0.001953125, (man + 8.0) * p2)       # subnormal: man * 2^-9
-
-
-@triton.jit
-def _e2m1_decode(code):
-    mag = (code & 7).to(tl.int32)
-    val = tl.where(mag < 4, mag.to(tl.float32) * 0.5,
-                   tl.where(mag < 6, (mag - 2).to(tl.float32), tl.where(mag == 6, 4.0, 6.0)))
-    return tl.where((code & 8) != 0, -val, val)
-
-
-@triton.jit
-def _load_operand(codes_ptr, scales_ptr, rows, row_ok, byte_idx, blk_idx, col_ok, blk_ok, stride_c, stride_s,
-                  R: tl.constexpr, BK: tl.constexpr):
-    """-> (R, BK) fp16 dequantized values (without the global scale) of code pairs byte_idx
-    (BK/2,); blk_idx (BK/16,) are the 16-blocks they belong to (one scale load per block)."""
-    mask = row_ok[:, None] & col_ok[None, :]
-    b = tl.load(codes_ptr + rows[:, None] * stride_c + byte_idx[None, :], mask=mask, other=0)
-    sb = tl.load(scales_ptr + rows[:, None] * stride_s + blk_idx[None, :],
-                 mask=row_ok[:, None] & blk_ok[None, :], other=0)
-    s = tl.reshape(tl.broadcast_to(_e4m3_decode(sb)[:, :, None], (R, BK // 16, 8)), (R, BK // 2))
-    lo = _e2m1_decode(b & 0xF) * s                                       # (R, BK/2), exact
-    hi = _e2m1_decode(b >> 4) * s
-    return tl.reshape(tl.join(lo, hi), (R, BK)).to(tl.float16)
+from .fp4_jit import e2m1_decode, e4m3_decode
 
 
 @triton.jit
 def _load_halves(codes_ptr, scales_ptr, rows, row_ok, byte_idx, blk_idx, col_ok, blk_ok, stride_c, stride_s,
                  R: tl.constexpr, BK: tl.constexpr):
-    """-> (even, odd) columns, each (R, BK/2) fp16: no interleave needed, since
-    sum_k x_k w_k = sum over even k + sum over odd k (low nibbles are the even columns)."""
+    """-> (even, odd) columns, each (R, BK/2) fp16 (exact), of code pairs byte_idx (BK/2,);
+    blk_idx (BK/16,) are the 16-blocks they belong to (one scale load per block)."""
     mask = row_ok[:, None] & col_ok[None, :]
     b = tl.load(codes_ptr + rows[:, None] * stride_c + byte_idx[None, :], mask=mask, other=0)
     sb = tl.load(scales_ptr + rows[:, None] * stride_s + blk_idx[None, :],
                  mask=row_ok[:, None] & blk_ok[None, :], other=0)
-    s = tl.reshape(tl.broadcast_to(_e4m3_decode(sb)[:, :, None], (R, BK // 16, 8)), (R, BK // 2))
-    return (_e2m1_decode(b & 0xF) * s).to(tl.float16), (_e2m1_decode(b >> 4) * s).to(tl.float16)
+    s = tl.reshape(tl.broadcast_to(e4m3_decode(sb)[:, :, None], (R, BK // 16, 8)), (R, BK // 2))
+    return (e2m1_decode(b & 0xF) * s).to(tl.float16), (e2m1_decode(b >> 4) * s).to(tl.float16)
+
+
+@triton.jit
+def _load_operand(codes_ptr, scales_ptr, rows, row_ok, byte_idx, blk_idx, col_ok, blk_ok, stride_c, stride_s,
+                  R: tl.constexpr, BK: tl.constexpr):
+    """-> (R, BK) fp16: the halves interleaved back into column order."""
+    lo, hi = _load_halves(codes_ptr, scales_ptr, rows, row_ok, byte_idx, blk_idx, col_ok, blk_ok,
+                          stride_c, stride_s, R, BK)
+    return tl.reshape(tl.join(lo, hi), (R, BK))
 
 
 @triton.jit

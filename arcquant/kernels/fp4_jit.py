@@ -1,0 +1,22 @@
+"""Triton device functions shared by the kernels: decoding E2M1 codes and E4M3 scale bits."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def e4m3_decode(bits):
+    """uint8 E4M3 bits -> fp32 value (exact, subnormals included)."""
+    b = bits.to(tl.int32)
+    exp = (b >> 3) & 15
+    man = (b & 7).to(tl.float32)
+    p2 = ((exp - 10 + 127) << 23).to(tl.float32, bitcast=True)          # 2^(exp-10)
+    return tl.where(exp == 0, man * 0.001953125, (man + 8.0) * p2)       # subnormal: man * 2^-9
+
+
+@triton.jit
+def e2m1_decode(code):
+    """4-bit E2M1 code (sign bit 3) -> fp32 value."""
+    mag = (code & 7).to(tl.int32)
+    val = tl.where(mag < 4, mag.to(tl.float32) * 0.5,
+                   tl.where(mag < 6, (mag - 2).to(tl.float32), tl.where(mag == 6, 4.0, 6.0)))
+    return tl.where((code & 8) != 0, -val, val)
