@@ -2,7 +2,8 @@
 
 A folder:
     arcquant.json       format name and version, QuantConfig, calibration, per-layer plan
-                        (in/out features, s, activation mode, group), average bits
+                        (in/out features, s, activation mode, group, calibration input
+                        max |x| for W4A4 layers), average bits
     model.safetensors   every tensor of the model; per quantized layer NAME:
                         NAME.weight_packed (N, Kp/2) uint8, NAME.weight_scale (N, Kp/B),
                         NAME.weight_global_scale () f32 (448*6/amax), NAME.perm (Kp,) i32,
@@ -84,7 +85,8 @@ def save_quantized(model, tokenizer, out, qcfg: QuantConfig, ccfg: CalibConfig |
             row = next((r for r in report["layers"] if r["name"] == name), {})
             layers[name] = {"in_features": mod.in_features, "out_features": mod.out_features,
                             "fmt": mod.fmt.name, "act": mod.act, "act_scale": mod.act_scale,
-                            "s": mod.s, "bias": mod.bias is not None, "group": row.get("group", name)}
+                            "s": mod.s, "bias": mod.bias is not None, "group": row.get("group", name),
+                            "input_amax": mod.input_amax}
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "producer": f"arcquant {__version__}",
             "source_model": source, "quant": qcfg.to_dict(),
             "calibration": None if ccfg is None else vars(ccfg).copy(),
@@ -172,6 +174,7 @@ def load_quantized(path, device: str = "cpu"):
             raise UnsupportedModelError(f"{path}: layer {name!r} of the checkpoint does not exist in a "
                                         f"{type(model).__name__}; config.json and arcquant.json disagree") from None
         q = _build_layer(name, info, tensors, path)
+        q.input_amax = info.get("input_amax")
         if sizes[info["group"]] > 1:
             q.shared = groups.setdefault(info["group"], SharedInput())
         parent, _, child = name.rpartition(".")

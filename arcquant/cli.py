@@ -1,4 +1,4 @@
-"""arcquant command line: quantize | eval | generate | compare. The only module using argparse."""
+"""arcquant command line: quantize | eval | generate | compare | export. The only module using argparse."""
 import argparse
 import json
 import sys
@@ -10,6 +10,7 @@ from .arc import ORDERS
 from .checkpoint import CheckpointError, is_checkpoint
 from .config import ACT_SCALES, CALIB_SOURCES, METHODS, CalibConfig, QuantConfig
 from .data import TEXTS
+from .export import EXPORT_FORMATS, export_checkpoint
 from .formats import FORMATS
 from .modeling import DEFAULT_MODEL, UnsupportedModelError
 
@@ -102,6 +103,12 @@ def cmd_compare(a):
         Path(a.json).write_text(json.dumps(rows, indent=1))
 
 
+def cmd_export(a):
+    rec = export_checkpoint(a.checkpoint, a.format, a.out, a.force, a.dtype, a.max_shard_size)
+    print(f"wrote {a.out}: {a.format}, {rec['layers']} quantized layers ({rec['exact_layers']} exactly as in "
+          f"the checkpoint), {len(rec['files'])} safetensors file(s), excluded {rec['excluded']}")
+
+
 def build_parser():
     ap = argparse.ArgumentParser(prog="arcquant", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -130,6 +137,17 @@ def build_parser():
     _quant_args(p)
     _eval_args(p)
     p.set_defaults(fn=cmd_compare, tokens=16384)
+    p = sub.add_parser("export", help="write a checkpoint in a serving engine's format")
+    p.add_argument("checkpoint", help="arcquant checkpoint folder")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS,
+                   help="trtllm-arc (TensorRT-LLM NVFP4_ARC), compressed-tensors (vLLM/SGLang NVFP4), "
+                        "modelopt-nvfp4 (TensorRT-LLM NVFP4)")
+    p.add_argument("--out", required=True, help="folder to write (must not exist)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="dtype of the unquantized tensors (embeddings, norms, bias; default: %(default)s)")
+    p.add_argument("--max-shard-size", default="5GB", help="default: %(default)s")
+    p.set_defaults(fn=cmd_export)
     return ap
 
 

@@ -6,6 +6,7 @@ import torch
 from .checkpoint import is_checkpoint, load_quantized, prepare_output, save_quantized
 from .config import CalibConfig, QuantConfig
 from .evaluate import perplexity
+from .export import detect as detect_export, load_exported
 from .modeling import load_model
 from .quantize import quantize_model
 
@@ -21,9 +22,12 @@ def quantize_to_folder(model_name: str, out, qcfg: QuantConfig, ccfg: CalibConfi
 
 
 def load_any(path_or_name: str, device="cpu"):
-    """A checkpoint folder or a plain model -> (model, tokenizer, meta or None)."""
+    """A checkpoint folder, an exported NVFP4 folder (ours or another tool's) or a plain model
+    -> (model, tokenizer, meta or None)."""
     if is_checkpoint(path_or_name):
         return load_quantized(path_or_name, device)
+    if Path(path_or_name).is_dir() and detect_export(path_or_name):
+        return load_exported(path_or_name, device)
     model, tok = load_model(path_or_name)
     return model.to(device), tok, None
 

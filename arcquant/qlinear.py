@@ -55,6 +55,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("input_global_scale", input_gs.reshape(()).float().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.shared: SharedInput | None = None
+        self.input_amax: float | None = None    # calibration max |x| (W4A4): engines' static scale
         self._w_aug = None                                               # dequantized cache
 
     # ---- construction --------------------------------------------------------------------

@@ -53,6 +53,7 @@ def quantize_layer_group(qcfg: QuantConfig, layer, names: list, stats, layer_nam
     weight_gs = fmt.global_scale(w_amax)                           # shared: engines fuse the group
     static = qcfg.act_scale == "static" and ACT_OF_METHOD[qcfg.method] == "fp4"   # w4a8 is per token
     input_gs = fmt.global_scale(stats.absmax.max()) if static else None
+    input_amax = None if stats is None else float(stats.absmax.max())   # engines' static input scale
     shared, rows = SharedInput(), []
     for name, lin in zip(names, linears):
         try:
@@ -61,6 +62,7 @@ def quantize_layer_group(qcfg: QuantConfig, layer, names: list, stats, layer_nam
         except FloatingPointError as e:
             raise FloatingPointError(f"{e} of {layer_name}.{name}; arcquant cannot quantize it") from None
         q.shared = shared if len(names) > 1 else None
+        q.input_amax = input_amax
         _set_module(layer, name, q.to(lin.weight.device))
         rows.append({"name": f"{layer_name}.{name}", "in": lin.in_features, "out": lin.out_features,
                      "s": q.s, "avg_bits": q.avg_bits, "group": f"{layer_name}.{names[0]}"})
@@ -86,7 +88,7 @@ def quantize_model(model, tokenizer, qcfg: QuantConfig, ccfg: CalibConfig = Cali
     move_outside_layers(model, layers, device)
     hidden, kwargs = capture_inputs(model, layers, batches, device, batch_size)
     fmt, found = get_format(qcfg.fmt), []
-    needs_stats = qcfg.method == "arc" or (qcfg.act_scale == "static" and qcfg.method == "rtn")
+    needs_stats = ACT_OF_METHOD[qcfg.method] == "fp4"               # W4A4: s, plan, input range
     for i, layer in enumerate(tqdm(layers, desc="calibrate", disable=not progress)):
         layer.to(device)                                           # one layer on the device at a time
         name = f"{lname}.{i}"
