@@ -12,8 +12,10 @@ triton = pytest.importorskip("triton", reason="triton is a test dependency (pip 
 
 from arcquant import arc                                   # noqa: E402
 from arcquant.formats import get_format, nvfp4            # noqa: E402
-from arcquant.kernels.act_quant import arc_quantize_activation  # noqa: E402
+from arcquant.kernels.act_quant import arc_quantize_activation, block_starts  # noqa: E402
 from arcquant.kernels.arc_gemm import arc_gemm            # noqa: E402
+from arcquant.kernels.decode import arc_gemv              # noqa: E402
+from arcquant.kernels.prefill import arc_matmul_prefill, dequantize_codes  # noqa: E402
 
 F = get_format("nvfp4")
 
@@ -44,9 +46,14 @@ def test_activation_kernel_bit_exact(m, k, s, order, mode, dtype):
     x, plan = make_case(m, k, s, order, seed=m * k + s, dtype=dtype)
     gs = global_scale(x, mode)
     ref_codes, ref_scales = arc.quantize_activation(x.float(), plan, F, gs)
-    codes, scales = arc_quantize_activation(x, plan.perm.to(torch.int32), s, gs)
-    assert torch.equal(codes, nvfp4.pack(ref_codes))
-    assert torch.equal(scales.view(torch.uint8), ref_scales.view(torch.uint8))
+    perm = plan.perm.to(torch.int32)
+    starts = block_starts(perm)
+    assert (starts is not None) == (order == "blocks")
+    for st in {None, starts} if starts is not None else (None,):
+        for nb in (64, 2):                                       # programs before the tail skip the residual
+            codes, scales = arc_quantize_activation(x, perm, s, gs, blocks_per_program=nb, starts=st)
+            assert torch.equal(codes, nvfp4.pack(ref_codes))
+            assert torch.equal(scales.view(torch.uint8), ref_scales.view(torch.uint8))
 
 
 def test_activation_kernel_special_values():
@@ -81,6 +88,58 @@ def test_gemm_matches_reference_product(m, n, k, s, mode, bias, split, even_odd)
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6
 
 
+def _reference_case(m, n, k, s, mode, bias):
+    x, plan = make_case(m, k, s, "blocks", seed=n + k + m)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n))
+    gsx, gsw = global_scale(x, mode), F.global_scale(w.abs().amax())
+    xa = F.dequantize(*arc.quantize_activation(x, plan, F, gsx), gsx)
+    qw = arc.quantize_weight(w, plan, F, gsw)
+    wa = F.dequantize(*arc.augmented_weight(qw, plan, 16), gsw)
+    b = torch.randn(n) if bias else None
+    ref = xa.double() @ wa.double().t() + (0 if b is None else b.double())
+    return x, plan, gsx, gsw, qw, b, ref
+
+
+@pytest.mark.parametrize("m,k,s,dtype", [(3, 64, 16, torch.float16), (2, 208, 48, torch.bfloat16),
+                                         (1, 48, 0, torch.float16)])
+def test_activation_kernel_dequantized_output_is_code_times_scale(m, k, s, dtype):
+    x, plan = make_case(m, k, s, "sorted", seed=k + s)
+    gs = global_scale(x, "token")
+    c, sc = arc.quantize_activation(x, plan, F, gs)
+    want = F.dequantize(c, sc, torch.tensor(1.0))                  # code * block scale
+    codes, scales, xd = arc_quantize_activation(x, plan.perm.to(torch.int32), s, gs, dequantized=dtype)
+    assert torch.equal(codes, nvfp4.pack(c)) and xd.dtype == dtype
+    assert torch.equal(xd.float(), want)                           # exact in 16 bits
+    _, _, xd2 = arc_quantize_activation(x, plan.perm.to(torch.int32), s, gs, dequantized=dtype, packed=False)
+    assert torch.equal(xd2, xd)
+
+
+@pytest.mark.parametrize("m,n,k,s,mode,bias,split", [(1, 40, 80, 16, "token", True, 1),
+                                                     (16, 64, 128, 64, "dynamic", False, 2),
+                                                     (5, 33, 96, 96, "token", True, 3),
+                                                     (2, 24, 48, 0, "dynamic", False, 1)])
+def test_decode_gemv_matches_reference_product(m, n, k, s, mode, bias, split):
+    x, plan, gsx, gsw, qw, b, ref = _reference_case(m, n, k, s, mode, bias)
+    _, _, xd = arc_quantize_activation(x, plan.perm.to(torch.int32), s, gsx, dequantized=torch.float16,
+                                       packed=False)
+    for fma in (False, True):
+        y = arc_gemv(xd, gsx, nvfp4.pack(qw.codes), qw.scales, gsw, s, bias=b, out_dtype=torch.float32,
+                     block_n=16, block_k=32, split_k=split, fma=fma)
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6
+
+
+@pytest.mark.parametrize("m,n,k,s,mode,bias", [(20, 40, 80, 16, "token", True), (3, 24, 48, 0, "dynamic", False)])
+def test_prefill_dequantize_then_matmul(m, n, k, s, mode, bias):
+    x, plan, gsx, gsw, qw, b, ref = _reference_case(m, n, k, s, mode, bias)
+    wd = dequantize_codes(nvfp4.pack(qw.codes), qw.scales, s, torch.float16)
+    codes, scales = arc.augmented_weight(qw, plan, 16)
+    assert torch.equal(wd.float(), F.dequantize(codes, scales, torch.tensor(1.0)))   # exact
+    _, _, xd = arc_quantize_activation(x, plan.perm.to(torch.int32), s, gsx, dequantized=torch.bfloat16,
+                                       packed=False)
+    y = arc_matmul_prefill(xd, gsx, nvfp4.pack(qw.codes), qw.scales, gsw, s, bias=b, out_dtype=torch.float32)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6
+
+
 def test_kernel_bad_input_is_named():
     x = torch.randn(2, 32)
     perm = torch.arange(32, dtype=torch.int32)
@@ -96,3 +155,7 @@ def test_kernel_bad_input_is_named():
     wc, ws = torch.zeros(8, 16, dtype=torch.uint8), torch.zeros(8, 2).to(torch.float8_e4m3fn)
     with pytest.raises(ValueError, match=r"xc shape \(2, 24\) != \(2, 32\) for K=32, s=32"):
         arc_gemm(xc, xs, torch.tensor(1.0), wc, ws, torch.tensor(1.0), 32)
+    with pytest.raises(ValueError, match="M <= 16 rows, got M=17"):
+        arc_gemv(torch.zeros(17, 48, dtype=torch.float16), torch.tensor(1.0), wc, ws, torch.tensor(1.0), 16)
+    with pytest.raises(ValueError, match=r"xd must be contiguous \(2, 48\)"):
+        arc_gemv(torch.zeros(2, 40, dtype=torch.float16), torch.tensor(1.0), wc, ws, torch.tensor(1.0), 16)

@@ -60,40 +60,67 @@ def _quant_blocks(x, gs):
     s, sbits = _e4m3_round(tl.math.div_rn(amax, 6.0) * gs)
     recip = tl.where(s > 0, tl.math.div_rn(gs, tl.where(s > 0, s, 1.0)), 0.0)
     val, code = _e2m1_round(x * recip[:, None])
-    deq = tl.math.div_rn(val * s[:, None], gs)
-    return deq, code, sbits
+    vs = val * s[:, None]                                         # code * block scale, exact
+    deq = tl.math.div_rn(vs, gs)
+    return deq, code, sbits, vs
 
 
 @triton.jit
 def _arc_act_quant_kernel(
-    x_ptr, perm_ptr, gs_ptr, codes_ptr, scales_ptr,          # pointers
+    x_ptr, perm_ptr, gs_ptr, codes_ptr, scales_ptr, xd_ptr,  # pointers
     K, S,                                                     # sizes
-    stride_xm, stride_cm, stride_sm,                          # strides
+    stride_xm, stride_cm, stride_sm, stride_dm,               # strides
     GS_PER_ROW: tl.constexpr, NB: tl.constexpr,               # meta: 16-blocks per program
+    PACKED: tl.constexpr, DEQUANTIZED: tl.constexpr,          # outputs written
+    BLOCK_PERM: tl.constexpr,                                 # perm_ptr holds (K/16,) block starts
 ):
     m = tl.program_id(0)
     c = tl.program_id(1) * NB * 16 + tl.arange(0, NB)[:, None] * 16 + tl.arange(0, 16)[None, :]
     valid = c < K + S                                             # (NB, 16)
     is_tail = c >= K
     src = tl.where(is_tail, c - S, c)                             # main position read
-    col = tl.load(perm_ptr + src, mask=valid, other=0)
+    if BLOCK_PERM:                                                # whole blocks moved: one index per 16
+        bsrc = tl.program_id(1) * NB + tl.arange(0, NB)
+        bsrc = tl.where(bsrc * 16 >= K, bsrc - S // 16, bsrc)
+        start = tl.load(perm_ptr + bsrc, mask=bsrc * 16 < K + S, other=0)
+        col = start[:, None] + tl.arange(0, 16)[None, :]
+    else:
+        col = tl.load(perm_ptr + src, mask=valid, other=0)
     x = tl.load(x_ptr + m * stride_xm + col, mask=valid, other=0.0).to(tl.float32)
     gs = tl.load(gs_ptr + m) if GS_PER_ROW else tl.load(gs_ptr)
-    deq1, code1, sbits1 = _quant_blocks(x, gs)
-    _, code2, sbits2 = _quant_blocks(x - deq1, gs)                # residual vs rounded scale
-    code = tl.where(is_tail, code2, code1)
-    blk_tail = tl.max(is_tail.to(tl.int32), axis=1) == 1          # (NB,)
-    sbits = tl.where(blk_tail, sbits2, sbits1)
-    lo, hi = tl.split(tl.reshape(code, (NB * 8, 2)))
-    pc = tl.program_id(1) * NB * 8 + tl.arange(0, NB * 8)
-    tl.store(codes_ptr + m * stride_cm + pc, lo | (hi << 4), mask=pc < (K + S) // 2)
-    pb = tl.program_id(1) * NB + tl.arange(0, NB)
-    tl.store(scales_ptr + m * stride_sm + pb, sbits, mask=pb < (K + S) // 16)
+    deq1, code1, sbits1, vs1 = _quant_blocks(x, gs)
+    if (tl.program_id(1) + 1) * NB * 16 > K:                      # this program reaches the tail
+        _, code2, sbits2, vs2 = _quant_blocks(x - deq1, gs)       # residual vs rounded scale
+    else:
+        code2, sbits2, vs2 = code1, sbits1, vs1
+    if DEQUANTIZED:                                               # code * block scale (Hopper GEMMs)
+        tl.store(xd_ptr + m * stride_dm + c, tl.where(is_tail, vs2, vs1).to(xd_ptr.dtype.element_ty), mask=valid)
+    if PACKED:
+        code = tl.where(is_tail, code2, code1)
+        blk_tail = tl.max(is_tail.to(tl.int32), axis=1) == 1      # (NB,)
+        sbits = tl.where(blk_tail, sbits2, sbits1)
+        lo, hi = tl.split(tl.reshape(code, (NB * 8, 2)))
+        pc = tl.program_id(1) * NB * 8 + tl.arange(0, NB * 8)
+        tl.store(codes_ptr + m * stride_cm + pc, lo | (hi << 4), mask=pc < (K + S) // 2)
+        pb = tl.program_id(1) * NB + tl.arange(0, NB)
+        tl.store(scales_ptr + m * stride_sm + pb, sbits, mask=pb < (K + S) // 16)
+
+
+def block_starts(perm: torch.Tensor):
+    """(K/16,) int32 first channel of each 16-block of perm when perm moves whole aligned blocks
+    (the 'blocks' order), else None. Computed once per layer (it reads perm on the host)."""
+    p = perm.reshape(-1, 16).long()
+    whole = bool(((p[:, :1] % 16) == 0).all() and (p - p[:, :1] == torch.arange(16, device=p.device)).all())
+    return p[:, 0].to(torch.int32).contiguous() if whole else None
 
 
 def arc_quantize_activation(x: torch.Tensor, perm: torch.Tensor, s: int, gs: torch.Tensor,
-                            blocks_per_program: int = 64):
-    """x (M, K) -> (codes (M, (K+s)/2) uint8, scales (M, (K+s)/16) float8_e4m3fn)."""
+                            blocks_per_program: int = 64, dequantized=None, packed: bool = True,
+                            starts: torch.Tensor | None = None):
+    """x (M, K) -> (codes (M, (K+s)/2) uint8, scales (M, (K+s)/16) float8_e4m3fn), or with
+    dequantized=dtype (float16 / bfloat16) -> also (M, K+s) code * block scale (exact), the
+    operand of the Hopper GEMMs: (codes, scales, xd); packed=False skips codes and scales.
+    starts: block_starts(perm) for a whole-block permutation: one index load per 16 channels."""
     if x.dim() != 2 or not x.is_contiguous():
         raise ValueError(f"x must be a contiguous 2-D tensor, got shape {tuple(x.shape)} "
                          f"contiguous={x.is_contiguous()}")
@@ -110,11 +137,20 @@ def arc_quantize_activation(x: torch.Tensor, perm: torch.Tensor, s: int, gs: tor
     for name, t in (("perm", perm), ("gs", gs)):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    codes = torch.empty(m, (k + s) // 2, dtype=torch.uint8, device=x.device)
-    scales = torch.empty(m, (k + s) // 16, dtype=torch.uint8, device=x.device)
+    if dequantized not in (None, torch.float16, torch.bfloat16) or (dequantized is None and not packed):
+        raise ValueError(f"dequantized={dequantized}: use None, torch.float16 or torch.bfloat16, and ask "
+                         "for at least one output")
+    rows = m if packed else 1
+    codes = torch.empty(rows, (k + s) // 2, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(rows, (k + s) // 16, dtype=torch.uint8, device=x.device)
+    xd = torch.empty(m if dequantized else 1, k + s, dtype=dequantized or torch.float16, device=x.device)
     nb = blocks_per_program
     grid = (m, triton.cdiv((k + s) // 16, nb))
-    _arc_act_quant_kernel[grid](x, perm, gs, codes, scales, k, s, x.stride(0), codes.stride(0),
-                                scales.stride(0), GS_PER_ROW=gs.numel() > 1,
-                                NB=nb)
-    return codes, scales.view(torch.float8_e4m3fn)
+    if starts is not None and (starts.shape != (k // 16,) or starts.dtype != torch.int32):
+        raise ValueError(f"starts must be int32 of shape ({k // 16},) from block_starts(perm)")
+    _arc_act_quant_kernel[grid](x, perm if starts is None else starts, gs, codes, scales, xd, k, s, x.stride(0),
+                                codes.stride(0), scales.stride(0), xd.stride(0), GS_PER_ROW=gs.numel() > 1,
+                                NB=nb, PACKED=packed, DEQUANTIZED=dequantized is not None,
+                                BLOCK_PERM=starts is not None)
+    out = (codes, scales.view(torch.float8_e4m3fn)) if packed else (None, None)
+    return out if dequantized is None else (*out, xd)

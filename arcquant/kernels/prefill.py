@@ -1,0 +1,73 @@
+"""Prefill-shaped ARC product (large M): dequantize once, then the BF16 tensor-core GEMM.
+
+For large M the product is compute-bound, and Hopper has no FP4 tensor cores: the exact
+route is BF16 MMA on E2M1 x E4M3 values (spec section 5). Dequantizing each weight element
+once per call (N x (K+s) bf16 written, ~7% of the GEMM time at M = 4096) and handing the
+GEMM to cuBLAS beats re-dequantizing the weight in every output tile of a fused kernel.
+
+    wd (N, K+s) bf16 = code * block scale, the tail columns K..K+s-1 copied from K-s..K-1
+    y  (M, N)        = (xd @ wd^T in fp32) / (xgs * wgs) (+ bias)
+xd comes from the activation kernel (arc_quantize_activation(..., dequantized=True)).
+Every operand value is exact in bf16 (at most 6 significant bits, range [2^-10, 2688]);
+the GEMM accumulates in fp32 and returns fp32 (torch.mm out_dtype), the tensor scales are
+applied once in fp32, then one rounding to the output dtype.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .fp4_jit import e2m1_decode, e4m3_decode
+
+
+@triton.jit
+def _dequant_kernel(c_ptr, s_ptr, out_ptr, K, S, stride_c, stride_s, stride_o, NB: tl.constexpr):
+    r = tl.program_id(0)
+    col = tl.program_id(1) * NB * 16 + tl.arange(0, NB)[:, None] * 16 + tl.arange(0, 16)[None, :]   # (NB, 16)
+    ok = col < K + S
+    src = tl.where(col >= K, col - S, col)                            # tail = main columns
+    byte = tl.load(c_ptr + r * stride_c + src // 2, mask=ok, other=0)
+    code = tl.where(src % 2 == 0, byte & 0xF, byte >> 4)
+    blk = tl.program_id(1) * NB + tl.arange(0, NB)
+    sblk = tl.where(blk * 16 >= K, blk - S // 16, blk)
+    sc = e4m3_decode(tl.load(s_ptr + r * stride_s + sblk, mask=blk * 16 < K + S, other=0))
+    val = e2m1_decode(code) * sc[:, None]
+    tl.store(out_ptr + r * stride_o + col, val.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def dequantize_codes(codes, scales, s: int = 0, out_dtype=torch.bfloat16, blocks_per_program: int = 64):
+    """codes (R, K/2) u8, scales (R, K/16) e4m3 -> (R, K+s) code * block scale (exact), the last
+    s columns repeating columns K-s..K-1 (the augmented weight)."""
+    r, k = codes.shape[0], codes.shape[1] * 2
+    if scales.shape != (r, k // 16) or codes.dtype != torch.uint8 or scales.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"codes must be uint8 ({r}, K/2) and scales float8_e4m3fn ({r}, {k // 16}); "
+                         f"got {codes.dtype} {tuple(codes.shape)}, {scales.dtype} {tuple(scales.shape)}")
+    if s % 16 or not 0 <= s <= k:
+        raise ValueError(f"s={s} must be a multiple of 16 in [0, K={k}]")
+    out = torch.empty(r, k + s, dtype=out_dtype, device=codes.device)
+    nb = blocks_per_program
+    grid = (r, triton.cdiv((k + s) // 16, nb))
+    _dequant_kernel[grid](codes, scales.view(torch.uint8), out, k, s, codes.stride(0), scales.stride(0),
+                          out.stride(0), NB=nb)
+    return out
+
+
+def arc_matmul_prefill(xd, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat16, exact: bool = False):
+    """xd (M, K+s) bf16 (code * block scale) x the packed weight -> y (M, N) out_dtype.
+
+    exact=True: the fp32 GEMM result is divided by the tensor scales, then rounded once.
+    exact=False (fast): cuBLAS rounds the fp32 accumulator to xd's dtype and the scales are
+    applied to that (a second rounding: at most one more bf16 ulp), saving the fp32 round
+    trip through memory (~25% of the time at M = 4096)."""
+    k = wc.shape[1] * 2
+    if xd.shape[1] != k + s:
+        raise ValueError(f"xd has {xd.shape[1]} columns, expected K+s = {k + s}")
+    wd = dequantize_codes(wc, ws, s, xd.dtype)                       # (N, K+s)
+    gs = xgs.to(torch.float32).reshape(-1, 1) * wgs.to(torch.float32).reshape(())   # (M, 1) or (1, 1)
+    if exact or not xd.is_cuda:
+        acc = torch.mm(xd, wd.t(), out_dtype=torch.float32) if xd.is_cuda else xd.float() @ wd.float().t()
+        y = acc / gs
+        return (y if bias is None else y + bias.to(torch.float32)).to(out_dtype)
+    y = torch.mm(xd, wd.t()).mul_(1.0 / gs)                          # (M, N) xd.dtype
+    if bias is not None:
+        y.add_(bias.to(y.dtype))
+    return y.to(out_dtype)
