@@ -140,12 +140,37 @@ def copy_bandwidth(dev):
     return 2 * a.numel() / bench(lambda: b.copy_(a)) / 1e3                             # GB/s
 
 
+def render(path) -> str:
+    """Markdown table of a result JSON (python3 scripts/bench_hopper_paths.py --md FILE)."""
+    d = json.load(open(path))
+    h = d["header"]
+    out = [f"Card: {h['card']}, torch {h['torch']}, Triton {h['triton']}, copy bandwidth {h['copy_GBps']:.0f} GB/s "
+           "(read+write). Median of triton.testing.do_bench (L2 flushed before each repetition); decode "
+           "steps and BF16 replayed from CUDA graphs.", "",
+           "| layer | K | N | s | M | cuBLAS BF16 us | act us | act (packed) GB/s | ARC GEMM us | act+GEMM us | x BF16 | path / config |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        cfg = r.get("config")
+        path = ("decode " + ("CUDA-core" if cfg[0] else "tensor-core") + f" BN={cfg[1]} BK={cfg[2]} split={cfg[3]}") \
+            if cfg else f"prefill (dequant W {r.get('dequant_w_us', 0):.0f} us + cuBLAS)"
+        out.append(f"| {r['model']} {r['layer']} | {r['K']} | {r['N']} | {r['s']} | {r['M']} | {r['bf16_us']:.1f} | "
+                   f"{r['act_us']:.1f} | {r.get('act_packed_GBps', 0):.0f} | {r['gemm_us']:.1f} | {r['arc_us']:.1f} | "
+                   f"{r['x_bf16']:.2f} | {path} |")
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--md", help="print the markdown table of this result JSON and exit")
+    ap.add_argument("--out")
     ap.add_argument("--models", nargs="+", default=list(SHAPES))
     ap.add_argument("--ms", nargs="+", type=int, help="only these M")
     a = ap.parse_args()
+    if a.md:
+        print(render(a.md))
+        return
+    if not a.out:
+        ap.error("--out is required")
     global ap_ms
     ap_ms = a.ms
     dev = "cuda"

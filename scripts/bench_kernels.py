@@ -18,7 +18,9 @@ from triton.testing import do_bench
 
 from arcquant import arc
 from arcquant.formats import get_format, nvfp4
-from arcquant.kernels.act_quant import arc_quantize_activation
+from arcquant.kernels.act_quant import arc_quantize_activation, block_starts
+from arcquant.kernels.decode import arc_gemv
+from arcquant.kernels.prefill import arc_matmul_prefill
 from arcquant.kernels.arc_gemm import arc_gemm
 
 F = get_format("nvfp4")
@@ -33,11 +35,40 @@ CONFIGS = [(16, 64, 128, 4, 3, 1, eo) for eo in (False, True)] + [
     (128, 128, 128, 8, 3, 1, True), (128, 128, 128, 8, 3, 1, False), (128, 256, 64, 8, 3, 1, False)]
 
 
-def plan_for(k, s, dev):
+def plan_for(k, s, dev, order="sorted"):
     x = torch.randn(256, k, device=dev) * torch.logspace(-2, 1, k, device=dev)[torch.randperm(k, device=dev)]
     st = arc.ChannelStats(k, 0.125, F)
     st.update(x.cpu())
-    return arc.make_plan(st, k, s, "sorted", 16)
+    return arc.make_plan(st, k, s, order, 16)
+
+
+def hopper_paths_exact(x, plan, s, gs, dev):
+    """The 'blocks' order through the whole-block gather: packed output bit-exact, the
+    dequantized output exactly code * scale, decode GEMV and prefill vs float64."""
+    perm = plan.perm.to(torch.int32).to(dev)
+    starts = block_starts(perm)
+    c, sc, xd = arc_quantize_activation(x, perm, s, gs, dequantized=torch.bfloat16, starts=starts)
+    rc, rs = arc.quantize_activation(x.float().cpu(), plan, F, gs.cpu())
+    out = {"blocks_act_bit_exact": bool(torch.equal(c.cpu(), nvfp4.pack(rc))
+                                        and torch.equal(sc.view(torch.uint8).cpu(), rs.view(torch.uint8))),
+           "blocks_xd_exact": bool(torch.equal(xd.float().cpu(), F.dequantize(rc, rs, torch.tensor(1.0))))}
+    n = 256
+    w = torch.randn(n, x.shape[1], device=dev)
+    gsw = F.global_scale(w.abs().amax())
+    dplan = arc.ArcPlan(plan.perm.to(dev), plan.tail.to(dev))
+    qw = arc.quantize_weight(w, dplan, F, gsw)
+    wa = F.dequantize(*arc.augmented_weight(qw, dplan, 16), gsw).double()
+    ref = F.dequantize(nvfp4.unpack(c), sc, gs).double() @ wa.t()
+    rel = lambda y, r: ((y.double() - r).norm() / r.norm()).item()
+    wc = nvfp4.pack(qw.codes)
+    out["prefill_exact_rel_err"] = rel(arc_matmul_prefill(xd, gs, wc, qw.scales, gsw, s, out_dtype=torch.float32,
+                                                          exact=True), ref)
+    m = min(x.shape[0], 16)
+    for fma in (False, True):
+        y = arc_gemv(xd[:m].contiguous(), gs[:m], wc, qw.scales, gsw, s, out_dtype=torch.float32,
+                     block_n=4 if fma else 64, block_k=512 if fma else 256, fma=fma)
+        out[f"gemv{'_fma' if fma else ''}_rel_err"] = rel(y, ref[:m])
+    return out
 
 
 def exactness(dev):
@@ -45,6 +76,7 @@ def exactness(dev):
     for k in (1040, 3584, 14336, 18944):
         for s in (0, 16, 64, 448):
             plan = plan_for(k, s, dev)
+            bplan = plan_for(k, s, dev, "blocks")
             perm = plan.perm.to(torch.int32).to(dev)
             for m in (1, 3, 100, 1000):
                 x = (torch.randn(m, k, device=dev) * torch.logspace(-4, 2, k, device=dev)[torch.randperm(k, device=dev)]
@@ -59,7 +91,8 @@ def exactness(dev):
                 bad_codes = int((c.cpu() != nvfp4.pack(cc)).sum())
                 bad_scales = int((sc.view(torch.uint8).cpu() != cs.view(torch.uint8)).sum())
                 rows.append({"K": k, "s": s, "M": m, "act_bit_exact": bad_codes == 0 and bad_scales == 0,
-                             "gpu_ref_equal": ok, "bad_code_bytes": bad_codes, "bad_scales": bad_scales})
+                             "gpu_ref_equal": ok, "bad_code_bytes": bad_codes, "bad_scales": bad_scales,
+                             **hopper_paths_exact(x, bplan, s, gs, dev)})
             n = 256
             w = torch.randn(n, k, device=dev)
             gsw = F.global_scale(w.abs().amax())
@@ -144,6 +177,9 @@ def main():
     exact = [] if a.skip_exact else exactness(dev)
     if exact:
         bad = [r for r in exact if not r["act_bit_exact"]]
+        keys = ("blocks_act_bit_exact", "blocks_xd_exact")
+        print({kk: sum(r[kk] for r in exact) for kk in keys}, {kk: max(r[kk] for r in exact) for kk in
+              ("prefill_exact_rel_err", "gemv_rel_err", "gemv_fma_rel_err")}, flush=True)
         print(f"activation kernel bit-exact on {len(exact) - len(bad)}/{len(exact)} shapes; max GEMM rel err "
               f"{max(r.get('gemm_rel_err', 0) for r in exact):.2e}, split-K "
               f"{max(r.get('gemm_splitk_rel_err', 0) for r in exact):.2e}", flush=True)
