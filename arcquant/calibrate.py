@@ -52,9 +52,11 @@ def capture_inputs(model, layers: nn.ModuleList, batches: torch.Tensor, device, 
 
 @torch.no_grad()
 def run_layer(layer: nn.Module, linears: dict, hidden: list, kwargs: dict, layer_name: str,
-              threshold: float, fmt: BlockFormat, with_stats: bool = True):
+              threshold: float, fmt: BlockFormat, with_stats: bool = True, prepare=None):
     """Run `hidden` through `layer`; -> (outputs, groups, stats per group leader).
     with_stats=False only finds the groups (methods that use no calibration statistics).
+    prepare: x (..., K) -> (..., Kp), applied before the statistics (padding + rotation for
+    the rotated methods, whose plans are made in the rotated basis).
 
     groups: lists of linear names that received the very same input tensor (q/k/v, gate/up).
     """
@@ -70,6 +72,8 @@ def run_layer(layer: nn.Module, linears: dict, hidden: list, kwargs: dict, layer
         return record
 
     def _update(store, name, x):
+        if prepare is not None:
+            x = prepare(x)
         if name not in store:
             store[name] = ChannelStats(x.shape[-1], threshold, fmt)
         try:

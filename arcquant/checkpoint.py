@@ -86,7 +86,7 @@ def save_quantized(model, tokenizer, out, qcfg: QuantConfig, ccfg: CalibConfig |
             layers[name] = {"in_features": mod.in_features, "out_features": mod.out_features,
                             "fmt": mod.fmt.name, "act": mod.act, "act_scale": mod.act_scale,
                             "s": mod.s, "bias": mod.bias is not None, "group": row.get("group", name),
-                            "input_amax": mod.input_amax}
+                            "input_amax": mod.input_amax, "rotate": mod.rotate}
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "producer": f"arcquant {__version__}",
             "source_model": source, "quant": qcfg.to_dict(),
             "calibration": None if ccfg is None else vars(ccfg).copy(),
@@ -145,10 +145,14 @@ def _build_layer(name: str, info: dict, tensors: dict, path: Path) -> QuantLinea
     qw = arc.QuantizedWeight(codes, scales, tail_codes, tail_scales)
     gs = _take(tensors, f"{name}.weight_global_scale", path)
     in_gs = _take(tensors, f"{name}.input_global_scale", path) if info["act_scale"] == "static" \
-        and info["act"] == "fp4" else None
+        and info["act"] in ("fp4", "mixed") else None
     bias = _take(tensors, f"{name}.bias", path) if info["bias"] else None
+    smooth = tensors.pop(f"{name}.smooth", None)
+    tail8 = None
+    if info["act"] == "mixed":
+        tail8 = (_take(tensors, f"{name}.weight_tail8", path), _take(tensors, f"{name}.weight_tail8_scale", path))
     return QuantLinear(info["in_features"], n, info["fmt"], info["act"], info["act_scale"], plan, qw,
-                       gs, in_gs, bias)
+                       gs, in_gs, bias, info.get("rotate"), smooth, tail8)
 
 
 def load_quantized(path, device: str = "cpu"):

@@ -8,7 +8,7 @@ from pathlib import Path
 from . import pipeline
 from .arc import ORDERS
 from .checkpoint import CheckpointError, is_checkpoint
-from .config import ACT_SCALES, CALIB_SOURCES, METHODS, CalibConfig, QuantConfig
+from .config import ACT_SCALES, CALIB_SOURCES, METHODS, ROTATED, CalibConfig, QuantConfig
 from .data import TEXTS
 from .export import EXPORT_FORMATS, export_checkpoint
 from .formats import FORMATS
@@ -29,6 +29,10 @@ def _quant_args(p, method_default="arc"):
                    help="the published recipe: --order sorted --act-scale dynamic --target-bits 0")
     g.add_argument("--threshold", type=float, default=DEFAULTS.threshold, help="default: %(default)s")
     g.add_argument("--s-multiple", type=int, default=DEFAULTS.s_multiple, help="default: %(default)s")
+    g.add_argument("--rotate", type=int, default=None,
+                   help="hadamard / arc+hadamard rotation block: 0 = full width, 16/32/64/128 "
+                        "(default: full for hadamard, 16 for arc+hadamard)")
+    g.add_argument("--alpha", type=float, default=DEFAULTS.alpha, help="SmoothQuant strength (default: %(default)s)")
     g.add_argument("--target-bits", type=float, default=DEFAULTS.target_bits,
                    help="average bits; residual blocks go where they remove the most error "
                         "(default: %(default)s; 0 = the paper's threshold rule for s)")
@@ -43,7 +47,10 @@ def _quant_args(p, method_default="arc"):
 
 def _configs(a, method=None):
     kw = dict(method=method or a.method, fmt=a.fmt, act_scale=a.act_scale, order=a.order,
-              threshold=a.threshold, s_multiple=a.s_multiple, target_bits=a.target_bits or None)
+              threshold=a.threshold, s_multiple=a.s_multiple, target_bits=a.target_bits or None,
+              alpha=a.alpha)
+    if a.rotate is not None and (kw["method"] in ROTATED or method is None):
+        kw["rotate"] = a.rotate                    # compare: only the rotated methods take it
     if a.paper:
         kw.update(order="sorted", act_scale="dynamic", target_bits=None)
     return QuantConfig(**kw), CalibConfig(a.calib_source, a.calib_samples, a.calib_seqlen, a.seed)

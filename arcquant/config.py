@@ -5,7 +5,10 @@ from pathlib import Path
 from .arc import ORDERS
 from .formats import FORMATS
 
-METHODS = ("fp", "w4a16", "w4a8", "rtn", "arc")
+METHODS = ("fp", "w4a16", "w4a8", "rtn", "arc", "hadamard", "smoothquant", "atom", "arc+hadamard")
+ROTATED = ("hadamard", "arc+hadamard")
+WITH_S = ("arc", "arc+hadamard", "atom")            # methods whose layers get s outlier channels
+ROTATE_BLOCKS = (0, 16, 32, 64, 128)
 ACT_SCALES = ("dynamic", "static", "token")
 CALIB_SOURCES = ("c4", "wiki-train")
 
@@ -21,6 +24,11 @@ class QuantConfig:
 
     method     fp (none) | w4a16 (weights only) | w4a8 (+ FP8 E4M3 per-token activations)
                | rtn (W4A4 round-to-nearest) | arc (W4A4 with augmented residual channels)
+               | hadamard (rotation, then rtn) | smoothquant (smoothing, then rtn)
+               | atom (top-s channels in FP8, the rest W4A4) | arc+hadamard (rotation, then arc)
+    rotate     rotation block for hadamard methods: 0 = full width, or 16/32/64/128
+               (None: the method's default, full for hadamard and 16 for arc+hadamard)
+    alpha      SmoothQuant migration strength
     fmt        4-bit format of weights (and activations for rtn/arc)
     act_scale  activation tensor scale: dynamic (amax of the whole batch, the paper),
                static (amax seen in calibration), token (one scale per token)
@@ -38,9 +46,19 @@ class QuantConfig:
     s_multiple: int = 64
     residual: bool = True
     target_bits: float | None = 5.5
+    rotate: int | None = None
+    alpha: float = 0.5
 
     def __post_init__(self):
         _choice("method", self.method, METHODS)
+        if self.rotate is not None and self.method not in ROTATED:
+            raise ValueError(f"rotate={self.rotate} applies to {' and '.join(ROTATED)}, not to method {self.method!r}")
+        if self.rotate is not None and self.rotate not in ROTATE_BLOCKS:
+            raise ValueError(f"rotate={self.rotate}; valid: {', '.join(map(str, ROTATE_BLOCKS))} (0 = full width)")
+        if self.method == "atom" and not self.residual:
+            raise ValueError("atom with s = 0 is rtn: atom needs outlier channels (residual=True)")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha={self.alpha} must be in [0, 1]; SmoothQuant uses 0.5")
         _choice("fmt", self.fmt, tuple(FORMATS))
         _choice("act_scale", self.act_scale, ACT_SCALES)
         _choice("order", self.order, ORDERS)
@@ -62,6 +80,13 @@ class QuantConfig:
         the threshold rule."""
         return cls(**{"method": "arc", "order": "sorted", "act_scale": "dynamic", "target_bits": None,
                       **overrides})
+
+    @property
+    def rotate_block(self) -> int | None:
+        """The rotation block actually used (None: no rotation)."""
+        if self.method not in ROTATED:
+            return None
+        return self.rotate if self.rotate is not None else (0 if self.method == "hadamard" else 16)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -5,16 +5,21 @@ tensor scale) in the plan's column order; the activation is quantized per `act`:
     none  weights only (w4a16)
     fp8   FP8 E4M3 per token (w4a8)
     fp4   the format of the weights, augmented by the plan's residual tail (rtn: s = 0, arc)
+    mixed Atom: the plan's last s channels in FP8 E4M3 (per-token / per-row scales), the rest
+          in the 4-bit format; GEMM depth K
+Optional input transforms (baselines.py), applied to the padded input before all of this
+and folded into the stored weight: a rotation (block size and seed; the matrix is rebuilt,
+not stored) and SmoothQuant scales (buffer `smooth`).
 Layers that read the same input (q/k/v, gate/up) hold the same SharedInput, so the
 activation is quantized once per forward for the whole group.
 """
 import torch
 from torch import nn
 
-from . import arc
+from . import arc, baselines
 from .formats import fp8, get_format
 
-ACTS = ("none", "fp8", "fp4")
+ACTS = ("none", "fp8", "fp4", "mixed")
 
 
 class SharedInput:
@@ -33,7 +38,8 @@ class SharedInput:
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, fmt: str, act: str, act_scale: str,
                  plan: arc.ArcPlan, qw: arc.QuantizedWeight, weight_gs: torch.Tensor,
-                 input_gs: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+                 input_gs: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                 rotate: tuple | None = None, smooth: torch.Tensor | None = None, tail8=None):
         super().__init__()
         if act not in ACTS:
             raise ValueError(f"act={act!r}; valid: {', '.join(ACTS)}")
@@ -54,6 +60,12 @@ class QuantLinear(nn.Module):
         if input_gs is not None:
             self.register_buffer("input_global_scale", input_gs.reshape(()).float().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.rotate = None if rotate is None else (int(rotate[0]), int(rotate[1]))   # (block, seed)
+        if smooth is not None:
+            self.register_buffer("smooth", smooth.float().clone())                 # (Kp,)
+        if tail8 is not None:
+            self.register_buffer("weight_tail8", tail8[0])                         # (N, s) e4m3
+            self.register_buffer("weight_tail8_scale", tail8[1])                   # (N, 1) f32
         self.shared: SharedInput | None = None
         self.input_amax: float | None = None    # calibration max |x| (W4A4): engines' static scale
         self._w_aug = None                                               # dequantized cache
@@ -61,14 +73,18 @@ class QuantLinear(nn.Module):
     # ---- construction --------------------------------------------------------------------
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str, act: str, act_scale: str, plan: arc.ArcPlan,
-                    weight_gs: torch.Tensor, input_gs: torch.Tensor | None = None) -> "QuantLinear":
+                    weight_gs: torch.Tensor, input_gs: torch.Tensor | None = None,
+                    rotate: tuple | None = None, smooth: torch.Tensor | None = None) -> "QuantLinear":
         w = linear.weight.detach().to(torch.float32)
         if not torch.isfinite(w).all():
             raise FloatingPointError("NaN or Inf in the weights")
-        w = arc.pad_k(w, plan.k)                                         # (N, Kp)
+        w = transform_input(arc.pad_k(w, plan.k), rotate, None)         # (N, Kp) rotated
+        if smooth is not None:
+            w = w * smooth                                               # x / s  <->  W * s
         qw = arc.quantize_weight(w, plan, get_format(fmt), weight_gs)
+        tail8 = _quantize_tail8(w[:, plan.tail]) if act == "mixed" else None
         return cls(linear.in_features, linear.out_features, fmt, act, act_scale, plan, qw,
-                   weight_gs, input_gs, linear.bias)
+                   weight_gs, input_gs, linear.bias, rotate, smooth, tail8)
 
     @property
     def plan(self) -> arc.ArcPlan:
@@ -80,7 +96,10 @@ class QuantLinear(nn.Module):
 
     @property
     def avg_bits(self) -> float:
-        """Weight bits per original weight element: bits/elem * (K+s)/K (the spec's figure)."""
+        """Weight bits per original weight element: bits/elem * (K+s)/K (the spec's figure);
+        Atom: 4-bit format on K-s channels and 8 bits on s."""
+        if self.act == "mixed":
+            return (self.fmt.bits_per_element * (self.k_padded - self.s) + 8 * self.s) / self.in_features
         return self.fmt.bits_per_element * (self.k_padded + self.s) / self.in_features
 
     def extra_repr(self) -> str:
@@ -96,10 +115,16 @@ class QuantLinear(nn.Module):
                                    getattr(self, "weight_tail_scale", None))
 
     def dequantized_weight(self) -> torch.Tensor:
-        """(N, Kp+s) float32: dequant(W_aug), cached after the first call."""
+        """(N, Kp+s) float32: dequant(W_aug) ((N, Kp) for Atom), cached after the first call."""
         if self._w_aug is None or self._w_aug.device != self.weight_packed.device:
-            codes, scales = arc.augmented_weight(self.quantized_weight(), self.plan, self.fmt.block)
-            self._w_aug = self.fmt.dequantize(codes, scales, self.weight_global_scale)
+            if self.act == "mixed":
+                qw, k = self.quantized_weight(), self.k_padded
+                main = self.fmt.dequantize(qw.codes, qw.scales, self.weight_global_scale)[:, : k - self.s]
+                tail = self.weight_tail8.to(torch.float32) * self.weight_tail8_scale
+                self._w_aug = torch.cat([main, tail], 1)
+            else:
+                codes, scales = arc.augmented_weight(self.quantized_weight(), self.plan, self.fmt.block)
+                self._w_aug = self.fmt.dequantize(codes, scales, self.weight_global_scale)
         return self._w_aug
 
     def _activation_global_scale(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,14 +136,25 @@ class QuantLinear(nn.Module):
 
     def quantize_input(self, x2d: torch.Tensor) -> torch.Tensor:
         """x (M, K) -> dequant(X_aug) (M, Kp+s) float32 for the reference GEMM."""
-        x = arc.pad_k(x2d.to(torch.float32), self.k_padded)
+        x = transform_input(arc.pad_k(x2d.to(torch.float32), self.k_padded), self.rotate,
+                            getattr(self, "smooth", None))
         if self.act == "none":
             return x[:, self.perm.long()]
         if self.act == "fp8":
             return fp8.fake_quantize_per_row(x[:, self.perm.long()])
+        if self.act == "mixed":
+            return self._quantize_mixed(x[:, self.perm.long()])
         gs = self._activation_global_scale(x)
         codes, scales = arc.quantize_activation(x, self.plan, self.fmt, gs)
         return self.fmt.dequantize(codes, scales, gs)
+
+    def _quantize_mixed(self, xp: torch.Tensor) -> torch.Tensor:
+        """Atom: (M, Kp) in plan order -> [4-bit main (Kp-s), FP8 outliers (s)], the main part's
+        tensor scale taken from the main channels alone."""
+        main, tail = xp[:, : self.k_padded - self.s], xp[:, self.k_padded - self.s:]
+        gs = self._activation_global_scale(main)
+        main = self.fmt.dequantize(*self.fmt.quantize(main, gs), gs)
+        return torch.cat([main, fp8.fake_quantize_per_row(tail) if self.s else tail], 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -129,3 +165,19 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(torch.float32)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+def _quantize_tail8(w_tail: torch.Tensor):
+    """Atom's 8-bit weight branch (N, s): FP8 E4M3 with one scale per row (s may be 0)."""
+    if w_tail.shape[1] == 0:
+        return w_tail.to(torch.float8_e4m3fn), torch.ones(w_tail.shape[0], 1)
+    return fp8.quantize_per_row(w_tail)
+
+
+def transform_input(x: torch.Tensor, rotate: tuple | None, smooth: torch.Tensor | None) -> torch.Tensor:
+    """The baselines' input transform on a padded (M, Kp) input: rotation, then smoothing."""
+    if rotate is not None:
+        x = baselines.rotate(x, baselines.rotation_matrix(x.shape[-1], *rotate))
+    if smooth is not None:
+        x = x / smooth
+    return x

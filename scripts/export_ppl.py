@@ -41,10 +41,10 @@ def main():
                 t = time.time()
                 try:
                     rec = export_checkpoint(ck, fmt, out)
-                export_s = round(time.time() - t, 1)
                 except ExportError as e:
                     rows.append({"method": method, "format": fmt, "refused": str(e)})
                     continue
+                export_s = round(time.time() - t, 1)
                 model, tok, meta = load_exported(out)
                 r = perplexity(model, tok, "wiki-test", a.seqlen, a.tokens, progress=False)
                 size = sum(f.stat().st_size for f in out.glob("*.safetensors"))

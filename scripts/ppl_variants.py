@@ -39,6 +39,22 @@ VARIANTS = {
 }
 
 
+# issue 3: the paper's baselines in the same path (s-bearing methods use the default 5.5-bit budget)
+BASELINES = {
+    "fp": dict(method="fp"), "w4a16": dict(method="w4a16"), "w4a8": dict(method="w4a8"),
+    "rtn nvfp4": dict(method="rtn"), "rtn mxfp4": dict(method="rtn", fmt="mxfp4"),
+    "rtn int4": dict(method="rtn", fmt="int4"),
+    "hadamard full": dict(method="hadamard", rotate=0), "hadamard b16": dict(method="hadamard", rotate=16),
+    "hadamard b32": dict(method="hadamard", rotate=32), "hadamard b128": dict(method="hadamard", rotate=128),
+    "smoothquant a0.5": dict(method="smoothquant", alpha=0.5),
+    "atom, budget 5.5": dict(method="atom"),
+    "arc nvfp4, budget 5.5": dict(method="arc"), "arc mxfp4, budget 5.5": dict(method="arc", fmt="mxfp4"),
+    "arc int4, budget 5.5": dict(method="arc", fmt="int4", s_multiple=128),
+    "arc+hadamard b16, budget 5.5": dict(method="arc+hadamard", rotate=16),
+}
+SETS = {"variants": VARIANTS, "baselines": BASELINES}
+
+
 def _explicit(kw: dict) -> dict:
     """Variants without 'budget' in their name use the paper's threshold rule for s."""
     return {"target_bits": None, **kw}
@@ -52,6 +68,7 @@ def main():
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--calib", type=int, nargs=2, default=(32, 512), metavar=("N", "SEQLEN"))
     ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    ap.add_argument("--set", default="variants", choices=list(SETS), help="variants (issue 2) or baselines (issue 3)")
     ap.add_argument("--md", help="render the JSON lines of --out as a markdown table to this file")
     a = ap.parse_args()
     out = Path(a.out)
@@ -62,12 +79,13 @@ def main():
     if out.exists():
         done = {json.loads(l)["variant"] for l in out.read_text().splitlines() if l.strip()}
     ccfg = CalibConfig(source="c4", nsamples=a.calib[0], seqlen=a.calib[1], seed=0)
-    names = a.only or list(VARIANTS)
-    unknown = [n for n in names if n not in VARIANTS]
+    table = SETS[a.set]
+    names = a.only or list(table)
+    unknown = [n for n in names if n not in table]
     if unknown:
-        raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+        raise SystemExit(f"unknown variants {unknown}; known: {list(table)}")
     for name in names:
-        kw = VARIANTS[name]
+        kw = table[name] if a.set == "variants" else {"target_bits": 5.5, **table[name]}
         if name in done:
             continue
         torch.manual_seed(0)

@@ -79,6 +79,9 @@ def check_exportable(fmt: str, meta: dict) -> list[str]:
     if qfmt != "nvfp4":
         raise ExportError(f"{method} with {qfmt} cannot be exported to {fmt}: these engines run NVFP4 only; "
                           "quantize with --fmt nvfp4")
+    if method not in ("w4a16", "w4a8", "rtn", "arc"):
+        raise ExportError(f"method {method} needs an online transform (rotation, smoothing or an FP8 branch) "
+                          "that these engine formats cannot express; export arc, rtn or w4a16 checkpoints")
     if method == "w4a8":
         raise ExportError("no engine format carries NVFP4 weights with FP8 activations (w4a8); "
                           "quantize with --method w4a16, rtn or arc")

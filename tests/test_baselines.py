@@ -1,0 +1,127 @@
+"""The paper's baselines (issue 3): each transform checked against a direct computation, then
+the methods end to end on a tiny model through the normal quantize -> save -> load path."""
+import pytest
+import torch
+
+from arcquant import arc, baselines
+from arcquant.checkpoint import load_quantized, save_quantized
+from arcquant.config import METHODS, CalibConfig, QuantConfig
+from arcquant.formats import get_format
+from arcquant.qlinear import QuantLinear
+from arcquant.quantize import quantize_model
+from conftest import tiny_llama
+
+CAL = CalibConfig(nsamples=2, seqlen=64)
+IDS = torch.arange(3, 40).reshape(1, -1)
+
+
+def test_hadamard_is_the_sylvester_matrix_and_orthonormal():
+    h = baselines.hadamard(4) * 2
+    want = torch.tensor([[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]], dtype=torch.float64)
+    assert torch.equal(h, want)
+    with pytest.raises(ValueError, match="power-of-two"):
+        baselines.hadamard(12)
+
+
+@pytest.mark.parametrize("k,block", [(576, 0), (1536, 0), (512, 0), (576, 16), (576, 64), (640, 128)])
+def test_rotation_leaves_the_unquantized_product_unchanged(k, block):
+    r = baselines.rotation_matrix(k, block, seed=3)
+    n = block or k
+    torch.testing.assert_close(r.double() @ r.double().t(), torch.eye(n, dtype=torch.float64), atol=1e-6, rtol=0)
+    g = torch.Generator().manual_seed(k + block)
+    x, w = torch.randn(5, k, generator=g), torch.randn(7, k, generator=g)
+    y = baselines.rotate(x, r).double() @ baselines.rotate(w, r).double().t()
+    torch.testing.assert_close(y, x.double() @ w.double().t(), atol=1e-4, rtol=1e-5)
+    if block:                                                  # block-diagonal: blocks stay isolated
+        x2 = torch.zeros(1, k)
+        x2[0, :block] = torch.randn(block, generator=g)
+        assert baselines.rotate(x2, r)[0, block:].abs().max() == 0
+
+
+def test_full_rotation_mixes_all_channels_and_is_seeded():
+    r = baselines.rotation_matrix(576, 0, seed=0)
+    e = torch.zeros(1, 576)
+    e[0, 7] = 1.0
+    assert (baselines.rotate(e, r).abs() > 0).sum() == 576     # one outlier spread over every channel
+    assert torch.equal(r, baselines.rotation_matrix(576, 0, seed=0))
+    assert not torch.equal(r, baselines.rotation_matrix(576, 0, seed=1))
+
+
+def test_smoothing_leaves_the_product_unchanged_and_flattens_outliers():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 32, generator=g), torch.randn(16, 32, generator=g)
+    x[:, 3] *= 100
+    s = baselines.smooth_scales(x.abs().amax(0), w.abs().amax(0), 0.5)
+    torch.testing.assert_close((x / s) @ (w * s).t(), x @ w.t(), rtol=1e-5, atol=1e-4)
+    assert (x / s).abs().amax(0)[3] < x.abs().amax(0)[3] / 5
+    s0 = baselines.smooth_scales(torch.zeros(32), w.abs().amax(0), 0.5)
+    assert torch.equal(s0, torch.ones(32))                     # channels never seen keep scale 1
+    with pytest.raises(ValueError, match="alpha=1.5"):
+        baselines.smooth_scales(x.abs().amax(0), w.abs().amax(0), 1.5)
+
+
+def _layer(act, s, w, absmax):
+    plan = arc.make_plan(_stats(absmax), w.shape[1], s, "sorted", 16)
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    lin.weight.data = w
+    gs = get_format("nvfp4").global_scale(w.abs().max())
+    return QuantLinear.from_linear(lin, "nvfp4", act, "token", plan, gs)
+
+
+def _stats(absmax):
+    st = arc.ChannelStats(absmax.numel(), 0.125, get_format("nvfp4"))
+    st.absmax = absmax
+    return st
+
+
+def test_atom_with_an_empty_8bit_branch_is_rtn_and_its_branch_is_fp8():
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(24, 64, generator=g), torch.randn(5, 64, generator=g)
+    x[:, [3, 40]] *= 50
+    absmax = x.abs().amax(0)
+    torch.testing.assert_close(_layer("mixed", 0, w, absmax)(x), _layer("fp4", 0, w, absmax)(x), rtol=0, atol=0)
+    atom = _layer("mixed", 16, w, absmax)
+    tail = atom.plan.tail
+    assert {3, 40} <= set(tail.tolist())                       # the outlier channels go to FP8
+    from arcquant.formats import fp8
+    xq = atom.quantize_input(x)
+    torch.testing.assert_close(xq[:, -16:], fp8.fake_quantize_per_row(x[:, tail]), rtol=0, atol=0)
+    err = lambda q: ((q(x) - x @ w.t()).norm() / (x @ w.t()).norm()).item()
+    assert err(atom) < err(_layer("fp4", 0, w, absmax))
+
+
+@pytest.mark.parametrize("kw", [dict(method="hadamard"), dict(method="hadamard", rotate=32),
+                                dict(method="smoothquant"), dict(method="atom"),
+                                dict(method="atom", act_scale="static"), dict(method="arc+hadamard")])
+def test_baseline_methods_end_to_end(tokenizer, tmp_path, kw):
+    model = tiny_llama(hidden=64, inter=128)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 5] *= 30.0
+    ref = model(IDS).logits
+    qcfg = QuantConfig(**kw)
+    report = quantize_model(model, tokenizer, qcfg, CAL, progress=False)
+    out = model(IDS).logits
+    assert torch.isfinite(out).all() and 0 < ((out - ref).norm() / ref.norm()).item() < 0.5
+    save_quantized(model, tokenizer, tmp_path / "ck", qcfg, CAL, report, "tiny")
+    back, _, meta = load_quantized(tmp_path / "ck")
+    assert meta["quant"]["method"] == kw["method"]
+    assert torch.equal(back(IDS).logits, out)                  # transforms rebuilt exactly on load
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if "hadamard" in kw["method"]:
+        assert all(q.rotate == (qcfg.rotate_block, 0) for q in layers)
+    if kw["method"] == "atom":
+        assert any(q.s > 0 for q in layers) and all(q.act == "mixed" for q in layers)
+
+
+def test_baseline_bad_input_names_the_choices():
+    with pytest.raises(ValueError, match="choose one of: " + ", ".join(METHODS).replace("+", r"\+")):
+        QuantConfig(method="quarot")
+    with pytest.raises(ValueError, match="atom with s = 0 is rtn"):
+        QuantConfig(method="atom", residual=False)
+    with pytest.raises(ValueError, match="rotate=16 applies to hadamard and arc\\+hadamard"):
+        QuantConfig(method="rtn", rotate=16)
+    with pytest.raises(ValueError, match="rotate=24; valid: 0, 16, 32, 64, 128"):
+        QuantConfig(method="hadamard", rotate=24)
+    with pytest.raises(ValueError, match="alpha=2"):
+        QuantConfig(method="smoothquant", alpha=2)
+    assert QuantConfig(method="hadamard").rotate_block == 0 and QuantConfig(method="arc+hadamard").rotate_block == 16
