@@ -116,6 +116,15 @@ def cmd_export(a):
           f"the checkpoint), {len(rec['files'])} safetensors file(s), excluded {rec['excluded']}")
 
 
+def cmd_analyze(a):
+    from .analysis import layer_errors, write_report
+    qcfg, ccfg = _configs(a, method="arc")
+    rep = layer_errors(a.model, qcfg, ccfg, a.eval_samples, a.device)
+    js, png = write_report(rep, Path(a.out))
+    print(json.dumps(rep["summary"]))
+    print(f"wrote {js} and {png}")
+
+
 def build_parser():
     ap = argparse.ArgumentParser(prog="arcquant", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -144,6 +153,12 @@ def build_parser():
     _quant_args(p)
     _eval_args(p)
     p.set_defaults(fn=cmd_compare, tokens=16384)
+    p = sub.add_parser("analyze", help="per-layer output error of rtn / arc / w4a8 / MXFP8 (JSON + PNG)")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--out", required=True, help="folder for layer-errors.json and layer-errors.png")
+    p.add_argument("--eval-samples", type=int, default=4, help="calibration-text windows measured (default: 4)")
+    _quant_args(p)
+    p.set_defaults(fn=cmd_analyze)
     p = sub.add_parser("export", help="write a checkpoint in a serving engine's format")
     p.add_argument("checkpoint", help="arcquant checkpoint folder")
     p.add_argument("--format", required=True, choices=EXPORT_FORMATS,

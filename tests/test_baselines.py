@@ -125,3 +125,21 @@ def test_baseline_bad_input_names_the_choices():
     with pytest.raises(ValueError, match="alpha=2"):
         QuantConfig(method="smoothquant", alpha=2)
     assert QuantConfig(method="hadamard").rotate_block == 0 and QuantConfig(method="arc+hadamard").rotate_block == 16
+
+
+def test_layer_error_report_orders_the_methods(tokenizer, tmp_path):
+    from arcquant.analysis import METHODS as REPORTED, layer_errors, write_report
+    model = tiny_llama(hidden=64, inter=128)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 5] *= 30.0
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    rep = layer_errors(str(tmp_path / "tiny"), QuantConfig(), CAL, eval_samples=1)
+    rows = rep["layers"]
+    assert len(rows) == 14 and all(set(r["rel_err"]) == set(REPORTED) for r in rows)
+    err = {m: torch.tensor([r["rel_err"][m] for r in rows]) for m in REPORTED}
+    assert (err["mxfp8"] < err["rtn"]).all() and (err["w4a8"] < err["rtn"]).all()
+    assert (err["arc"] <= err["rtn"] * 1.05).all() and err["arc"].mean() < err["rtn"].mean()
+    assert rep["summary"]["layers"] == 14 and any(r["s"] > 0 for r in rows)
+    js, png = write_report(rep, tmp_path / "report")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "summary" in js.read_text()
