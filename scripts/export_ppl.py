@@ -25,18 +25,24 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--methods", nargs="+", default=["arc", "rtn"], choices=["arc", "rtn"])
+    ap.add_argument("--formats", nargs="+", default=["trtllm-arc", "compressed-tensors", "modelopt-nvfp4"])
+    ap.add_argument("--update", action="store_true",
+                    help="replace only the rows recomputed here in an existing --out (checkpoint rows kept)")
     a = ap.parse_args()
     rows, ccfg = [], CalibConfig()
     with tempfile.TemporaryDirectory() as tmp:
-        for method, qcfg in {"arc": QuantConfig(), "rtn": QuantConfig(method="rtn")}.items():
+        for method in a.methods:
+            qcfg = QuantConfig(method=method)
             ck = Path(tmp) / method
             quantize_to_folder(a.model, ck, qcfg, ccfg, progress=False)
-            model, tok, meta = load_quantized(ck)
-            r = perplexity(model, tok, "wiki-test", a.seqlen, a.tokens, progress=False)
-            rows.append({"method": method, "format": "arcquant checkpoint", "act_scale": qcfg.act_scale,
-                         "avg_bits": meta["avg_bits"], **r})
-            print(rows[-1], flush=True)
-            for fmt in ("trtllm-arc", "compressed-tensors", "modelopt-nvfp4"):
+            if not a.update:
+                model, tok, meta = load_quantized(ck)
+                r = perplexity(model, tok, "wiki-test", a.seqlen, a.tokens, progress=False)
+                rows.append({"method": method, "format": "arcquant checkpoint", "act_scale": qcfg.act_scale,
+                             "avg_bits": meta["avg_bits"], **r})
+                print(rows[-1], flush=True)
+            for fmt in a.formats:
                 out = Path(tmp) / f"{method}-{fmt}"
                 t = time.time()
                 try:
@@ -53,6 +59,10 @@ def main():
                              "layers": rec["layers"], "safetensors_bytes": size,
                              "export_s": export_s, "export_import_eval_s": round(time.time() - t, 1), **r})
                 print(rows[-1], flush=True)
+    if a.update and Path(a.out).exists():
+        old = json.loads(Path(a.out).read_text())["rows"]
+        new = {(r["method"], r["format"]): r for r in rows}
+        rows = [new.pop((r["method"], r["format"]), r) for r in old] + list(new.values())
     Path(a.out).write_text(json.dumps({"model": a.model, "calibration": vars(ccfg), "rows": rows}, indent=1))
 
 

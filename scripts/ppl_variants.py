@@ -102,8 +102,33 @@ def main():
             f.write(json.dumps(row) + "\n")
 
 
+def render_baselines(rows: list) -> str:
+    """Issue 3 table: every method in one path; gap closed against rtn of the same format."""
+    by = {r["variant"]: r for r in rows}
+    w4a8 = by["w4a8"]["ppl"]
+    lines = ["| variant | method | format | rotation | avg bits | ppl | rtn->w4a8 gap closed |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c = r["config"]
+        rtn = by.get(f"rtn {c.get('fmt', 'nvfp4')}")
+        gap = "" if c["method"] in ("fp", "w4a16", "w4a8") or rtn is None else \
+            f"{100 * (rtn['ppl'] - r['ppl']) / (rtn['ppl'] - w4a8):.0f}%"
+        rot = c.get("rotate")
+        rot = "" if rot is None else ("full" if rot == 0 else f"block {rot}")
+        lines.append(f"| {r['variant']} | {c['method']} | {c.get('fmt', 'nvfp4')} | {rot} | {r['avg_bits']:.2f} | "
+                     f"{r['ppl']:.2f} | {gap} |")
+    r0 = rows[0]
+    lines.append(f"\n{r0['model']}; perplexity on {r0['text']} ({r0['tokens']} tokens, seqlen {r0['seqlen']}, "
+                 f"GPTQ protocol); calibration {r0['calib']}; per-token activation scale; torch {r0['torch']}, CPU. "
+                 "Gap closed: (rtn - x) / (rtn - w4a8) with rtn of the same 4-bit format. Rows marked reused "
+                 "come from variants-smollm2.jsonl (same code path and settings).")
+    return "\n".join(lines) + "\n"
+
+
 def render(jsonl: Path) -> str:
     rows = [json.loads(l) for l in jsonl.read_text().splitlines() if l.strip()]
+    if any(r["variant"] == "rtn nvfp4" for r in rows):
+        return render_baselines(rows)
     by = {r["variant"]: r for r in rows}
     w4a8 = by["w4a8"]["ppl"]
     lines = ["| variant | method | order | act scale | avg bits | ppl | rtn->w4a8 gap closed |",
