@@ -177,6 +177,12 @@ def test_compressed_tensors_round_trip_identical(tokenizer, tmp_path):
     export_checkpoint(ck, "compressed-tensors", tmp_path / "ct", dtype="float32")
     cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert cfg["format"] == "nvfp4-pack-quantized" and cfg["config_groups"]["group_0"]["input_activations"]["dynamic"] == "local"
+    t = writer_read(tmp_path / "ct")
+    for layer in range(2):                                # fused groups share their tensor scales
+        for group in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
+            for scale in ("weight_global_scale", "input_global_scale"):
+                vals = [t[f"model.layers.{layer}.{g}.{scale}"] for g in group]
+                assert all(torch.equal(v, vals[0]) for v in vals)
     back, _, _ = load_exported(tmp_path / "ct")
     for name, q in _quant_layers(model).items():
         assert torch.equal(back.get_submodule(name).dequantized_weight(), q.dequantized_weight())
@@ -187,6 +193,7 @@ def test_arc_fallback_is_plain_rtn_of_the_original_weights(tokenizer, tmp_path, 
     model, ck, reference = _checkpoint(tokenizer, tmp_path)          # default: blocks order, s > 0
     rec = export_checkpoint(ck, "compressed-tensors", tmp_path / "ct", dtype="float32")
     assert any("accuracy drops to RTN level" in w for w in rec["warnings"])
+    assert "model.embed_tokens" in rec["unquantized_modules"] and rec["excluded"] == ["lm_head"]
     assert "accuracy drops to RTN level" in capsys.readouterr().out
     back, _, _ = load_exported(tmp_path / "ct")
     for name, q in _quant_layers(model).items():

@@ -93,9 +93,11 @@ def export_checkpoint(src, fmt: str, out, force: bool = False, dtype: str = "bfl
         warn(f"warning: {w}")
     tensors, ignore, exact = collect_tensors(model, fmt, DTYPES[dtype])
     hf_quant, qconf = quant_configs(fmt, meta, ignore)
+    unquantized = sorted({k.rpartition(".")[0] for k in tensors if not any(
+        k.startswith(f"{n}.") for n in exact)})                  # embeddings, norms, lm_head when untied
     record = {"producer": f"arcquant {__version__}", "source": str(src), "format": fmt, "dtype": dtype,
               "method": meta["quant"]["method"], "quant": meta["quant"], "warnings": warnings,
-              "excluded": ignore, "layers_exact": exact,
+              "excluded": ignore, "unquantized_modules": unquantized, "layers_exact": exact,
               "exact_layers": sum(exact.values()), "layers": len(exact)}
 
     def write(tmp: Path):
