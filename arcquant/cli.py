@@ -11,6 +11,7 @@ from .checkpoint import CheckpointError, is_checkpoint
 from .config import ACT_SCALES, CALIB_SOURCES, METHODS, ROTATED, CalibConfig, QuantConfig
 from .data import TEXTS
 from .export import EXPORT_FORMATS, export_checkpoint
+from .zeroshot import TASKS as ZS_TASKS
 from .formats import FORMATS
 from .modeling import DEFAULT_MODEL, UnsupportedModelError
 
@@ -116,6 +117,22 @@ def cmd_export(a):
           f"the checkpoint), {len(rec['files'])} safetensors file(s), excluded {rec['excluded']}")
 
 
+def cmd_zeroshot(a):
+    from .zeroshot import evaluate_zeroshot
+    if a.method in (None, "fp"):
+        model, tok, meta = pipeline.load_any(a.model, a.device)
+        method, bits = (meta["quant"]["method"], meta["avg_bits"]) if meta else ("fp", 16.0)
+    else:
+        qcfg, ccfg = _configs(a)
+        model, tok, rep = pipeline.quantize_in_memory(a.model, qcfg, ccfg, a.device)
+        method, bits = qcfg.method, rep["avg_bits"]
+    r = evaluate_zeroshot(model, tok, a.tasks, a.limit, a.batch_size, a.device)
+    row = {"model": a.model, "method": method, "avg_bits": bits, **r}
+    print(json.dumps(row))
+    if a.json:
+        Path(a.json).write_text(json.dumps(row, indent=1))
+
+
 def cmd_analyze(a):
     from .analysis import layer_errors, write_report
     qcfg, ccfg = _configs(a, method="arc")
@@ -153,6 +170,14 @@ def build_parser():
     _quant_args(p)
     _eval_args(p)
     p.set_defaults(fn=cmd_compare, tokens=16384)
+    p = sub.add_parser("zeroshot", help="zero-shot tasks through lm-evaluation-harness (local data)")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="checkpoint, export folder or model")
+    p.add_argument("--tasks", nargs="+", default=list(ZS_TASKS), choices=ZS_TASKS)
+    p.add_argument("--limit", type=int, default=None, help="documents per task (default: the full split)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--json", help="also write the result to this JSON file")
+    _quant_args(p, method_default=None)
+    p.set_defaults(fn=cmd_zeroshot)
     p = sub.add_parser("analyze", help="per-layer output error of rtn / arc / w4a8 / MXFP8 (JSON + PNG)")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--out", required=True, help="folder for layer-errors.json and layer-errors.png")
