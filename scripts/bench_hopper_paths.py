@@ -29,8 +29,8 @@ SHAPES = {"llama-3.1-8b": [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4
 DECODE_MS, PREFILL_MS = [1, 4, 16], [64, 256, 1024, 4096, 8192]
 ap_ms = None
 # (fma, BN, BK, split_k): tensor-core GEMV and the CUDA-core variant
-GEMV_CONFIGS = [(False, 64, 256, sk) for sk in (2, 4, 8)] + [(False, 32, 256, 8), (False, 64, 512, 4)] + \
-    [(True, bn, bk, sk) for bn in (1, 2, 4) for bk in (512, 1024) for sk in (1, 4)]
+GEMV_CONFIGS = [(False, 64, 256, sk, 4) for sk in (2, 4, 8)] + [(False, 32, 256, 8, 4), (False, 64, 512, 4, 4)] + \
+    [(True, bn, bk, sk, w) for bn in (2, 4, 8) for bk in (512, 1024, 2048) for sk in (1,) for w in (1, 2, 4)]
 ACT_NB = (32, 64, 128, 256)      # 16-blocks per program of the activation kernel (swept at M >= 1024)
 DEQ_NB = (64, 128, 256)
 
@@ -108,18 +108,19 @@ def run_shape(model, name, k, n, dev, rows):
         _, _, xd = act()
         if m <= 16:
             best = None
-            for fma, bn, bk, sk in GEMV_CONFIGS:
+            for fma, bn, bk, sk, nw in GEMV_CONFIGS:
                 if fma and m > 4:
                     continue
-                step = lambda: arc_gemv(act()[2], gsx, wc, ws, gsw, s, block_n=bn, block_k=bk, split_k=sk, fma=fma)
+                step = lambda: arc_gemv(act()[2], gsx, wc, ws, gsw, s, block_n=bn, block_k=bk, split_k=sk, fma=fma,
+                                        num_warps=nw)
                 t = bench(graphed(step))
-                row.setdefault("sweep", []).append([fma, bn, bk, sk, round(t, 2)])
+                row.setdefault("sweep", []).append([fma, bn, bk, sk, nw, round(t, 2)])
                 if best is None or t < best[0]:
-                    best = (t, (fma, bn, bk, sk))
+                    best = (t, (fma, bn, bk, sk, nw))
             row["arc_us"], row["config"] = best[0], best[1]
-            f, bn, bk, sk = best[1]
+            f, bn, bk, sk, nw = best[1]
             row["gemm_us"] = bench(graphed(lambda: arc_gemv(xd, gsx, wc, ws, gsw, s, block_n=bn, block_k=bk,
-                                                            split_k=sk, fma=f)))
+                                                            split_k=sk, fma=f, num_warps=nw)))
         else:
             row["gemm_us"] = bench(lambda: arc_matmul_prefill(xd, gsx, wc, ws, gsw, s))
             row["gemm_exact_us"] = bench(lambda: arc_matmul_prefill(xd, gsx, wc, ws, gsw, s, exact=True))
@@ -151,7 +152,8 @@ def render(path) -> str:
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
         cfg = r.get("config")
-        path = ("decode " + ("CUDA-core" if cfg[0] else "tensor-core") + f" BN={cfg[1]} BK={cfg[2]} split={cfg[3]}") \
+        path = ("decode " + ("CUDA-core" if cfg[0] else "tensor-core") + f" BN={cfg[1]} BK={cfg[2]} split={cfg[3]}"
+                + (f" warps={cfg[4]}" if len(cfg) > 4 else "")) \
             if cfg else f"prefill (dequant W {r.get('dequant_w_us', 0):.0f} us + cuBLAS)"
         out.append(f"| {r['model']} {r['layer']} | {r['K']} | {r['N']} | {r['s']} | {r['M']} | {r['bf16_us']:.1f} | "
                    f"{r['act_us']:.1f} | {r.get('act_packed_GBps', 0):.0f} | {r['gemm_us']:.1f} | {r['arc_us']:.1f} | "

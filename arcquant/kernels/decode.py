@@ -29,6 +29,13 @@ def _e2m1_fp32(code):
 
 
 @triton.jit
+def _e2m1_fp32_scaled(code):
+    """As _e2m1_fp32 without the final multiply: value * 2^-14 (exact; the caller rescales)."""
+    bits = ((code & 8).to(tl.int16) << 12) | ((code & 7).to(tl.int16) << 9)
+    return bits.to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
 def _arc_gemv_kernel(
     xd_ptr, xgs_ptr, wc_ptr, ws_ptr, wgs_ptr, bias_ptr, y_ptr,
     M, N, K, S,
@@ -97,8 +104,8 @@ def _arc_gemv_fma_kernel(
         b = tl.load(wc_ptr + rn[:, None] * stride_wc + wpair[None, :], mask=n_ok[:, None] & ok[None, :], other=0)
         sc = e4m3_decode(tl.load(ws_ptr + rn[:, None] * stride_ws + wblk[None, :],
                                  mask=n_ok[:, None] & (blk * 16 < K + S)[None, :], other=0))   # (BN, BK/16)
-        lo = _e2m1_fp32(b & 0xF)                                      # (BN, BK/2) even columns
-        hi = _e2m1_fp32(b >> 4)
+        lo = _e2m1_fp32_scaled(b & 0xF)                               # (BN, BK/2) even columns, x 2^-14
+        hi = _e2m1_fp32_scaled(b >> 4)
         for m in tl.static_range(MB):
             two = tl.load(xd_ptr + m * stride_x + 2 * pair[:, None] + tl.arange(0, 2)[None, :],
                           mask=ok[:, None] & (m < M), other=0.0).to(tl.float32)             # (BK/2, 2)
@@ -107,6 +114,7 @@ def _arc_gemv_fma_kernel(
             pb = tl.sum(tl.reshape(p, (BN, BK // 16, 8)), axis=2)     # per 16-block
             acc += tl.where(cols[None, :] == m, tl.sum(pb * sc, axis=1)[:, None], 0.0)
     m_ok = cols < M
+    acc = acc * 16384.0                                               # undo the 2^-14 of the decode (exact)
     xgs = tl.load(xgs_ptr + cols, mask=m_ok, other=1.0) if XGS_PER_ROW else tl.load(xgs_ptr)
     wgs = tl.load(wgs_ptr)
     y = acc / (xgs[None, :] * wgs) if XGS_PER_ROW else acc / (xgs * wgs)
