@@ -94,19 +94,17 @@ def cmd_generate(a):
 
 
 def cmd_compare(a):
-    rows = []
+    from .compare import run_comparison, table, write_outputs
+    configs, ccfg = {}, None
     for m in a.methods:
         qcfg, ccfg = _configs(a, method=m)
-        model, tok, rep = pipeline.quantize_in_memory(a.model, qcfg, ccfg, a.device, progress=False)
-        r = pipeline.evaluate(model, tok, a.text, a.seqlen, a.tokens, a.device, progress=False)
-        rows.append({"model": a.model, "method": m, "avg_bits": rep["avg_bits"], **r})
-        print(f"  {m:6s} ppl {r['ppl']:8.3f}  avg bits {rep['avg_bits']:.3f}", flush=True)
-    print(f"\n{a.model}, perplexity on {rows[0]['text']} ({rows[0]['tokens']} tokens, seqlen {a.seqlen}), "
-          f"calibration {a.calib_source} {a.calib_samples}x{a.calib_seqlen}; packaged weights were already "
-          "GGUF-rounded (weight error under NVFP4 is smaller than on BF16 originals)\n")
-    print("| method | avg bits | ppl |\n|---|---|---|")
-    for r in rows:
-        print(f"| {r['method']} | {r['avg_bits']:.2f} | {r['ppl']:.3f} |")
+        configs[m] = qcfg
+    rows = run_comparison(a.model, configs, ccfg, a.out, a.text, a.seqlen, a.tokens, a.tasks or (), a.limit,
+                          a.device)
+    print("\n" + table(rows))
+    if a.out:
+        write_outputs(rows, Path(a.out), a.limit)
+        print(f"wrote {a.out}/table.md, results.json, results.jsonl (resumable) and plot.png")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
 
@@ -167,6 +165,10 @@ def build_parser():
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--methods", nargs="+", default=["fp", "w4a16", "w4a8", "rtn", "arc"], choices=METHODS)
     p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--out", help="folder for results.jsonl (finished cells are skipped on a rerun), table.md, "
+                                 "results.json and plot.png")
+    p.add_argument("--tasks", nargs="*", choices=ZS_TASKS, help="zero-shot tasks too (lm-evaluation-harness)")
+    p.add_argument("--limit", type=int, default=None, help="documents per zero-shot task (default: full splits)")
     _quant_args(p)
     _eval_args(p)
     p.set_defaults(fn=cmd_compare, tokens=16384)

@@ -1,0 +1,112 @@
+"""One comparison of methods on one model: perplexity, zero-shot tasks, average bits.
+
+run_comparison quantizes the model once per method (same calibration data, same layers),
+evaluates it, and appends one JSON line per finished cell to OUT/results.jsonl; a rerun skips
+the cells already there (same model, method and settings), so an interrupted run resumes.
+write_outputs renders OUT/table.md, OUT/results.json and OUT/plot.png from those lines.
+"""
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from . import pipeline
+from .config import CalibConfig, QuantConfig
+
+
+def cell_key(model: str, qcfg: QuantConfig, ccfg: CalibConfig, eval_settings: dict) -> str:
+    blob = json.dumps([model, qcfg.to_dict(), vars(ccfg), eval_settings], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _done(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    rows = {}
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:                     # a line cut by an interruption: redo that cell
+            continue
+        rows[r["key"]] = r
+    return rows
+
+
+def run_comparison(model: str, configs: dict, ccfg: CalibConfig, out: Path | None, text="wiki-test",
+                   seqlen=512, tokens=65536, tasks=(), limit=None, device="cpu", log=print) -> list[dict]:
+    """configs: {label: QuantConfig}. -> rows (finished cells, in the order of `configs`)."""
+    settings = {"text": text, "seqlen": seqlen, "tokens": tokens, "tasks": list(tasks), "limit": limit}
+    path = None if out is None else Path(out) / "results.jsonl"
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    done, rows = _done(path) if path else {}, []
+    for label, qcfg in configs.items():
+        key = cell_key(model, qcfg, ccfg, settings)
+        if key in done:
+            log(f"  {label:24s} done before (skipped)")
+            rows.append(done[key])
+            continue
+        t0 = time.time()
+        mdl, tok, rep = pipeline.quantize_in_memory(model, qcfg, ccfg, device, progress=False)
+        row = {"key": key, "label": label, "model": model, "method": qcfg.method, "config": qcfg.to_dict(),
+               "calibration": vars(ccfg), "avg_bits": rep["avg_bits"],
+               **pipeline.evaluate(mdl, tok, text, seqlen, tokens, device, progress=False)}
+        if tasks:
+            from .zeroshot import evaluate_zeroshot
+            zs = evaluate_zeroshot(mdl, tok, tasks, limit, device=device)
+            row.update(zeroshot=zs["tasks"], average_acc=zs["average_acc"], lm_eval=zs["lm_eval"])
+        row["seconds"] = round(time.time() - t0, 1)
+        rows.append(row)
+        if path is not None:
+            with path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        log(f"  {label:24s} ppl {row['ppl']:8.3f}  avg bits {row['avg_bits']:.3f}"
+            + (f"  zero-shot avg acc {row['average_acc']:.4f}" if tasks else ""))
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    tasks = sorted({t for r in rows for t in r.get("zeroshot", {})})
+    head = ["method", "avg bits", "ppl"] + tasks + (["avg acc"] if tasks else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        zs = r.get("zeroshot", {})
+        cells = [r["label"], f"{r['avg_bits']:.2f}", f"{r['ppl']:.2f}"]
+        cells += [f"{100 * zs[t]['acc']:.1f}" if t in zs else "" for t in tasks]
+        cells += [f"{100 * r['average_acc']:.1f}"] if tasks else []
+        lines.append("| " + " | ".join(cells) + " |")
+    r0 = rows[0]
+    lines.append(f"\n{r0['model']}: perplexity on {r0['text']} ({r0['tokens']} tokens, seqlen {r0['seqlen']}); "
+                 f"calibration {r0['calibration']['source']} {r0['calibration']['nsamples']}x"
+                 f"{r0['calibration']['seqlen']} seed {r0['calibration']['seed']}"
+                 + (f"; zero-shot acc (%) through lm-evaluation-harness {r0.get('lm_eval')}, "
+                    f"{'full splits' if not r0.get('limit_used') else ''}" if tasks else ""))
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(rows: list[dict], out: Path, limit=None) -> None:
+    out = Path(out)
+    for r in rows:
+        r["limit_used"] = limit
+    (out / "table.md").write_text(table(rows) + ("" if limit is None else f"Zero-shot on the first {limit} "
+                                                 "documents of each task (--limit): a quick run, not a reported number.\n"))
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    try:
+        import matplotlib
+    except ImportError:
+        return                                             # the plot needs the [analysis] extra
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2 if "average_acc" in rows[0] else 1, figsize=(12, 4), squeeze=False)
+    labels = [r["label"] for r in rows]
+    axes[0][0].bar(labels, [r["ppl"] for r in rows], color="tab:blue")
+    axes[0][0].set_ylabel("perplexity (lower is better)")
+    if "average_acc" in rows[0]:
+        axes[0][1].bar(labels, [100 * r.get("average_acc", 0) for r in rows], color="tab:green")
+        axes[0][1].set_ylabel("zero-shot average acc % (higher is better)")
+    for ax in axes[0]:
+        ax.tick_params(axis="x", rotation=45)
+    fig.suptitle(rows[0]["model"])
+    fig.tight_layout()
+    fig.savefig(out / "plot.png", dpi=100)
+    plt.close(fig)
