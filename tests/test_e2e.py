@@ -72,3 +72,16 @@ def test_avg_bits_follow_the_spec_formula_and_rules_for_s(tokenizer):
         else:
             assert all(r["s"] % 16 == 0 for r in report["layers"])
             assert 5.4 < report["avg_bits"] <= 5.5
+
+
+def test_qwen_coder_from_six_packages_loads_and_predicts_text():
+    """The second real model (Qwen2, q/k/v bias): its GGUF file joined from six packages."""
+    from arcquant.evaluate import perplexity
+    from arcquant.modeling import find_decoder_layers, find_linears, load_model
+    model, tok = load_model("qwen2.5-coder-0.5b")
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    name, layers = find_decoder_layers(model)
+    lin = find_linears(layers[0], f"{name}.0")
+    assert len(layers) == 24 and lin["self_attn.q_proj"].bias is not None and lin["self_attn.o_proj"].bias is None
+    r = perplexity(model, tok, "wiki-test", 512, 1024, progress=False)
+    assert 5 < r["ppl"] < 60                                        # a trained model (uniform: 151936)
