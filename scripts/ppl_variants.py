@@ -43,7 +43,7 @@ VARIANTS = {
 BASELINES = {
     "fp": dict(method="fp"), "w4a16": dict(method="w4a16"), "w4a8": dict(method="w4a8"),
     "rtn nvfp4": dict(method="rtn"), "rtn mxfp4": dict(method="rtn", fmt="mxfp4"),
-    "rtn int4": dict(method="rtn", fmt="int4"),
+    "rtn int4": dict(method="rtn", fmt="int4", s_multiple=128),
     "hadamard full": dict(method="hadamard", rotate=0), "hadamard b16": dict(method="hadamard", rotate=16),
     "hadamard b32": dict(method="hadamard", rotate=32), "hadamard b128": dict(method="hadamard", rotate=128),
     "smoothquant a0.5": dict(method="smoothquant", alpha=0.5),
