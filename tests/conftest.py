@@ -33,3 +33,13 @@ def tiny_llama(hidden=48, inter=80, layers=2, vocab=49152, seed=0, **kw):
                       num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2,
                       vocab_size=vocab, max_position_embeddings=512, **kw)
     return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_folder(tokenizer, path, **kw):
+    """A tiny Llama with one strong activation-outlier channel, saved as an HF folder."""
+    model = tiny_llama(hidden=64, inter=128, **kw)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 5] *= 30.0
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -9,7 +9,7 @@ from arcquant.config import METHODS, CalibConfig, QuantConfig
 from arcquant.formats import get_format
 from arcquant.qlinear import QuantLinear
 from arcquant.quantize import quantize_model
-from conftest import tiny_llama
+from conftest import tiny_folder, tiny_llama
 
 CAL = CalibConfig(nsamples=2, seqlen=64)
 IDS = torch.arange(3, 40).reshape(1, -1)
@@ -129,12 +129,7 @@ def test_baseline_bad_input_names_the_choices():
 
 def test_layer_error_report_orders_the_methods(tokenizer, tmp_path):
     from arcquant.analysis import METHODS as REPORTED, layer_errors, write_report
-    model = tiny_llama(hidden=64, inter=128)
-    with torch.no_grad():
-        model.model.embed_tokens.weight[:, 5] *= 30.0
-    model.save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
-    rep = layer_errors(str(tmp_path / "tiny"), QuantConfig(), CAL, eval_samples=1)
+    rep = layer_errors(tiny_folder(tokenizer, tmp_path / "tiny"), QuantConfig(), CAL, eval_samples=1)
     rows = rep["layers"]
     assert len(rows) == 14 and all(set(r["rel_err"]) == set(REPORTED) for r in rows)
     err = {m: torch.tensor([r["rel_err"][m] for r in rows]) for m in REPORTED}

@@ -1,21 +1,15 @@
 """The comparison command: one cell per method, resumable, rendered as table / JSON / plot."""
 import json
 
-import torch
-
 from arcquant.compare import run_comparison, write_outputs
 from arcquant.config import CalibConfig, QuantConfig
-from conftest import tiny_llama
+from conftest import tiny_folder
 
 CAL = CalibConfig(nsamples=2, seqlen=64)
 
 
 def test_comparison_resumes_and_renders(tokenizer, tmp_path):
-    model = tiny_llama(hidden=64, inter=128)
-    with torch.no_grad():
-        model.model.embed_tokens.weight[:, 5] *= 30.0
-    model.save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
+    tiny_folder(tokenizer, tmp_path / "tiny")
     configs = {"rtn": QuantConfig(method="rtn"), "arc": QuantConfig(), "atom": QuantConfig(method="atom")}
     out = tmp_path / "cmp"
     logs = []

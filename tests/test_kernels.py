@@ -67,29 +67,9 @@ def test_activation_kernel_special_values():
         assert torch.equal(c, nvfp4.pack(rc)) and torch.equal(sc.view(torch.uint8), rs.view(torch.uint8))
 
 
-@pytest.mark.parametrize("m,n,k,s,mode,bias,split", [(3, 40, 80, 16, "token", True, 1),
-                                                     (17, 64, 128, 64, "dynamic", False, 1),
-                                                     (1, 24, 48, 0, "token", False, 1),
-                                                     (5, 33, 96, 96, "token", True, 3),
-                                                     (2, 40, 208, 48, "dynamic", True, 4)])
-@pytest.mark.parametrize("even_odd", [True, False])
-def test_gemm_matches_reference_product(m, n, k, s, mode, bias, split, even_odd):
-    x, plan = make_case(m, k, s, "sorted", seed=n + k)
-    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n))
-    gsx, gsw = global_scale(x, mode), F.global_scale(w.abs().amax())
-    xa = F.dequantize(*arc.quantize_activation(x, plan, F, gsx), gsx)
-    qw = arc.quantize_weight(w, plan, F, gsw)
-    wa = F.dequantize(*arc.augmented_weight(qw, plan, 16), gsw)
-    b = torch.randn(n) if bias else None
-    ref = xa.double() @ wa.double().t() + (0 if b is None else b.double())
-    xc, xs = arc_quantize_activation(x, plan.perm.to(torch.int32), s, gsx)
-    y = arc_gemm(xc, xs, gsx, nvfp4.pack(qw.codes), qw.scales, gsw, s, bias=b, out_dtype=torch.float32,
-                 block_m=16, block_n=16, block_k=32, split_k=split, even_odd=even_odd)
-    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6
-
-
-def _reference_case(m, n, k, s, mode, bias):
-    x, plan = make_case(m, k, s, "blocks", seed=n + k + m)
+def _reference_case(m, n, k, s, mode, bias, order="blocks"):
+    """-> operands and the float64 product of the reference (dequantized) augmented operands."""
+    x, plan = make_case(m, k, s, order, seed=n + k + m)
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(n))
     gsx, gsw = global_scale(x, mode), F.global_scale(w.abs().amax())
     xa = F.dequantize(*arc.quantize_activation(x, plan, F, gsx), gsx)
@@ -98,6 +78,20 @@ def _reference_case(m, n, k, s, mode, bias):
     b = torch.randn(n) if bias else None
     ref = xa.double() @ wa.double().t() + (0 if b is None else b.double())
     return x, plan, gsx, gsw, qw, b, ref
+
+
+@pytest.mark.parametrize("m,n,k,s,mode,bias,split", [(3, 40, 80, 16, "token", True, 1),
+                                                     (17, 64, 128, 64, "dynamic", False, 1),
+                                                     (1, 24, 48, 0, "token", False, 1),
+                                                     (5, 33, 96, 96, "token", True, 3),
+                                                     (2, 40, 208, 48, "dynamic", True, 4)])
+@pytest.mark.parametrize("even_odd", [True, False])
+def test_gemm_matches_reference_product(m, n, k, s, mode, bias, split, even_odd):
+    x, plan, gsx, gsw, qw, b, ref = _reference_case(m, n, k, s, mode, bias, order="sorted")
+    xc, xs = arc_quantize_activation(x, plan.perm.to(torch.int32), s, gsx)
+    y = arc_gemm(xc, xs, gsx, nvfp4.pack(qw.codes), qw.scales, gsw, s, bias=b, out_dtype=torch.float32,
+                 block_m=16, block_n=16, block_k=32, split_k=split, even_odd=even_odd)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6
 
 
 @pytest.mark.parametrize("m,k,s,dtype", [(3, 64, 16, torch.float16), (2, 208, 48, torch.bfloat16),
