@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp4_jit import e2m1_decode
+from .fp4_jit import e2m1_decode, tail_to_main
 
 
 
@@ -78,10 +78,10 @@ def _arc_act_quant_kernel(
     c = tl.program_id(1) * NB * 16 + tl.arange(0, NB)[:, None] * 16 + tl.arange(0, 16)[None, :]
     valid = c < K + S                                             # (NB, 16)
     is_tail = c >= K
-    src = tl.where(is_tail, c - S, c)                             # main position read
+    src = tail_to_main(c, 1, K, S)                                # main position read
     if BLOCK_PERM:                                                # whole blocks moved: one index per 16
         bsrc = tl.program_id(1) * NB + tl.arange(0, NB)
-        bsrc = tl.where(bsrc * 16 >= K, bsrc - S // 16, bsrc)
+        bsrc = tail_to_main(bsrc, 16, K, S)
         start = tl.load(perm_ptr + bsrc, mask=bsrc * 16 < K + S, other=0)
         col = start[:, None] + tl.arange(0, 16)[None, :]
     else:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp4_jit import e2m1_decode, e4m3_decode
+from .fp4_jit import e2m1_decode, e4m3_decode, tail_to_main
 
 
 @triton.jit
@@ -62,8 +62,8 @@ def _arc_gemm_kernel(
         blk = (t0 + t) * (BK // 16) + tl.arange(0, BK // 16)             # 16-blocks
         ok = (pair * 2 < K + S) & (t0 + t < K_TILES)
         blk_ok = (blk * 16 < K + S) & (t0 + t < K_TILES)
-        wblk = tl.where(blk * 16 >= K, blk - S // 16, blk)               # weight tail = main cols
-        wpair = tl.where(pair * 2 >= K, pair - S // 2, pair)
+        wblk = tail_to_main(blk, 16, K, S)                               # weight tail = main cols
+        wpair = tail_to_main(pair, 2, K, S)
         if EVEN_ODD:
             xe, xo = _load_halves(xc_ptr, xs_ptr, rm, m_ok, pair, blk, ok, blk_ok, stride_xc, stride_xs, BM, BK)
             we, wo = _load_halves(wc_ptr, ws_ptr, rn, n_ok, wpair, wblk, ok, blk_ok, stride_wc, stride_ws, BN, BK)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp4_jit import e4m3_decode
+from .fp4_jit import e4m3_decode, tail_to_main
 
 MP = 16     # M padded to the smallest tensor-core tile
 
@@ -36,6 +36,20 @@ def _e2m1_fp32_scaled(code):
 
 
 @triton.jit
+def _load_weight_tile(wc_ptr, ws_ptr, rn, n_ok, tile, K, S, stride_wc, stride_ws, BK: tl.constexpr):
+    """Depth tile `tile` of rows rn -> (code pairs (BK/2,), their validity, code bytes
+    (BN, BK/2) u8, scale bits (BN, BK/16) u8); the tail reads the main columns."""
+    pair = tile * (BK // 2) + tl.arange(0, BK // 2)
+    ok = pair * 2 < K + S
+    blk = tile * (BK // 16) + tl.arange(0, BK // 16)
+    b = tl.load(wc_ptr + rn[:, None] * stride_wc + tail_to_main(pair, 2, K, S)[None, :],
+                mask=n_ok[:, None] & ok[None, :], other=0)
+    sb = tl.load(ws_ptr + rn[:, None] * stride_ws + tail_to_main(blk, 16, K, S)[None, :],
+                 mask=n_ok[:, None] & (blk * 16 < K + S)[None, :], other=0)
+    return pair, ok, b, sb
+
+
+@triton.jit
 def _arc_gemv_kernel(
     xd_ptr, xgs_ptr, wc_ptr, ws_ptr, wgs_ptr, bias_ptr, y_ptr,
     M, N, K, S,
@@ -50,14 +64,7 @@ def _arc_gemv_kernel(
     acc = tl.zeros((BN, 16), dtype=tl.float32)
     t0 = tl.program_id(1) * TILES_PER_SPLIT
     for t in range(TILES_PER_SPLIT):
-        pair = (t0 + t) * (BK // 2) + tl.arange(0, BK // 2)            # code pairs of this tile
-        ok = pair * 2 < K + S
-        wpair = tl.where(pair * 2 >= K, pair - S // 2, pair)            # tail reads main columns
-        blk = (t0 + t) * (BK // 16) + tl.arange(0, BK // 16)
-        wblk = tl.where(blk * 16 >= K, blk - S // 16, blk)
-        b = tl.load(wc_ptr + rn[:, None] * stride_wc + wpair[None, :], mask=n_ok[:, None] & ok[None, :], other=0)
-        sb = tl.load(ws_ptr + rn[:, None] * stride_ws + wblk[None, :],
-                     mask=n_ok[:, None] & (blk * 16 < K + S)[None, :], other=0)
+        pair, ok, b, sb = _load_weight_tile(wc_ptr, ws_ptr, rn, n_ok, t0 + t, K, S, stride_wc, stride_ws, BK)
         sc = tl.reshape(tl.broadcast_to(e4m3_decode(sb)[:, :, None], (BN, BK // 16, 8)), (BN, BK // 2))
         we = (_e2m1_fp32(b & 0xF) * sc).to(tl.float16)                  # (BN, BK/2) even columns
         wo = (_e2m1_fp32(b >> 4) * sc).to(tl.float16)                   # odd columns
@@ -96,14 +103,8 @@ def _arc_gemv_fma_kernel(
     acc = tl.zeros((BN, MB), dtype=tl.float32)
     t0 = tl.program_id(1) * TILES_PER_SPLIT
     for t in range(TILES_PER_SPLIT):
-        pair = (t0 + t) * (BK // 2) + tl.arange(0, BK // 2)
-        ok = pair * 2 < K + S
-        wpair = tl.where(pair * 2 >= K, pair - S // 2, pair)
-        blk = (t0 + t) * (BK // 16) + tl.arange(0, BK // 16)
-        wblk = tl.where(blk * 16 >= K, blk - S // 16, blk)
-        b = tl.load(wc_ptr + rn[:, None] * stride_wc + wpair[None, :], mask=n_ok[:, None] & ok[None, :], other=0)
-        sc = e4m3_decode(tl.load(ws_ptr + rn[:, None] * stride_ws + wblk[None, :],
-                                 mask=n_ok[:, None] & (blk * 16 < K + S)[None, :], other=0))   # (BN, BK/16)
+        pair, ok, b, sb = _load_weight_tile(wc_ptr, ws_ptr, rn, n_ok, t0 + t, K, S, stride_wc, stride_ws, BK)
+        sc = e4m3_decode(sb)                                          # (BN, BK/16)
         lo = _e2m1_fp32_scaled(b & 0xF)                               # (BN, BK/2) even columns, x 2^-14
         hi = _e2m1_fp32_scaled(b >> 4)
         for m in tl.static_range(MB):

@@ -1,4 +1,5 @@
-"""Triton device functions shared by the kernels: decoding E2M1 codes and E4M3 scale bits."""
+"""Triton device functions shared by the kernels: decoding E2M1 codes and E4M3 scale bits, and
+the augmented depth's tail mapping."""
 import triton
 import triton.language as tl
 
@@ -20,3 +21,10 @@ def e2m1_decode(code):
     val = tl.where(mag < 4, mag.to(tl.float32) * 0.5,
                    tl.where(mag < 6, (mag - 2).to(tl.float32), tl.where(mag == 6, 4.0, 6.0)))
     return tl.where((code & 8) != 0, -val, val)
+
+
+@triton.jit
+def tail_to_main(idx, WIDTH: tl.constexpr, K, S):
+    """Index of a unit of WIDTH columns along the augmented depth K+s -> the unit it reads:
+    the tail (columns K..K+s-1) repeats the main columns K-s..K-1, stored once."""
+    return tl.where(idx * WIDTH >= K, idx - S // WIDTH, idx)

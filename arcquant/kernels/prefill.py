@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp4_jit import e2m1_decode, e4m3_decode
+from .fp4_jit import e2m1_decode, e4m3_decode, tail_to_main
 
 
 @triton.jit
@@ -24,11 +24,11 @@ def _dequant_kernel(c_ptr, s_ptr, out_ptr, K, S, stride_c, stride_s, stride_o, N
     r = tl.program_id(0)
     col = tl.program_id(1) * NB * 16 + tl.arange(0, NB)[:, None] * 16 + tl.arange(0, 16)[None, :]   # (NB, 16)
     ok = col < K + S
-    src = tl.where(col >= K, col - S, col)                            # tail = main columns
+    src = tail_to_main(col, 1, K, S)                                  # tail = main columns
     byte = tl.load(c_ptr + r * stride_c + src // 2, mask=ok, other=0)
     code = tl.where(src % 2 == 0, byte & 0xF, byte >> 4)
     blk = tl.program_id(1) * NB + tl.arange(0, NB)
-    sblk = tl.where(blk * 16 >= K, blk - S // 16, blk)
+    sblk = tail_to_main(blk, 16, K, S)
     sc = e4m3_decode(tl.load(s_ptr + r * stride_s + sblk, mask=blk * 16 < K + S, other=0))
     val = e2m1_decode(code) * sc[:, None]
     tl.store(out_ptr + r * stride_o + col, val.to(out_ptr.dtype.element_ty), mask=ok)
