@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__, arc
 from .config import CalibConfig, QuantConfig
 from .formats import get_format
-from .modeling import UnsupportedModelError
+from .modeling import UnsupportedModelError, set_submodule
 from .qlinear import QuantLinear, SharedInput
 
 FORMAT = "arcquant"
@@ -65,7 +65,7 @@ def atomic_folder(out: Path, force: bool, write) -> Path:
     return out
 
 
-def _unique_state(model) -> dict:
+def unique_state(model) -> dict:
     """state_dict without tied duplicates (safetensors refuses shared storage)."""
     seen, out = set(), {}
     for k, t in model.state_dict().items():
@@ -93,7 +93,7 @@ def save_quantized(model, tokenizer, out, qcfg: QuantConfig, ccfg: CalibConfig |
             "avg_bits": report["avg_bits"], "layers": layers}
 
     def write(tmp: Path):
-        save_file(_unique_state(model), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        save_file(unique_state(model), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
@@ -181,8 +181,7 @@ def load_quantized(path, device: str = "cpu"):
         q.input_amax = info.get("input_amax")
         if sizes[info["group"]] > 1:
             q.shared = groups.setdefault(info["group"], SharedInput())
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, q)
+        set_submodule(model, name, q)
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False)
     except RuntimeError as e:

@@ -138,3 +138,9 @@ def find_linears(layer: nn.Module, layer_name: str = "layer") -> dict[str, nn.Li
     if not linears:
         raise UnsupportedModelError(f"{layer_name} ({type(layer).__name__}) has no nn.Linear to quantize")
     return linears
+
+
+def set_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    """Replace the submodule at the dotted path `dotted` of `root` by `new`."""
+    parent, _, child = dotted.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)

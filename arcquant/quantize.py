@@ -9,17 +9,12 @@ from .calibrate import capture_inputs, move_outside_layers, run_layer
 from .config import WITH_S, CalibConfig, QuantConfig
 from .data import calibration_batches
 from .formats import get_format
-from .modeling import find_decoder_layers, find_linears
-from .qlinear import QuantLinear, SharedInput
+from .modeling import find_decoder_layers, find_linears, set_submodule
+from .qlinear import QuantLinear, SharedInput, transform_input
 
 ACT_OF_METHOD = {"w4a16": "none", "w4a8": "fp8", "rtn": "fp4", "arc": "fp4", "hadamard": "fp4",
                  "smoothquant": "fp4", "atom": "mixed", "arc+hadamard": "fp4"}
 ROTATION_SEED = 0
-
-
-def _set_module(root, dotted: str, new) -> None:
-    parent_name, _, child = dotted.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
 def _col_norm2(linears: list) -> torch.Tensor:
@@ -27,9 +22,13 @@ def _col_norm2(linears: list) -> torch.Tensor:
     return sum(lin.weight.detach().float().pow(2).sum(0).cpu() for lin in linears)
 
 
+def _pad_multiple(fmt, rotate_block: int | None) -> int:
+    """K is padded to the format block, and to the rotation block for block-wise rotations."""
+    return math.lcm(fmt.block, rotate_block) if rotate_block else fmt.block
+
+
 def _k_padded(linear, fmt, rotate_block: int | None = None) -> int:
-    """K padded to the format block (and to the rotation block for block-wise rotations)."""
-    mult = math.lcm(fmt.block, rotate_block) if rotate_block else fmt.block
+    mult = _pad_multiple(fmt, rotate_block)
     return -(-linear.in_features // mult) * mult
 
 
@@ -42,7 +41,7 @@ def stats_transform(qcfg: QuantConfig, fmt):
     rot = _rotation(qcfg)
     if rot is None:
         return None
-    mult = math.lcm(fmt.block, rot[0]) if rot[0] else fmt.block
+    mult = _pad_multiple(fmt, rot[0])
     return lambda x: baselines.rotate(arc.pad_k(x.float(), mult), baselines.rotation_matrix(
         -(-x.shape[-1] // mult) * mult, *rot))
 
@@ -84,7 +83,7 @@ def quantize_layer_group(qcfg: QuantConfig, layer, names: list, stats, layer_nam
             raise FloatingPointError(f"{e} of {layer_name}.{name}; arcquant cannot quantize it") from None
         q.shared = shared if len(names) > 1 else None
         q.input_amax = input_amax
-        _set_module(layer, name, q.to(lin.weight.device))
+        set_submodule(layer, name, q.to(lin.weight.device))
         rows.append({"name": f"{layer_name}.{name}", "in": lin.in_features, "out": lin.out_features,
                      "s": q.s, "avg_bits": q.avg_bits, "group": f"{layer_name}.{names[0]}"})
     return rows
@@ -117,7 +116,6 @@ def _weight_amax(lin, k_padded, rotate, smooth) -> torch.Tensor:
     w = lin.weight.detach().float()
     if rotate is None and smooth is None:
         return w.abs().max()
-    from .qlinear import transform_input
     w = transform_input(arc.pad_k(w, k_padded), rotate, None)
     return (w if smooth is None else w * smooth.to(w.device)).abs().max()
 

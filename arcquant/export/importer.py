@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from .. import arc
 from ..checkpoint import CheckpointError
 from ..formats import nvfp4
+from ..modeling import set_submodule
 from ..qlinear import QuantLinear
 from . import layout
 
@@ -104,9 +105,7 @@ def load_exported(path, device: str = "cpu", dtype=torch.float32):
         except AttributeError:
             raise CheckpointError(f"{path}: quantized layer {prefix!r} does not exist in a "
                                   f"{type(model).__name__}") from None
-        q = _layer(prefix, tensors, dtype)
-        parent, _, child = prefix.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, q)
+        set_submodule(model, prefix, _layer(prefix, tensors, dtype))
     missing, unexpected = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v
                                                  for k, v in tensors.items()}, strict=False)
     quant = set(prefixes)

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from .. import __version__
-from ..checkpoint import META_FILE, atomic_folder, load_quantized
+from ..checkpoint import META_FILE, unique_state, atomic_folder, load_quantized
 from ..qlinear import QuantLinear
 from .formats import check_exportable, layer_tensors, quant_configs
 
@@ -46,13 +46,9 @@ def collect_tensors(model, fmt: str, dtype: torch.dtype):
             inside.add(name)
         elif isinstance(mod, torch.nn.Linear):
             ignore.append(name)
-    seen = set()
-    for key, t in model.state_dict().items():
-        owner = key.rpartition(".")[0]
-        if owner in inside or t.data_ptr() in seen:              # quantized, or tied (lm_head)
-            continue
-        seen.add(t.data_ptr())
-        tensors[key] = (t.to(dtype) if t.is_floating_point() else t).detach().contiguous().cpu()
+    for key, t in unique_state(model).items():                 # tied lm_head stored once
+        if key.rpartition(".")[0] not in inside:                 # quantized layers written above
+            tensors[key] = t.to(dtype) if t.is_floating_point() else t
     return tensors, ignore, exact
 
 
@@ -93,8 +89,7 @@ def export_checkpoint(src, fmt: str, out, force: bool = False, dtype: str = "bfl
         warn(f"warning: {w}")
     tensors, ignore, exact = collect_tensors(model, fmt, DTYPES[dtype])
     hf_quant, qconf = quant_configs(fmt, meta, ignore)
-    unquantized = sorted({k.rpartition(".")[0] for k in tensors if not any(
-        k.startswith(f"{n}.") for n in exact)})                  # embeddings, norms, lm_head when untied
+    unquantized = sorted({k.rpartition(".")[0] for k in tensors} - set(exact))   # embeddings, norms, ...
     record = {"producer": f"arcquant {__version__}", "source": str(src), "format": fmt, "dtype": dtype,
               "method": meta["quant"]["method"], "quant": meta["quant"], "warnings": warnings,
               "excluded": ignore, "unquantized_modules": unquantized, "layers_exact": exact,
