@@ -118,10 +118,12 @@ def render_baselines(rows: list) -> str:
         lines.append(f"| {r['variant']} | {c['method']} | {c.get('fmt', 'nvfp4')} | {rot} | {r['avg_bits']:.2f} | "
                      f"{r['ppl']:.2f} | {gap} |")
     r0 = rows[0]
+    reused = [r["variant"] for r in rows if "reused_from" in r]
     lines.append(f"\n{r0['model']}; perplexity on {r0['text']} ({r0['tokens']} tokens, seqlen {r0['seqlen']}, "
                  f"GPTQ protocol); calibration {r0['calib']}; per-token activation scale; torch {r0['torch']}, CPU. "
-                 "Gap closed: (rtn - x) / (rtn - w4a8) with rtn of the same 4-bit format. Rows marked reused "
-                 "come from variants-smollm2.jsonl (same code path and settings).")
+                 "Gap closed: (rtn - x) / (rtn - w4a8) with rtn of the same 4-bit format."
+                 + (f" The {', '.join(reused)} rows are the runs of variants-smollm2.jsonl (same code path and "
+                    "settings; `reused_from` in the JSON lines)." if reused else ""))
     return "\n".join(lines) + "\n"
 
 
