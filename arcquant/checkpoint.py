@@ -4,7 +4,10 @@ A folder:
     arcquant.json       format name and version, QuantConfig, calibration, per-layer plan
                         (in/out features, s, activation mode, group, calibration input
                         max |x| for W4A4 layers), average bits
-    model.safetensors   every tensor of the model; per quantized layer NAME:
+    *.safetensors       every tensor of the model, in one file (model.safetensors) or, from the
+                        streaming quantizer, one file per decoder layer plus rest.safetensors;
+                        arcquant.json "files" lists them with their size and SHA-256, which
+                        load_quantized verifies. Per quantized layer NAME:
                         NAME.weight_packed (N, Kp/2) uint8, NAME.weight_scale (N, Kp/B),
                         NAME.weight_global_scale () f32 (448*6/amax), NAME.perm (Kp,) i32,
                         NAME.tail (s,) i32, [NAME.weight_tail_packed / _scale when the weight
@@ -14,6 +17,7 @@ A folder:
 Written to a temporary sibling folder and renamed into place, so an interrupted save never
 leaves a folder that looks complete. Loading needs no calibration data.
 """
+import hashlib
 import json
 import os
 import shutil
@@ -30,7 +34,7 @@ from .modeling import UnsupportedModelError, set_submodule
 from .qlinear import QuantLinear, SharedInput
 
 FORMAT = "arcquant"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2                 # 2: "files" with checksums; 1 (read still): one model.safetensors
 META_FILE = "arcquant.json"
 
 
@@ -65,10 +69,38 @@ def atomic_folder(out: Path, force: bool, write) -> Path:
     return out
 
 
-def unique_state(model) -> dict:
-    """state_dict without tied duplicates (safetensors refuses shared storage)."""
+def file_digest(path) -> dict:
+    """{"bytes": size, "sha256": hex digest} of a file, read in 16 MiB pieces."""
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+            n += len(chunk)
+    return {"bytes": n, "sha256": h.hexdigest()}
+
+
+def verify_files(path: Path, files: dict) -> None:
+    """Raise CheckpointError naming the first listed file that is missing, truncated or altered."""
+    for rel, want in files.items():
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing; the checkpoint is incomplete: quantize again")
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            raise CheckpointError(f"{f} has {size} bytes, the checkpoint recorded {want['bytes']}: the file "
+                                  "is truncated or damaged; quantize again or restore it")
+        if file_digest(f)["sha256"] != want["sha256"]:
+            raise CheckpointError(f"{f} does not match its recorded SHA-256: the file was altered or is "
+                                  "damaged; quantize again or restore it")
+
+
+def unique_state(model, exclude: str | None = None) -> dict:
+    """state_dict without tied duplicates (safetensors refuses shared storage) and without the
+    keys starting with `exclude`."""
     seen, out = set(), {}
     for k, t in model.state_dict().items():
+        if exclude and k.startswith(exclude):
+            continue
         key = (t.data_ptr(), t.shape, t.dtype) if t.numel() else (k,)
         if key in seen:
             continue
@@ -77,26 +109,44 @@ def unique_state(model) -> dict:
     return out
 
 
-def save_quantized(model, tokenizer, out, qcfg: QuantConfig, ccfg: CalibConfig | None, report: dict,
-                   source: str, force: bool = False) -> Path:
+def layer_entries(module, report: dict, prefix: str = "") -> dict:
+    """{dotted name: the arcquant.json entry} of every QuantLinear under `module`."""
     layers = {}
-    for name, mod in model.named_modules():
+    for name, mod in module.named_modules():
         if isinstance(mod, QuantLinear):
+            name = prefix + name
             row = next((r for r in report["layers"] if r["name"] == name), {})
             layers[name] = {"in_features": mod.in_features, "out_features": mod.out_features,
                             "fmt": mod.fmt.name, "act": mod.act, "act_scale": mod.act_scale,
                             "s": mod.s, "bias": mod.bias is not None, "group": row.get("group", name),
                             "input_amax": mod.input_amax, "rotate": mod.rotate}
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "producer": f"arcquant {__version__}",
+    return layers
+
+
+def make_meta(layers: dict, files: dict, qcfg: QuantConfig, ccfg: CalibConfig | None, report: dict,
+              source: str) -> dict:
+    return {"format": FORMAT, "version": FORMAT_VERSION, "producer": f"arcquant {__version__}",
             "source_model": source, "quant": qcfg.to_dict(),
             "calibration": None if ccfg is None else vars(ccfg).copy(),
-            "avg_bits": report["avg_bits"], "layers": layers}
+            "avg_bits": report["avg_bits"], "files": files, "moe": report.get("moe") or [],
+            "layers": layers}
+
+
+def write_folder_files(tmp: Path, model, tokenizer, meta: dict) -> None:
+    """config.json (quantization markers cleared), tokenizer files and arcquant.json."""
+    model.config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+
+
+def save_quantized(model, tokenizer, out, qcfg: QuantConfig, ccfg: CalibConfig | None, report: dict,
+                   source: str, force: bool = False) -> Path:
+    layers = layer_entries(model, report)
 
     def write(tmp: Path):
         save_file(unique_state(model), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
-        model.config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+        files = {"model.safetensors": file_digest(tmp / "model.safetensors")}
+        write_folder_files(tmp, model, tokenizer, make_meta(layers, files, qcfg, ccfg, report, source))
 
     return atomic_folder(Path(out), force, write)
 
@@ -155,18 +205,32 @@ def _build_layer(name: str, info: dict, tensors: dict, path: Path) -> QuantLinea
                        gs, in_gs, bias, info.get("rotate"), smooth, tail8)
 
 
-def load_quantized(path, device: str = "cpu"):
-    """-> (model, tokenizer, meta) from a checkpoint folder, in eval mode on `device`."""
+def read_tensors(path: Path, meta: dict, verify: bool = True) -> dict:
+    """Every tensor of the checkpoint's files (checked against their checksums first)."""
+    files = meta.get("files") or {"model.safetensors": None}            # version 1: one file
+    if verify and meta.get("files"):
+        verify_files(path, files)
+    tensors = {}
+    for rel in files:
+        try:
+            tensors.update(load_file(str(path / rel)))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: {rel} is missing") from None
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise CheckpointError(f"{path}/{rel} cannot be read ({e}); the file is damaged") from None
+    return tensors
+
+
+def load_quantized(path, device: str = "cpu", verify: bool = True):
+    """-> (model, tokenizer, meta) from a checkpoint folder, in eval mode on `device`.
+    verify: check every file's size and SHA-256 against arcquant.json first."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from .moe import unfuse_experts
     path = Path(path)
     meta = read_meta(path)
-    try:
-        tensors = load_file(str(path / "model.safetensors"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: model.safetensors is missing") from None
-    except Exception as e:  # safetensors raises its own error types for damaged files
-        raise CheckpointError(f"{path}/model.safetensors cannot be read ({e}); the file is damaged") from None
+    tensors = read_tensors(path, meta, verify)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+    unfuse_experts(model)
     groups: dict[str, SharedInput] = {}
     sizes: dict[str, int] = {}
     for info in meta["layers"].values():

@@ -11,6 +11,7 @@ from .checkpoint import CheckpointError, is_checkpoint
 from .config import ACT_SCALES, CALIB_SOURCES, METHODS, ROTATED, CalibConfig, QuantConfig
 from .data import TEXTS
 from .export import EXPORT_FORMATS, export_checkpoint
+from .export.writer import parse_size
 from .zeroshot import TASKS as ZS_TASKS
 from .formats import FORMATS
 from .modeling import DEFAULT_MODEL, UnsupportedModelError
@@ -66,9 +67,15 @@ def _eval_args(p):
 def cmd_quantize(a):
     qcfg, ccfg = _configs(a)
     t = time.time()
-    rep = pipeline.quantize_to_folder(a.model, a.out, qcfg, ccfg, a.device, a.force)
+    budget = None if a.max_memory is None else parse_size(a.max_memory)
+    rep = pipeline.quantize_to_folder(a.model, a.out, qcfg, ccfg, a.device, a.force, restart=a.restart,
+                                      max_memory=budget)
     print(f"wrote {a.out}: {qcfg.method} {qcfg.fmt}, {len(rep['layers'])} layers, "
           f"average bits {rep['avg_bits']:.3f}, {time.time() - t:.0f} s")
+    for row in rep.get("moe", []):
+        if row["under_calibrated"]:
+            print(f"under-calibrated experts (few routed calibration tokens; statistics from all tokens): "
+                  f"{', '.join(row['under_calibrated'])}")
 
 
 def cmd_eval(a):
@@ -147,6 +154,10 @@ def build_parser():
     p.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, HF folder or .gguf (default: %(default)s)")
     p.add_argument("--out", required=True, help="checkpoint folder to write (must not exist)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--restart", action="store_true",
+                   help="discard an interrupted run's work folder instead of resuming it")
+    p.add_argument("--max-memory", default=None,
+                   help="refuse to start if the estimated peak memory exceeds this (e.g. 8GB)")
     _quant_args(p)
     p.set_defaults(fn=cmd_quantize)
     p = sub.add_parser("eval", help="held-out perplexity (GPTQ protocol) of a model or checkpoint")

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .data import package_file
+from .moe import is_router, unfuse_experts
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -104,6 +105,7 @@ def load_model(name_or_path: str, dtype=torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = resolve_model(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    unfuse_experts(model)                                 # MoE experts as nn.Linear layers
     tok = AutoTokenizer.from_pretrained(str(path))
     return model.eval(), tok
 
@@ -126,6 +128,8 @@ def find_linears(layer: nn.Module, layer_name: str = "layer") -> dict[str, nn.Li
     """Every nn.Linear in a decoder layer; refuse parameter-bearing modules we do not understand."""
     linears, unknown = {}, []
     for name, mod in layer.named_modules():
+        if is_router(mod):
+            continue                                      # routers stay in high precision
         if isinstance(mod, nn.Linear):
             linears[name] = mod
         elif (not list(mod.children()) and any(True for _ in mod.parameters(recurse=False))

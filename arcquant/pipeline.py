@@ -3,22 +3,21 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import is_checkpoint, load_quantized, prepare_output, save_quantized
+from .checkpoint import is_checkpoint, load_quantized
 from .config import CalibConfig, QuantConfig
 from .evaluate import perplexity
 from .export import detect as detect_export, load_exported
 from .modeling import load_model
 from .quantize import quantize_model
+from .stream import quantize_streaming
 
 
 def quantize_to_folder(model_name: str, out, qcfg: QuantConfig, ccfg: CalibConfig, device="cpu",
-                       force=False, progress=True) -> dict:
-    """Load `model_name`, quantize it, write a checkpoint folder; -> the quantization report."""
-    prepare_output(Path(out), force)                      # refuse before spending minutes
-    model, tok = load_model(model_name)
-    report = quantize_model(model, tok, qcfg, ccfg, device=device, progress=progress)
-    save_quantized(model, tok, out, qcfg, ccfg, report, source=model_name, force=force)
-    return report
+                       force=False, progress=True, restart=False, max_memory=None) -> dict:
+    """Quantize `model_name` layer by layer from its files into a checkpoint folder (bounded
+    memory, resumable: arcquant/stream.py); -> the quantization report."""
+    return quantize_streaming(model_name, out, qcfg, ccfg, device, force, restart, max_memory,
+                              progress=progress)
 
 
 def load_any(path_or_name: str, device="cpu"):

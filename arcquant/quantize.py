@@ -1,10 +1,11 @@
 """quantize_model: calibrate and replace every decoder linear layer, one layer at a time."""
 import math
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from . import arc, baselines
+from . import arc, baselines, moe
 from .calibrate import capture_inputs, move_outside_layers, run_layer
 from .config import WITH_S, CalibConfig, QuantConfig
 from .data import calibration_batches
@@ -46,19 +47,31 @@ def stats_transform(qcfg: QuantConfig, fmt):
         -(-x.shape[-1] // mult) * mult, *rot))
 
 
+@dataclass
+class GroupInfo:
+    """What planning needs of one group of linears sharing an input (kept, or saved for resume)."""
+    names: list                     # linear names inside the decoder layer, leader first
+    k_padded: int
+    col_norm2: torch.Tensor         # (K,) sum over the group of each input column's |W|^2
+    stats: object = None            # arc.ChannelStats of the leader's input, or None
+
+
+def group_info(layer, names: list, stats, fmt, rotate_block) -> GroupInfo:
+    linears = [layer.get_submodule(n) for n in names]
+    return GroupInfo(list(names), _k_padded(linears[0], fmt, rotate_block), _col_norm2(linears), stats)
+
+
 def choose_s(qcfg: QuantConfig, groups: list) -> list[int]:
-    """s for each (linears, stats) group: the threshold rule, or the bit budget (target_bits)."""
+    """s for each GroupInfo: the threshold rule, or the bit budget (target_bits)."""
     fmt = get_format(qcfg.fmt)
     if qcfg.method not in WITH_S or not qcfg.residual:
         return [0] * len(groups)
-    widths = [_k_padded(lins[0], fmt, qcfg.rotate_block) for lins, _ in groups]
     if qcfg.target_bits is None:
-        return [arc.num_augmented(st.outliers, st.tokens, k, qcfg.s_multiple)
-                for (_, st), k in zip(groups, widths)]
-    gains = [arc.block_gains(st, k, qcfg.order, fmt.block, _col_norm2(lins))
-             for (lins, st), k in zip(groups, widths)]
-    return arc.allocate_budget(gains, widths, [len(l) for l, _ in groups], qcfg.target_bits,
-                               fmt.bits_per_element, fmt.block)
+        return [arc.num_augmented(g.stats.outliers, g.stats.tokens, g.k_padded, qcfg.s_multiple)
+                for g in groups]
+    gains = [arc.block_gains(g.stats, g.k_padded, qcfg.order, fmt.block, g.col_norm2) for g in groups]
+    return arc.allocate_budget(gains, [g.k_padded for g in groups], [len(g.names) for g in groups],
+                               qcfg.target_bits, fmt.bits_per_element, fmt.block)
 
 
 def quantize_layer_group(qcfg: QuantConfig, layer, names: list, stats, layer_name: str, s: int) -> list[dict]:
@@ -127,35 +140,105 @@ def _check_finite_weights(linears: dict, layer_name: str) -> None:
                                  "arcquant cannot quantize them: check the source model")
 
 
+class MemoryStore:
+    """Layers live in the model; nothing is saved (the in-memory path). The streaming
+    quantizer (arcquant/stream.py) implements the same methods on disk."""
+
+    def __init__(self, layers):
+        self.layers = layers
+
+    def has_stats(self, i):
+        return False
+
+    def has_layer(self, i):
+        return False
+
+    def snapshot(self):
+        return 0, None
+
+    def materialize(self, i, device):
+        return self.layers[i].to(device)
+
+    def release(self, i):
+        self.layers[i].to("cpu")
+
+    def save_stats(self, i, infos, moe_rows, hidden):
+        pass
+
+    def save_layer(self, i, rows):
+        pass
+
+
+def calibrate_layers(model, tokenizer, qcfg, ccfg, store, device, batch_size, progress) -> tuple:
+    """Pass 1: push the calibration text through the full-precision layers one at a time.
+    -> (GroupInfo lists per layer, MoE expert report rows)."""
+    lname, layers = find_decoder_layers(model)
+    n = len(layers)
+    if all(store.has_stats(i) for i in range(n)):
+        loaded = [store.load_stats(i) for i in range(n)]
+        return [x[0] for x in loaded], [r for x in loaded for r in x[1]]
+    fmt = get_format(qcfg.fmt)
+    needs_stats = ACT_OF_METHOD[qcfg.method] in ("fp4", "mixed")   # W4A4: s, plan, input range
+    prepare = stats_transform(qcfg, fmt)
+    batches = calibration_batches(tokenizer, ccfg.source, ccfg.nsamples, ccfg.seqlen, ccfg.seed)
+    move_outside_layers(model, layers, device)
+    hidden, kwargs = capture_inputs(model, layers, batches, device, batch_size)
+    start, saved = store.snapshot()                                # resume: activations at layer `start`
+    if saved is not None:
+        hidden = [h.to(device) for h in saved]
+    infos, moe_rows = [], []
+    for i in tqdm(range(n), desc="calibrate", disable=not progress):
+        if i < start:
+            layer_infos, rows = store.load_stats(i)
+            infos.append(layer_infos)
+            moe_rows += rows
+            continue
+        name, layer = f"{lname}.{i}", store.materialize(i, device)   # one layer on the device
+        linears = find_linears(layer, name)
+        _check_finite_weights(linears, name)
+        moe.start_calibration(layer)
+        done = store.has_stats(i)                                  # resumed: only the forward
+        hidden, groups, stats = run_layer(layer, linears, hidden, kwargs, name, qcfg.threshold, fmt,
+                                          with_stats=needs_stats and not done, prepare=prepare)
+        rows = moe.finish_calibration(layer, name, batches.numel(), _top_k(model))
+        if done:
+            layer_infos, rows = store.load_stats(i)
+        else:
+            layer_infos = [group_info(layer, g, stats.get(g[0]), fmt, qcfg.rotate_block) for g in groups]
+        infos.append(layer_infos)
+        moe_rows += rows
+        store.release(i)
+        store.save_stats(i, layer_infos, rows, hidden)
+    move_outside_layers(model, layers, "cpu")
+    return infos, moe_rows
+
+
+def _top_k(model):
+    return getattr(model.config, "num_experts_per_tok", None)
+
+
 def quantize_model(model, tokenizer, qcfg: QuantConfig, ccfg: CalibConfig = CalibConfig(),
-                   device: str = "cpu", batch_size: int = 8, progress: bool = True) -> dict:
-    """Quantize `model` in place; -> report {"layers": [...], "avg_bits": float}."""
+                   device: str = "cpu", batch_size: int = 8, progress: bool = True, store=None) -> dict:
+    """Quantize `model` in place (or through `store`, layer by layer);
+    -> report {"layers": [...], "avg_bits": float, "moe": [...]}."""
     if qcfg.method == "fp":
         return {"layers": [], "avg_bits": 16.0}
     lname, layers = find_decoder_layers(model)
     for i, layer in enumerate(layers):
         find_linears(layer, f"{lname}.{i}")                        # refuse early, before any work
-    batches = calibration_batches(tokenizer, ccfg.source, ccfg.nsamples, ccfg.seqlen, ccfg.seed)
-    move_outside_layers(model, layers, device)
-    hidden, kwargs = capture_inputs(model, layers, batches, device, batch_size)
-    fmt, found = get_format(qcfg.fmt), []
-    needs_stats = ACT_OF_METHOD[qcfg.method] in ("fp4", "mixed")   # W4A4: s, plan, input range
-    prepare = stats_transform(qcfg, fmt)
-    for i, layer in enumerate(tqdm(layers, desc="calibrate", disable=not progress)):
-        layer.to(device)                                           # one layer on the device at a time
-        name = f"{lname}.{i}"
-        linears = find_linears(layer, name)
-        _check_finite_weights(linears, name)
-        hidden, groups, stats = run_layer(layer, linears, hidden, kwargs, name, qcfg.threshold, fmt,
-                                          with_stats=needs_stats, prepare=prepare)
-        found += [(i, g, stats.get(g[0])) for g in groups]
-        layer.to("cpu")
-    del hidden
-    s_all = choose_s(qcfg, [([layers[i].get_submodule(n) for n in g], st) for i, g, st in found])
+    store = store or MemoryStore(layers)
+    infos, moe_rows = calibrate_layers(model, tokenizer, qcfg, ccfg, store, device, batch_size, progress)
+    s_all = iter(choose_s(qcfg, [g for layer_infos in infos for g in layer_infos]))
+    s_of = [[next(s_all) for _ in layer_infos] for layer_infos in infos]
     rows = []
-    for (i, g, st), s in zip(tqdm(found, desc=f"quantize {qcfg.method}", disable=not progress), s_all):
-        layers[i].to(device)
-        rows += quantize_layer_group(qcfg, layers[i], g, st, f"{lname}.{i}", s)
-        layers[i].to("cpu")
-    move_outside_layers(model, layers, "cpu")
-    return {"layers": rows, "avg_bits": sum(r["avg_bits"] for r in rows) / len(rows)}
+    for i in tqdm(range(len(layers)), desc=f"quantize {qcfg.method}", disable=not progress):
+        if store.has_layer(i):
+            rows += store.layer_rows(i)
+            continue
+        layer, layer_rows = store.materialize(i, device), []
+        for g, s in zip(infos[i], s_of[i]):
+            layer_rows += quantize_layer_group(qcfg, layer, g.names, g.stats, f"{lname}.{i}", s)
+        store.save_layer(i, layer_rows)
+        store.release(i)
+        rows += layer_rows
+    return {"layers": rows, "avg_bits": sum(r["avg_bits"] for r in rows) / len(rows), "moe": moe_rows}

@@ -121,14 +121,34 @@ def test_checkpoint_missing_tensor_is_named(saved_tiny):
     tensors = load_file(str(saved_tiny / "model.safetensors"))
     del tensors["model.layers.1.self_attn.v_proj.weight_scale"]
     save_file(tensors, str(saved_tiny / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"'model\.layers\.1\.self_attn\.v_proj\.weight_scale' is missing"):
+    with pytest.raises(CheckpointError, match="truncated or damaged"):      # the checksum sees it first
         load_quantized(saved_tiny)
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.1\.self_attn\.v_proj\.weight_scale' is missing"):
+        load_quantized(saved_tiny, verify=False)
+
+
+def test_checkpoint_altered_byte_is_caught_by_checksum(saved_tiny):
+    f = saved_tiny / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0x10                                          # same size, one bit of a weight flipped
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors does not match its recorded SHA-256"):
+        load_quantized(saved_tiny)
+
+
+def test_version_1_checkpoint_without_checksums_still_loads(saved_tiny):
+    meta = json.loads((saved_tiny / "arcquant.json").read_text())
+    meta["version"] = 1
+    del meta["files"]
+    (saved_tiny / "arcquant.json").write_text(json.dumps(meta))
+    model, _, got = load_quantized(saved_tiny)
+    assert got["version"] == 1 and any(True for _ in model.parameters())
 
 
 def test_checkpoint_truncated_file(saved_tiny):
     f = saved_tiny / "model.safetensors"
     f.write_bytes(f.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match="damaged"):
+    with pytest.raises(CheckpointError, match=r"has 1000 bytes, the checkpoint recorded \d+: the file is truncated"):
         load_quantized(saved_tiny)
 
 

@@ -42,7 +42,8 @@ def test_quantize_save_reload_fresh_process_same_logits(fresh_smollm, tmp_path):
         ref = model(ids).logits
     out = save_quantized(model, tok, tmp_path / "ck", qcfg, SMALL_CALIB, report, "smollm2-135m")
     meta = json.loads((out / "arcquant.json").read_text())
-    assert meta["version"] == 1 and meta["quant"]["method"] == "arc"
+    assert meta["version"] == 2 and meta["quant"]["method"] == "arc"
+    assert meta["files"]["model.safetensors"]["bytes"] == (out / "model.safetensors").stat().st_size
     assert meta["layers"]["model.layers.0.self_attn.k_proj"]["group"] == "model.layers.0.self_attn.q_proj"
     subprocess.run([sys.executable, "-c", RELOAD, str(out), PROMPT, str(tmp_path / "logits.pt")], check=True)
     again = torch.load(tmp_path / "logits.pt", weights_only=True)

@@ -97,7 +97,7 @@ def export_checkpoint(src, fmt: str, out, force: bool = False, dtype: str = "bfl
 
     def write(tmp: Path):
         for f in src.iterdir():                                   # tokenizer files, chat template
-            if f.is_file() and f.name not in SKIP_FILES:
+            if f.is_file() and f.name not in SKIP_FILES and f.suffix != ".safetensors":
                 shutil.copy2(f, tmp / f.name)
         record["files"] = write_shards(tensors, tmp, max_bytes)
         cfg = model.config.to_dict()
