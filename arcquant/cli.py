@@ -69,7 +69,7 @@ def cmd_quantize(a):
     t = time.time()
     budget = None if a.max_memory is None else parse_size(a.max_memory)
     rep = pipeline.quantize_to_folder(a.model, a.out, qcfg, ccfg, a.device, a.force, restart=a.restart,
-                                      max_memory=budget)
+                                      max_memory=budget, snapshot_every=a.snapshot_every)
     print(f"wrote {a.out}: {qcfg.method} {qcfg.fmt}, {len(rep['layers'])} layers, "
           f"average bits {rep['avg_bits']:.3f}, {time.time() - t:.0f} s")
     for row in rep.get("moe", []):
@@ -158,6 +158,9 @@ def build_parser():
                    help="discard an interrupted run's work folder instead of resuming it")
     p.add_argument("--max-memory", default=None,
                    help="refuse to start if the estimated peak memory exceeds this (e.g. 8GB)")
+    p.add_argument("--snapshot-every", type=float, default=600.0,
+                   help="seconds between saved calibration activations, so a resumed run skips the "
+                        "layers before them (default: %(default)s)")
     _quant_args(p)
     p.set_defaults(fn=cmd_quantize)
     p = sub.add_parser("eval", help="held-out perplexity (GPTQ protocol) of a model or checkpoint")

@@ -13,11 +13,12 @@ from .stream import quantize_streaming
 
 
 def quantize_to_folder(model_name: str, out, qcfg: QuantConfig, ccfg: CalibConfig, device="cpu",
-                       force=False, progress=True, restart=False, max_memory=None) -> dict:
+                       force=False, progress=True, restart=False, max_memory=None,
+                       snapshot_every=600.0) -> dict:
     """Quantize `model_name` layer by layer from its files into a checkpoint folder (bounded
     memory, resumable: arcquant/stream.py); -> the quantization report."""
     return quantize_streaming(model_name, out, qcfg, ccfg, device, force, restart, max_memory,
-                              progress=progress)
+                              snapshot_every, progress=progress)
 
 
 def load_any(path_or_name: str, device="cpu"):

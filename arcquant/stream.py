@@ -13,6 +13,7 @@ the calibration activations are snapshotted every `snapshot_every` seconds so pa
 without re-running the layers before the snapshot. When all layers are done the work folder
 gets rest.safetensors, config, tokenizer and arcquant.json and is renamed to the output.
 """
+import ctypes
 import json
 import os
 import shutil
@@ -35,6 +36,16 @@ from .source import SafetensorsSource, SourceError, fill
 
 PROGRESS = "progress.json"
 STATS_FIELDS = ("absmax", "sqerr", "sumsq")
+
+
+def fixed_mmap_threshold() -> None:
+    """glibc raises its mmap threshold after large frees, so freed layers end up as heap
+    fragments that are never returned (measured: 0.6 GiB -> 3.5 GiB over a 96-layer run).
+    A fixed threshold keeps every tensor-sized block in its own mapping, returned on free."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10)             # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass                                                        # not glibc: nothing to do
 
 
 def work_dir(out: Path) -> Path:
@@ -243,6 +254,7 @@ def quantize_streaming(model_name: str, out, qcfg: QuantConfig, ccfg: CalibConfi
         raise ValueError("--method fp quantizes nothing; use the source model itself")
     out = Path(out)
     prepare_output(out, force)                                     # refuse before spending minutes
+    fixed_mmap_threshold()
     folder = resolve_model(model_name)
     source = SafetensorsSource(folder)
     model, lname = build_skeleton(folder, source)
