@@ -53,7 +53,7 @@ class UnfusedExperts(nn.ModuleList):
     def forward(self, hidden_states, top_k_index, top_k_weights):  # (T, H), (T, k), (T, k)
         out = torch.zeros_like(hidden_states)
         for e, expert in enumerate(self):
-            top_k_pos, token_idx = torch.where(top_k_index == e)
+            token_idx, top_k_pos = torch.where(top_k_index == e)
             if self.calibrating:
                 self.routed[e] += token_idx.numel()
                 y = expert(hidden_states.view_as(hidden_states))[token_idx]   # all tokens seen
@@ -110,5 +110,5 @@ def finish_calibration(layer: nn.Module, layer_name: str, tokens: int, top_k: in
         fair = tokens * (top_k or 1) / b.num_experts
         under = [e for e, c in enumerate(b.routed.tolist()) if c < UNDER_CALIBRATED * fair]
         rows.append({"block": f"{layer_name}.{name}", "routed_tokens": b.routed.tolist(),
-                     "under_calibrated": [f"{layer_name}.{name}.experts.{e}" for e in under]})
+                     "under_calibrated": [f"{layer_name}.{name}.{e}" for e in under]})
     return rows
