@@ -158,6 +158,11 @@ def make_plan(stats: ChannelStats, k_padded: int, s: int, order: str, block: int
 
 
 # ---- augmented operands ---------------------------------------------------------------------------
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(t).all():
+        raise ValueError(f"NaN or Inf in the {what}; 4-bit formats cannot represent them (check the input)")
+
+
 @dataclass
 class QuantizedWeight:
     codes: torch.Tensor                 # (N, K) uint8 codes of W[:, perm]
@@ -168,6 +173,7 @@ class QuantizedWeight:
 
 def quantize_weight(w: torch.Tensor, plan: ArcPlan, fmt: BlockFormat, gs) -> QuantizedWeight:
     """w (N, K) padded -> quantized main part in plan order, plus a stored tail if needed."""
+    _check_finite(w, "weights")
     codes, scales = fmt.quantize(w[:, plan.perm], gs)
     if plan.tail_reuses_weight():
         return QuantizedWeight(codes, scales, None, None)
@@ -186,6 +192,7 @@ def augmented_weight(qw: QuantizedWeight, plan: ArcPlan, block: int):
 
 def quantize_activation(x: torch.Tensor, plan: ArcPlan, fmt: BlockFormat, gs):
     """x (M, K) padded -> (codes (M, K+s), scales (M, (K+s)/B)) of X_aug = [Q1, Q2]."""
+    _check_finite(x, "activations")
     xp = x[:, plan.perm]                                                 # (M, K)
     c1, s1 = fmt.quantize(xp, gs)
     if plan.s == 0:

@@ -160,30 +160,64 @@ def read_meta(path: Path) -> dict:
         raise CheckpointError(f"{path / META_FILE} is not valid JSON ({e}); the checkpoint is damaged") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path / META_FILE} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path / META_FILE} is not a JSON object; the checkpoint is damaged")
     version = meta.get("version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written in arcquant checkpoint format version {version!r}; this "
                               f"arcquant ({__version__}) reads versions up to {FORMAT_VERSION}: upgrade arcquant")
+    bad = [k for k, typ in (("layers", dict), ("quant", dict), ("avg_bits", (int, float))) if not isinstance(meta.get(k), typ)]
+    if meta.get("files") is not None and not isinstance(meta["files"], dict):
+        bad.append("files")
+    if bad:
+        raise CheckpointError(f"{path / META_FILE}: fields {bad} are missing or malformed; the checkpoint is damaged")
     return meta
 
 
-def _take(tensors: dict, key: str, path: Path) -> torch.Tensor:
+def _take(tensors: dict, key: str, path: Path, dtypes=None) -> torch.Tensor:
     if key not in tensors:
-        raise CheckpointError(f"{path}: tensor {key!r} is missing from model.safetensors; "
+        raise CheckpointError(f"{path}: tensor {key!r} is missing from the checkpoint's files; "
                               "the checkpoint is incomplete: quantize again")
-    return tensors.pop(key)
+    t = tensors.pop(key)
+    if dtypes is not None and t.dtype not in dtypes:
+        raise CheckpointError(f"{path}: tensor {key!r} has dtype {t.dtype}, expected "
+                              f"{' or '.join(str(d) for d in dtypes)}; the checkpoint is damaged")
+    return t
+
+
+INDEX = (torch.int16, torch.int32, torch.int64)
+FLOAT = (torch.float32,)
+PACKED = (torch.uint8,)
+
+
+def _scale_dtype(fmt) -> tuple:
+    return (fmt.quantize(torch.zeros(1, fmt.block), torch.ones(()))[1].dtype,)
+
+
+def _check_plan(name: str, perm: torch.Tensor, tail: torch.Tensor, path: Path) -> None:
+    k = perm.numel()
+    if perm.dim() != 1 or not torch.equal(torch.sort(perm).values, torch.arange(k, dtype=perm.dtype)):
+        raise CheckpointError(f"{path}: {name}.perm is not a permutation of 0..{k - 1}; the checkpoint is damaged")
+    if tail.dim() != 1 or (tail.numel() and (int(tail.min()) < 0 or int(tail.max()) >= k)):
+        raise CheckpointError(f"{path}: {name}.tail has channels outside 0..{k - 1}; the checkpoint is damaged")
 
 
 def _build_layer(name: str, info: dict, tensors: dict, path: Path) -> QuantLinear:
     fmt = get_format(info["fmt"])
-    perm, tail = _take(tensors, f"{name}.perm", path), _take(tensors, f"{name}.tail", path)
+    perm, tail = _take(tensors, f"{name}.perm", path, INDEX), _take(tensors, f"{name}.tail", path, INDEX)
+    _check_plan(name, perm, tail, path)
     plan = arc.ArcPlan(perm.long(), tail.long())
-    codes = fmt.module.unpack(_take(tensors, f"{name}.weight_packed", path))
-    scales = _take(tensors, f"{name}.weight_scale", path)
+    packed = _take(tensors, f"{name}.weight_packed", path, PACKED)
+    if packed.dim() != 2:
+        raise CheckpointError(f"{path}: {name}.weight_packed has shape {tuple(packed.shape)}, expected 2 dimensions")
+    codes = fmt.module.unpack(packed)
+    scales = _take(tensors, f"{name}.weight_scale", path, _scale_dtype(fmt))
     tail_codes = tail_scales = None
     if f"{name}.weight_tail_packed" in tensors:
-        tail_codes = fmt.module.unpack(_take(tensors, f"{name}.weight_tail_packed", path))
-        tail_scales = _take(tensors, f"{name}.weight_tail_scale", path)
+        tail_codes = fmt.module.unpack(_take(tensors, f"{name}.weight_tail_packed", path, PACKED))
+        tail_scales = _take(tensors, f"{name}.weight_tail_scale", path, _scale_dtype(fmt))
+        if tuple(tail_codes.shape) != (info["out_features"], info["s"]):
+            raise CheckpointError(f"{path}: {name}.weight_tail_packed has the wrong shape; the checkpoint is damaged")
     n, kp = info["out_features"], perm.numel()
     expect = {"weight_packed": (codes.shape, (n, kp)), "weight_scale": (scales.shape, (n, kp // fmt.block)),
               "tail": (tail.shape, (info["s"],))}
@@ -193,9 +227,12 @@ def _build_layer(name: str, info: dict, tensors: dict, path: Path) -> QuantLinea
     if tail_codes is None and not plan.tail_reuses_weight():
         raise CheckpointError(f"{path}: {name}.weight_tail_packed is missing for a non-reused tail")
     qw = arc.QuantizedWeight(codes, scales, tail_codes, tail_scales)
-    gs = _take(tensors, f"{name}.weight_global_scale", path)
-    in_gs = _take(tensors, f"{name}.input_global_scale", path) if info["act_scale"] == "static" \
+    gs = _take(tensors, f"{name}.weight_global_scale", path, FLOAT)
+    in_gs = _take(tensors, f"{name}.input_global_scale", path, FLOAT) if info["act_scale"] == "static" \
         and info["act"] in ("fp4", "mixed") else None
+    for key, t in (("weight_global_scale", gs), ("input_global_scale", in_gs)):
+        if t is not None and (t.numel() != 1 or not torch.isfinite(t).all() or float(t) <= 0):
+            raise CheckpointError(f"{path}: {name}.{key} must be one finite positive number; the checkpoint is damaged")
     bias = _take(tensors, f"{name}.bias", path) if info["bias"] else None
     smooth = tensors.pop(f"{name}.smooth", None)
     tail8 = None
@@ -241,7 +278,11 @@ def load_quantized(path, device: str = "cpu", verify: bool = True):
         except AttributeError:
             raise UnsupportedModelError(f"{path}: layer {name!r} of the checkpoint does not exist in a "
                                         f"{type(model).__name__}; config.json and arcquant.json disagree") from None
-        q = _build_layer(name, info, tensors, path)
+        try:
+            q = _build_layer(name, info, tensors, path)
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{path / META_FILE}: the entry of layer {name!r} is malformed (field {e}); "
+                                  "the checkpoint is damaged") from None
         q.input_amax = info.get("input_amax")
         if sizes[info["group"]] > 1:
             q.shared = groups.setdefault(info["group"], SharedInput())

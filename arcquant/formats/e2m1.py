@@ -57,6 +57,11 @@ def div_const(t: torch.Tensor, c: float) -> torch.Tensor:
     return t / torch.full_like(t, c)
 
 
+def check_finite(x: torch.Tensor, fmt: str) -> None:
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{fmt} got NaN or Inf values; 4-bit formats cannot represent them")
+
+
 def check_last_axis(x: torch.Tensor, block: int, unit: str = "block size") -> None:
     """Refuse a last axis that is not a whole number of blocks, saying what to do."""
     if x.shape[-1] % block:

@@ -5,7 +5,7 @@ scale 0 and codes 0. Codes are stored as 4-bit two's complement nibbles (-7 -> 0
 """
 import torch
 
-from .e2m1 import check_last_axis, div_const, pack_nibbles, unpack_nibbles
+from .e2m1 import check_finite, check_last_axis, div_const, pack_nibbles, unpack_nibbles
 
 BLOCK = 128
 QMAX = 7
@@ -28,6 +28,7 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, global_scale=None) -> 
 
 
 def fake_quantize(x: torch.Tensor, global_scale=None) -> torch.Tensor:
+    check_finite(x, "INT4")
     codes, scales = quantize(x)
     return dequantize(codes, scales)
 

@@ -9,10 +9,11 @@ An all-zero block gets the smallest scale and zero codes.
 """
 import torch
 
-from .e2m1 import E2M1_MAX, check_last_axis, div_const, e2m1_decode, e2m1_round, pack_nibbles, unpack_nibbles
+from .e2m1 import E2M1_MAX, check_finite, check_last_axis, div_const, e2m1_decode, e2m1_round, pack_nibbles, unpack_nibbles
 
 BLOCK = 32
 _BIAS = 127
+LIMIT = 2.0 ** 127      # a block above this may round to 2^128, which float32 cannot hold
 
 
 def quantize(x: torch.Tensor, global_scale=None):
@@ -20,6 +21,9 @@ def quantize(x: torch.Tensor, global_scale=None):
     global_scale is accepted for a uniform interface and ignored (MX has none)."""
     check_last_axis(x, BLOCK)
     xb = x.to(torch.float32).unflatten(-1, (-1, BLOCK))                # (..., K/32, 32)
+    if bool((xb.abs() >= LIMIT).any()):
+        raise ValueError(f"MXFP4 input has magnitudes >= 2^127 ({float(xb.abs().max()):.3g}); rounded to the "
+                         "MX grid they overflow float32 - scale the tensor down first")
     v = div_const(xb.abs().amax(dim=-1, keepdim=True), E2M1_MAX)     # (..., K/32, 1)
     mant, exp = torch.frexp(v)                                         # v = mant * 2^exp
     e = torch.where(mant == 0.5, exp - 1, exp)                         # ceil(log2 v), exact
@@ -35,6 +39,7 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, global_scale=None) -> 
 
 
 def fake_quantize(x: torch.Tensor, global_scale=None) -> torch.Tensor:
+    check_finite(x, "MXFP4")
     codes, scales = quantize(x)
     return dequantize(codes, scales)
 
