@@ -5,7 +5,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import pipeline
+from . import distributed, pipeline
 from .arc import ORDERS
 from .checkpoint import CheckpointError, is_checkpoint
 from .config import ACT_SCALES, CALIB_SOURCES, METHODS, ROTATED, CalibConfig, QuantConfig
@@ -70,6 +70,8 @@ def cmd_quantize(a):
     budget = None if a.max_memory is None else parse_size(a.max_memory)
     rep = pipeline.quantize_to_folder(a.model, a.out, qcfg, ccfg, a.device, a.force, restart=a.restart,
                                       max_memory=budget, snapshot_every=a.snapshot_every)
+    if distributed.rank() > 0:
+        return                                                     # torchrun: rank 0 reports
     print(f"wrote {a.out}: {qcfg.method} {qcfg.fmt}, {len(rep['layers'])} layers, "
           f"average bits {rep['avg_bits']:.3f}, {time.time() - t:.0f} s")
     for row in rep.get("moe", []):

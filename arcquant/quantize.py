@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from . import arc, baselines, moe
+from . import arc, baselines, distributed, moe
 from .calibrate import capture_inputs, move_outside_layers, run_layer
 from .config import WITH_S, CalibConfig, QuantConfig
 from .data import calibration_batches
@@ -181,8 +181,9 @@ def calibrate_layers(model, tokenizer, qcfg, ccfg, store, device, batch_size, pr
     needs_stats = ACT_OF_METHOD[qcfg.method] in ("fp4", "mixed")   # W4A4: s, plan, input range
     prepare = stats_transform(qcfg, fmt)
     batches = calibration_batches(tokenizer, ccfg.source, ccfg.nsamples, ccfg.seqlen, ccfg.seed)
+    tokens = batches.numel()
     move_outside_layers(model, layers, device)
-    hidden, kwargs = capture_inputs(model, layers, batches, device, batch_size)
+    hidden, kwargs = capture_inputs(model, layers, distributed.shard(batches), device, batch_size)
     start, saved = store.snapshot()                                # resume: activations at layer `start`
     if saved is not None:
         hidden = [h.to(device) for h in saved]
@@ -196,11 +197,14 @@ def calibrate_layers(model, tokenizer, qcfg, ccfg, store, device, batch_size, pr
         name, layer = f"{lname}.{i}", store.materialize(i, device)   # one layer on the device
         linears = find_linears(layer, name)
         _check_finite_weights(linears, name)
-        moe.start_calibration(layer)
+        blocks = moe.start_calibration(layer)
         done = store.has_stats(i)                                  # resumed: only the forward
         hidden, groups, stats = run_layer(layer, linears, hidden, kwargs, name, qcfg.threshold, fmt,
                                           with_stats=needs_stats and not done, prepare=prepare)
-        rows = moe.finish_calibration(layer, name, batches.numel(), _top_k(model))
+        distributed.reduce_stats(stats, device)                    # several ranks: as if one saw all
+        for b in blocks:
+            b.routed = distributed.reduce_counts(b.routed, device)
+        rows = moe.finish_calibration(layer, name, tokens, _top_k(model))
         if done:
             layer_infos, rows = store.load_stats(i)
         else:
@@ -226,19 +230,28 @@ def quantize_model(model, tokenizer, qcfg: QuantConfig, ccfg: CalibConfig = Cali
     lname, layers = find_decoder_layers(model)
     for i, layer in enumerate(layers):
         find_linears(layer, f"{lname}.{i}")                        # refuse early, before any work
+    if store is None and distributed.world() > 1:
+        raise ValueError("several processes (torchrun) quantize through the streaming path only: "
+                         "use arcquant quantize")
     store = store or MemoryStore(layers)
     infos, moe_rows = calibrate_layers(model, tokenizer, qcfg, ccfg, store, device, batch_size, progress)
     s_all = iter(choose_s(qcfg, [g for layer_infos in infos for g in layer_infos]))
     s_of = [[next(s_all) for _ in layer_infos] for layer_infos in infos]
-    rows = []
+    rows_of = {}
     for i in tqdm(range(len(layers)), desc=f"quantize {qcfg.method}", disable=not progress):
         if store.has_layer(i):
-            rows += store.layer_rows(i)
+            rows_of[i] = store.layer_rows(i)
+            continue
+        if not distributed.mine(i):                                # several ranks: layer i on rank i % world
             continue
         layer, layer_rows = store.materialize(i, device), []
         for g, s in zip(infos[i], s_of[i]):
             layer_rows += quantize_layer_group(qcfg, layer, g.names, g.stats, f"{lname}.{i}", s)
         store.save_layer(i, layer_rows)
         store.release(i)
-        rows += layer_rows
+        rows_of[i] = layer_rows
+    if distributed.world() > 1:
+        store.merge_layers(distributed.gather(store.layer_entries()))
+        rows_of = {i: r for part in distributed.gather(rows_of) for i, r in part.items()}
+    rows = [r for i in sorted(rows_of) for r in rows_of[i]]
     return {"layers": rows, "avg_bits": sum(r["avg_bits"] for r in rows) / len(rows), "moe": moe_rows}

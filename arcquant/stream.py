@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import __version__
+from . import __version__, distributed
 from .arc import ChannelStats
 from .checkpoint import (file_digest, layer_entries, make_meta, prepare_output, unique_state,
                          write_folder_files, FORMAT)
@@ -54,18 +54,25 @@ def work_dir(out: Path) -> Path:
 
 def _init_buffers(model, root, prefix: str) -> None:
     """Non-persistent buffers (rotary inv_freq) are not in checkpoints: the model's own
-    initialisation computes them."""
+    initialisation computes them (filled with NaN first, so a buffer it skips is caught), or a
+    fresh CPU instance of the module built from the config."""
     for name, mod in root.named_modules():
         metas = [k for k in mod._non_persistent_buffers_set if mod._buffers.get(k) is not None
                  and mod._buffers[k].device.type == "meta"]
+        if not metas:
+            continue
         for k in metas:
-            mod._buffers[k] = torch.empty_like(mod._buffers[k], device="cpu")
-        if metas:
-            model._init_weights(mod)
-            bad = [k for k in metas if not torch.isfinite(mod._buffers[k]).all()]
-            if bad:
-                raise SourceError(f"cannot compute the buffers {bad} of {prefix}{name}; "
-                                  "quantize this model without streaming")
+            mod._buffers[k] = torch.full_like(mod._buffers[k], float("nan"), device="cpu")
+        model._init_weights(mod)
+        unset = [k for k in metas if not torch.isfinite(mod._buffers[k]).all()]
+        if unset:
+            try:
+                fresh = type(mod)(model.config)
+                for k in unset:
+                    mod._buffers[k] = fresh._buffers[k].to(mod._buffers[k].dtype)
+            except Exception as e:  # any constructor signature: say what could not be built
+                raise SourceError(f"cannot compute the buffers {unset} of {prefix}{name} ({e}); "
+                                  "quantize this model without streaming") from None
 
 
 def build_skeleton(folder: Path, source: SafetensorsSource, dtype=torch.float32):
@@ -118,6 +125,9 @@ class DiskStore:
         self.layers = find_decoder_layers(model)[1]
         self.fmt, self.threshold = get_format(qcfg.fmt), qcfg.threshold
         self.snapshot_every, self.last_snapshot, self.log = snapshot_every, time.time(), log
+        self.leader = distributed.rank() == 0                     # writes stats, progress, the folder
+        if distributed.world() > 1:
+            self.snapshot_every = float("inf")                     # activations are split over ranks
         (work / "layers").mkdir(parents=True, exist_ok=True)
         (work / "stats").mkdir(exist_ok=True)
         p = work / PROGRESS
@@ -158,6 +168,8 @@ class DiskStore:
         return {"file": rel, **file_digest(self.work / rel)}
 
     def _save_progress(self) -> None:
+        if not self.leader:
+            return
         tmp = self.work / (PROGRESS + ".tmp")
         tmp.write_text(json.dumps(self.progress, indent=1))
         os.replace(tmp, self.work / PROGRESS)
@@ -179,6 +191,8 @@ class DiskStore:
         self.layers[i].to("meta")                                  # frees the layer's memory
 
     def save_stats(self, i, infos: list, moe_rows: list, hidden: list) -> None:
+        if not self.leader:
+            return
         if not self.has_stats(i):
             tensors = {}
             for j, g in enumerate(infos):
@@ -218,16 +232,34 @@ class DiskStore:
         self.log(f"resume: calibration activations restored at layer {snap['layer']}")
         return snap["layer"], [t[str(j)] for j in range(len(t))]
 
+    def _source_dtype(self, tensors: dict) -> dict:
+        """Unquantized tensors (embeddings, norms, biases) go back to the source's dtype."""
+        out = {}
+        for k, v in tensors.items():
+            e = self.source.entries.get(k)
+            out[k] = v.to(e[1]) if e is not None and v.is_floating_point() and e[1].is_floating_point else v
+        return out
+
     def save_layer(self, i, rows) -> None:
         layer, prefix = self.layers[i], f"{self.lname}.{i}."
-        tensors = {prefix + k: v.detach().contiguous().cpu() for k, v in layer.state_dict().items()}
+        tensors = self._source_dtype({prefix + k: v.detach().contiguous().cpu()
+                                      for k, v in layer.state_dict().items()})
         entry = self._write(f"layers/layer-{i:05d}.safetensors", tensors)
         entry.update(rows=rows, entries=layer_entries(layer, {"layers": rows}, prefix))
         self.progress["layers"][str(i)] = entry
         self._save_progress()
 
+    def layer_entries(self) -> dict:
+        return self.progress["layers"]
+
+    def merge_layers(self, parts: list) -> None:
+        """Record the layer files every rank wrote (rank 0 writes progress.json)."""
+        for part in parts:
+            self.progress["layers"].update(part)
+        self._save_progress()
+
     def finish(self, out: Path, tokenizer, qcfg, ccfg, report, source_name: str, force: bool) -> Path:
-        rest = unique_state(self.model, exclude=self.lname + ".")
+        rest = self._source_dtype(unique_state(self.model, exclude=self.lname + "."))
         entry = self._write("rest.safetensors", rest)
         files = {e["file"]: {"bytes": e["bytes"], "sha256": e["sha256"]}
                  for e in sorted(self.progress["layers"].values(), key=lambda e: e["file"])}
@@ -255,6 +287,9 @@ def quantize_streaming(model_name: str, out, qcfg: QuantConfig, ccfg: CalibConfi
     out = Path(out)
     prepare_output(out, force)                                     # refuse before spending minutes
     fixed_mmap_threshold()
+    device = distributed.init_from_env(device)
+    if distributed.rank() > 0:
+        log, progress = (lambda m: None), False
     folder = resolve_model(model_name)
     source = SafetensorsSource(folder)
     model, lname = build_skeleton(folder, source)
@@ -268,13 +303,17 @@ def quantize_streaming(model_name: str, out, qcfg: QuantConfig, ccfg: CalibConfi
         raise ValueError(f"the estimated peak memory {gib(est['total'])} exceeds --max-memory {gib(max_memory)}; "
                          f"lower --calib-samples or --calib-seqlen (activations take {gib(est['activations'])})")
     work = work_dir(out)
-    if restart:
+    if restart and distributed.rank() == 0:
         shutil.rmtree(work, ignore_errors=True)
+    distributed.barrier()
     fingerprint = {"quant": qcfg.to_dict(), "calibration": vars(ccfg).copy(), "source": str(folder),
                    "source_files": source.files(), "arcquant": __version__}
     store = DiskStore(work, model, lname, source, qcfg, fingerprint, snapshot_every, log)
     tok = AutoTokenizer.from_pretrained(str(folder))
+    distributed.barrier()                                          # every rank read the same progress
     report = quantize_model(model, tok, qcfg, ccfg, device=device, progress=progress, store=store)
-    store.finish(out, tok, qcfg, ccfg, report, model_name, force)
+    if store.leader:
+        store.finish(out, tok, qcfg, ccfg, report, model_name, force)
+    distributed.barrier()
     report["memory_estimate"] = est
     return report

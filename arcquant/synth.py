@@ -16,6 +16,8 @@ from safetensors.torch import save_file
 from .modeling import resolve_model
 
 SHAPES = {
+    "tiny-llama": dict(model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True),
     "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                          rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=False),
@@ -32,7 +34,7 @@ def _config(shape: dict):
 
 
 def write_random_model(folder, shape: dict | str, dtype=torch.bfloat16, seed: int = 0, outliers: int = 8,
-                       outlier_gain: float = 30.0, device: str = "cpu") -> Path:
+                       outlier_gain: float = 30.0, device: str = "cpu", tokenizer_dir=None) -> Path:
     """Write config.json, tokenizer files and one safetensors file per decoder layer to `folder`."""
     from transformers import AutoModelForCausalLM
     shape = SHAPES[shape] if isinstance(shape, str) else shape
@@ -67,7 +69,7 @@ def write_random_model(folder, shape: dict | str, dtype=torch.bfloat16, seed: in
     (folder / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": model_bytes(folder)}, "weight_map": weight_map}, indent=1))
     config.save_pretrained(folder)
-    src = resolve_model("smollm2-135m")
+    src = Path(tokenizer_dir) if tokenizer_dir else resolve_model("smollm2-135m")
     for f in src.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens")) or f.name == "vocab.json" or f.name == "merges.txt":
             shutil.copy2(f, folder / f.name)

@@ -149,3 +149,21 @@ def test_model_several_times_larger_than_the_memory_cap(tmp_path):
     assert not in_memory["ok"] and "allocate" in in_memory["error"]
     meta = read_meta(tmp_path / "q")
     assert len(meta["layers"]) == 96 * 7
+
+
+def test_two_processes_write_the_single_process_checkpoint(tmp_path):
+    """torchrun, 2 ranks (gloo on CPU): calibration samples split, statistics all-reduced, layers
+    quantized on alternate ranks -> bit-identical to one process."""
+    one = tmp_path / "one"
+    quantize_streaming("smollm2-135m", one, QuantConfig(), CalibConfig(nsamples=8, seqlen=64), **QUIET)
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+           "-m", "arcquant.cli", "quantize", "--out", str(two), "--calib-samples", "8", "--calib-seqlen", "64"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("wrote ") == 1                          # rank 0 reports
+    assert_same_checkpoint(two, one)
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "same_checkpoint.py"), str(one), str(two)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and "0 differ" in res.stdout
