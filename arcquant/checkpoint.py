@@ -258,15 +258,19 @@ def read_tensors(path: Path, meta: dict, verify: bool = True) -> dict:
     return tensors
 
 
-def load_quantized(path, device: str = "cpu", verify: bool = True):
+def load_quantized(path, device: str = "cpu", verify: bool = True, dtype=torch.float32):
     """-> (model, tokenizer, meta) from a checkpoint folder, in eval mode on `device`.
-    verify: check every file's size and SHA-256 against arcquant.json first."""
+    verify: check every file's size and SHA-256 against arcquant.json first.
+    dtype: of the unquantized tensors (embeddings, norms, head, biases): float32 for the CPU
+    reference, bfloat16 on a GPU. The model is built on the meta device and takes the
+    checkpoint's tensors as they are: no full-precision copy of the linear weights is ever made."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from .moe import unfuse_experts
     path = Path(path)
     meta = read_meta(path)
     tensors = read_tensors(path, meta, verify)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
     unfuse_experts(model)
     groups: dict[str, SharedInput] = {}
     sizes: dict[str, int] = {}
@@ -288,15 +292,31 @@ def load_quantized(path, device: str = "cpu", verify: bool = True):
             q.shared = groups.setdefault(info["group"], SharedInput())
         set_submodule(model, name, q)
     try:
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: model.safetensors does not fit its config.json: {e}") from None
+        raise CheckpointError(f"{path}: the checkpoint's tensors do not fit its config.json: {e}") from None
     tied = {k for k in missing if k.endswith("lm_head.weight") and model.config.tie_word_embeddings}
     quant_keys = {k for k in missing if k.rpartition(".")[0] in meta["layers"]}
     rest = [k for k in missing if k not in tied and k not in quant_keys]
     if rest or unexpected:
         raise CheckpointError(f"{path}: tensors missing {rest[:5]} / unexpected {list(unexpected)[:5]} in "
-                              "model.safetensors; the checkpoint does not match its config")
+                              "the checkpoint's files; the checkpoint does not match its config")
     model.tie_weights()
+    _finish_meta_model(model, dtype)
     tok = AutoTokenizer.from_pretrained(str(path))
     return model.to(device).eval(), tok, meta
+
+
+def _finish_meta_model(model, dtype) -> None:
+    """Unquantized tensors to `dtype`; non-persistent buffers (rotary) computed."""
+    from .stream import _init_buffers
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            if mod.bias is not None:
+                mod.bias = torch.nn.Parameter(mod.bias.data.to(dtype), requires_grad=False)
+            continue
+        for key, p in mod._parameters.items():
+            if p is not None and p.is_floating_point() and p.device.type != "meta" and p.dtype != dtype:
+                mod._parameters[key] = torch.nn.Parameter(p.data.to(dtype), requires_grad=False)
+    model.tie_weights()
+    _init_buffers(model, model, "")

@@ -15,6 +15,7 @@ from .export.writer import parse_size
 from .zeroshot import TASKS as ZS_TASKS
 from .formats import FORMATS
 from .modeling import DEFAULT_MODEL, UnsupportedModelError
+from .synth import SHAPES
 
 DEFAULTS = QuantConfig()
 
@@ -98,9 +99,31 @@ def cmd_eval(a):
 
 
 def cmd_generate(a):
+    if a.device.startswith("cuda"):
+        print(a.prompt + pipeline.generate_gpu(a.model, a.prompt, a.max_new_tokens, a.device))
+        return
     model, tok, _ = pipeline.load_any(a.model, a.device)
     print(a.prompt + pipeline.generate(model, tok, a.prompt, a.max_new_tokens, a.device))
 
+
+def cmd_bench(a):
+    from .bench import quantized_shape, run_bench, table, temp_work
+    import torch
+    if not torch.cuda.is_available():
+        raise ValueError("arcquant bench measures GPU speed and needs a CUDA GPU (none found); "
+                         "on a CPU use arcquant eval for accuracy")
+    if (a.checkpoint is None) == (a.shape is None):
+        raise ValueError("give a checkpoint folder or --shape (e.g. --shape llama-3.1-8b), not both")
+    if a.shape:
+        src, ck = quantized_shape(a.shape, Path(a.work) if a.work else temp_work(), a.calib_source)
+    else:
+        meta = json.loads((Path(a.checkpoint) / "arcquant.json").read_text())
+        from .modeling import resolve_model
+        src, ck = resolve_model(meta["source_model"]), a.checkpoint
+    rows = run_bench(src, ck, a.batch, a.decode, a.prefill, a.repeats)
+    print(table(rows, a.batch, a.prefill))
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1, default=str))
 
 def cmd_compare(a):
     from .compare import run_comparison, table, write_outputs
@@ -177,6 +200,17 @@ def build_parser():
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--device", default="cpu")
     p.set_defaults(fn=cmd_generate)
+    p = sub.add_parser("bench", help="GPU decode / prefill speed and memory, BF16 vs the quantized model")
+    p.add_argument("checkpoint", nargs="?", help="arcquant checkpoint (its source model is the BF16 side)")
+    p.add_argument("--shape", choices=list(SHAPES), help="random weights of this shape instead, quantized here")
+    p.add_argument("--work", help="folder for the random model and its checkpoint (default: a temp folder)")
+    p.add_argument("--calib-source", default="c4")
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32])
+    p.add_argument("--decode", type=int, default=64, help="decode steps timed (default: %(default)s)")
+    p.add_argument("--prefill", type=int, default=2048, help="prompt length timed (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.set_defaults(fn=cmd_bench)
     p = sub.add_parser("compare", help="perplexity of several methods on one model, as a table")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--methods", nargs="+", default=["fp", "w4a16", "w4a8", "rtn", "arc"], choices=METHODS)

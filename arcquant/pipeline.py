@@ -47,5 +47,23 @@ def generate(model, tok, prompt: str, max_new_tokens: int = 32, device="cpu") ->
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+def generate_gpu(path_or_name: str, prompt: str, max_new_tokens: int = 32, device="cuda") -> str:
+    """Greedy completion on a GPU: a checkpoint's packed weights go straight to the device, the
+    Triton kernels run every layer they can (the split is logged), decode steps replay a CUDA graph."""
+    from .engine import Engine
+    from .gpu import use_kernels
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU here; use --device cpu (the reference backend)")
+    if is_checkpoint(path_or_name):
+        model, tok, _ = load_quantized(path_or_name, device, dtype=torch.bfloat16)
+        use_kernels(model)
+    else:
+        model, tok = load_model(path_or_name, dtype=torch.bfloat16)
+        model = model.to(device)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    out = Engine(model, 1, ids.shape[1] + max_new_tokens + 1).generate(ids, max_new_tokens)
+    return tok.decode(out[0], skip_special_tokens=True)
+
+
 def evaluate(model, tok, text="wiki-test", seqlen=512, tokens=65536, device="cpu", progress=True) -> dict:
     return perplexity(model, tok, text, seqlen, tokens, device=device, progress=progress)

@@ -69,6 +69,7 @@ class QuantLinear(nn.Module):
         self.shared: SharedInput | None = None
         self.input_amax: float | None = None    # calibration max |x| (W4A4): engines' static scale
         self._w_aug = None                                               # dequantized cache
+        self.kernel = None                # gpu.KernelPath when the GPU kernels run this layer
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
@@ -159,6 +160,10 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, this layer expects {self.in_features}")
+        if self.kernel is not None:
+            if x.device != self.weight_packed.device:
+                raise ValueError(f"input on {x.device}, this layer's weights on {self.weight_packed.device}")
+            return self.kernel.forward(self, x)
         flat = lambda t: self.quantize_input(t.reshape(-1, self.in_features))  # (M, K) -> (M, Kp+s)
         xq = self.shared.get(x, flat) if self.shared else flat(x)
         y = arc.augmented_matmul(xq, self.dequantized_weight())              # (M, N) float32

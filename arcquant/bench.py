@@ -1,0 +1,160 @@
+"""End-to-end speed and memory: BF16 and the quantized model in the same engine, same run.
+
+For each model: decode tokens/s at several batch sizes (a prompt, then `decode` greedy steps
+replayed from a CUDA graph; median of `repeats` timed runs after warm-up, CUDA events), prefill
+latency of one `prefill`-token prompt, weight bytes, peak GPU memory, and a per-op profile of
+one eager decode step (batch 1). Models: a checkpoint (the BF16 side is its source model), or a
+model shape with random weights (arcquant/synth.py) quantized here with a short calibration.
+"""
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .engine import Engine
+from .qlinear import QuantLinear
+
+PROMPT = 128
+
+
+def weight_bytes(model) -> dict:
+    """Bytes of the decoder linears as stored (packed codes, scales, plans) and of everything."""
+    from .modeling import find_decoder_layers
+    _, layers = find_decoder_layers(model)
+    lin = 0
+    for mod in layers.modules():
+        if isinstance(mod, QuantLinear):
+            lin += sum(t.numel() * t.element_size() for t in mod.buffers())
+        elif isinstance(mod, torch.nn.Linear):
+            lin += mod.weight.numel() * mod.weight.element_size()
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return {"linear_bytes": lin, "total_bytes": total}
+
+
+def _time(fn, repeats: int) -> float:
+    """Median milliseconds of fn() over `repeats` runs (CUDA events)."""
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def decode_tokens_per_s(model, batch: int, decode: int, repeats: int, vocab: int) -> float:
+    e = Engine(model, batch, PROMPT + decode + 1, graphs=True)
+    ids = torch.randint(0, vocab, (batch, PROMPT), device=e.device)
+    logits = e.prefill(ids)
+    tok = logits.argmax(-1, keepdim=True)
+
+    def run():
+        for i in range(decode):
+            e.step(tok, PROMPT + i)
+    run()                                                              # capture + warm-up
+    return batch * decode / (_time(run, repeats) / 1e3)
+
+
+def prefill_ms(model, tokens: int, repeats: int, vocab: int) -> float:
+    e = Engine(model, 1, tokens + 1, graphs=False)
+    ids = torch.randint(0, vocab, (1, tokens), device=e.device)
+    e.prefill(ids)
+    return _time(lambda: e.prefill(ids), repeats)
+
+
+def profile_step(model, vocab: int, top: int = 8) -> list:
+    """Top CUDA ops of one eager decode step at batch 1: [(name, calls, ms)]."""
+    from torch.profiler import ProfilerActivity, profile
+    e = Engine(model, 1, PROMPT + 4, graphs=False)
+    ids = torch.randint(0, vocab, (1, PROMPT), device=e.device)
+    tok = e.prefill(ids).argmax(-1, keepdim=True)
+    e.step(tok, PROMPT)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        e.step(tok, PROMPT + 1)
+        torch.cuda.synchronize()
+    rows = [(ev.key, ev.count, ev.device_time_total / 1e3) for ev in prof.key_averages()
+            if ev.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[2])[:top]
+
+
+def bench_one(model, label: str, batches, decode: int, prefill: int, repeats: int) -> dict:
+    vocab = model.config.vocab_size
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    row = {"model": label, **weight_bytes(model)}
+    for b in batches:
+        row[f"decode_tok_s_b{b}"] = decode_tokens_per_s(model, b, decode, repeats, vocab)
+        print(f"  {label}: batch {b} decode {row[f'decode_tok_s_b{b}']:.1f} tok/s", flush=True)
+    row[f"prefill_ms_{prefill}"] = prefill_ms(model, prefill, repeats, vocab)
+    row["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    row["profile_b1"] = profile_step(model, vocab)
+    return row
+
+
+def quantized_shape(shape: str, work: Path, calib_source: str, tokenizer_dir=None) -> tuple:
+    """Random weights of `shape` written to work/model and quantized (ARC defaults, 8 x 512
+    calibration tokens) to work/arc; -> (source folder, checkpoint folder)."""
+    from .config import CalibConfig, QuantConfig
+    from .stream import quantize_streaming
+    from .synth import write_random_model
+    src = write_random_model(work / "model", shape, device="cuda", tokenizer_dir=tokenizer_dir)
+    t = time.time()
+    quantize_streaming(str(src), work / "arc", QuantConfig(), CalibConfig(calib_source, 8, 512), device="cuda",
+                       force=True, restart=True, progress=False)
+    print(f"quantized {shape} in {time.time() - t:.0f} s", flush=True)
+    return src, work / "arc"
+
+
+def run_bench(source, checkpoint, batches=(1, 8, 32), decode: int = 64, prefill: int = 2048,
+              repeats: int = 5) -> list:
+    """BF16 `source` folder vs the arcquant `checkpoint`, one after the other on one GPU."""
+    from transformers import AutoModelForCausalLM
+    from .checkpoint import load_quantized
+    from .gpu import use_kernels
+    if not torch.cuda.is_available():
+        raise ValueError("arcquant bench measures GPU speed and needs a CUDA GPU (none found); "
+                         "on a CPU use arcquant eval for accuracy")
+    rows = []
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.bfloat16).cuda().eval()
+    rows.append(bench_one(model, "bf16", batches, decode, prefill, repeats))
+    del model
+    torch.cuda.empty_cache()
+    model, _, _ = load_quantized(checkpoint, device="cuda", dtype=torch.bfloat16, verify=False)
+    rows[-1]["backend"] = "cuBLAS (torch)"
+    counts = use_kernels(model)
+    row = bench_one(model, "arc", batches, decode, prefill, repeats)
+    row["backend"] = f"triton kernels for {counts['kernels']} layers, reference for {counts['reference']}"
+    rows.append(row)
+    return rows
+
+
+def table(rows: list, batches, prefill: int) -> str:
+    gib = lambda b: f"{b / 2**30:.2f}"
+    head = ["model"] + [f"decode b{b} tok/s" for b in batches] + [f"prefill {prefill} ms", "linear weights GiB",
+                                                                  "all weights GiB", "peak GPU GiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = rows[0]
+    for r in rows:
+        cells = [r["model"]]
+        for b in batches:
+            v = r[f"decode_tok_s_b{b}"]
+            cells.append(f"{v:.1f}" + ("" if r is base else f" ({v / base[f'decode_tok_s_b{b}']:.2f}x)"))
+        p = r[f"prefill_ms_{prefill}"]
+        cells.append(f"{p:.1f}" + ("" if r is base else f" ({p / base[f'prefill_ms_{prefill}']:.2f}x)"))
+        cells += [gib(r["linear_bytes"]) + ("" if r is base else f" ({base['linear_bytes'] / r['linear_bytes']:.2f}x smaller)"),
+                  gib(r["total_bytes"]), gib(r["peak_gpu_bytes"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def temp_work() -> Path:
+    return Path(tempfile.mkdtemp(prefix="arcquant-bench-"))

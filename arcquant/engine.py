@@ -1,0 +1,104 @@
+"""A small greedy generation engine: static KV cache, explicit attention masks, CUDA graphs.
+
+The same engine runs a BF16 model and a quantized one, so their speed is compared on equal
+terms. The KV cache is transformers' StaticCache (BF16); the attention mask is passed as a
+4-D boolean tensor built on the device from the position, so a decode step does no host
+synchronisation and is captured once in a CUDA graph (graphs=True, CUDA only) and replayed
+for every token. Prefill runs eagerly.
+"""
+import torch
+
+
+def kv_bytes(config, batch: int, max_len: int, dtype) -> int:
+    """Bytes of a static BF16 KV cache for batch x max_len tokens."""
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * config.num_hidden_layers * batch * max_len * kv * head * torch.tensor([], dtype=dtype).element_size()
+
+
+def check_fits(config, batch: int, max_len: int, dtype, device) -> None:
+    """Refuse a cache the GPU cannot hold, saying which batch would fit."""
+    if device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    need = kv_bytes(config, batch, max_len, dtype)
+    if need > 0.9 * free:
+        per = kv_bytes(config, 1, max_len, dtype)
+        raise ValueError(f"a KV cache for batch {batch} x {max_len} tokens needs {need / 2**30:.2f} GiB but "
+                         f"{free / 2**30:.2f} GiB are free; at {max_len} tokens at most batch "
+                         f"{int(0.9 * free // per)} fits")
+
+
+class Engine:
+    def __init__(self, model, batch: int, max_len: int, graphs: bool = True):
+        from transformers import StaticCache
+        self.model, self.batch, self.max_len = model, batch, max_len
+        self.device = next(model.parameters()).device
+        self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        check_fits(model.config, batch, max_len, self.dtype, self.device)
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.graphs = graphs and self.device.type == "cuda"
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=self.device)   # graph inputs
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.graph, self.logits = None, None
+
+    def _mask(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B, 1, q, max_len) True where key position <= query position."""
+        keys = torch.arange(self.max_len, device=self.device)
+        return (keys[None, :] <= positions[:, None]).expand(self.batch, 1, -1, -1)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        for layer in getattr(self.cache, "layers", []):             # transformers >= 5.2x counts written
+            if getattr(layer, "is_initialized", False) and hasattr(layer, "cumulative_length"):
+                layer.cumulative_length.copy_(positions[0])            # positions itself: device-side
+        out = self.model(input_ids=ids, attention_mask=self._mask(positions), past_key_values=self.cache,
+                         cache_position=positions, position_ids=positions[None].expand(ids.shape[0], -1),
+                         use_cache=True)
+        return out.logits[:, -1]                                       # (B, V)
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, T) -> next-token logits (B, V); the cache is reset first."""
+        if ids.shape[0] != self.batch:
+            raise ValueError(f"the engine was built for batch {self.batch}, got {ids.shape[0]} prompts")
+        if ids.shape[1] >= self.max_len:
+            raise ValueError(f"prompt of {ids.shape[1]} tokens does not fit max_len={self.max_len}")
+        self.cache.reset()
+        return self._forward(ids.to(self.device), torch.arange(ids.shape[1], device=self.device))
+
+    @torch.no_grad()
+    def step(self, tok: torch.Tensor, pos: int) -> torch.Tensor:
+        """One decode step: tok (B, 1) at position pos -> logits (B, V)."""
+        self.tok.copy_(tok)
+        self.pos.fill_(pos)
+        if not self.graphs:
+            return self._forward(self.tok, self.pos)
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):                                 # warm-up (allocations, autotune)
+            for _ in range(2):
+                self._forward(self.tok, self.pos)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward(self.tok, self.pos)
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        """Greedy: ids (B, T) -> (B, new_tokens) token ids."""
+        if ids.shape[1] + new_tokens > self.max_len:
+            raise ValueError(f"{ids.shape[1]} prompt + {new_tokens} new tokens exceed max_len={self.max_len}")
+        logits = self.prefill(ids)
+        out = []
+        for i in range(new_tokens):
+            tok = logits.argmax(-1, keepdim=True)                      # (B, 1)
+            out.append(tok.clone())
+            if i + 1 < new_tokens:
+                logits = self.step(tok, ids.shape[1] + i)
+        return torch.cat(out, 1)

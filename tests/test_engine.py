@@ -1,0 +1,74 @@
+"""GPU path pieces that can be checked on the CPU: the engine's static-cache greedy decoding
+against transformers' generate, the kernel path of a real quantized layer through the Triton
+interpreter against the reference product, and the backend's refusals."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported: CPU interpreter
+pytest.importorskip("triton", reason="triton is a test dependency (pip install -e .[test])")
+
+from arcquant.config import CalibConfig, QuantConfig    # noqa: E402
+from arcquant.engine import Engine, kv_bytes             # noqa: E402
+from arcquant.gpu import KernelPath, gemv_config, use_kernels   # noqa: E402
+from arcquant.quantize import quantize_model            # noqa: E402
+
+
+def test_engine_greedy_equals_transformers_generate(fresh_smollm):
+    model, tok = fresh_smollm
+    for prompt in ["The capital of France is", "def add(a, b):"]:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        ref = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)
+        got = Engine(model, 1, ids.shape[1] + 13, graphs=False).generate(ids, 12)
+        assert got[0].tolist() == ref[0, ids.shape[1]:].tolist()
+    e = Engine(model, 1, 64, graphs=False)
+    with torch.no_grad():
+        torch.testing.assert_close(e.prefill(ids), model(ids).logits[:, -1], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="built for batch 1, got 2"):
+        e.prefill(ids.repeat(2, 1))
+    with pytest.raises(ValueError, match="exceed max_len=64"):
+        e.generate(ids, 64)
+
+
+def test_kv_cache_size():
+    from transformers import LlamaConfig
+    cfg = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=32)
+    assert kv_bytes(cfg, 1, 1024, torch.bfloat16) == 2 * 32 * 1024 * 8 * 128 * 2      # 128 MiB
+
+
+@pytest.fixture(scope="module")
+def quantized(smollm):
+    from arcquant.modeling import load_model
+    model, tok = load_model("smollm2-135m")
+    quantize_model(model, tok, QuantConfig(), CalibConfig(nsamples=4, seqlen=64), progress=False)
+    return model
+
+
+@pytest.mark.parametrize("m", [1, 6, 20])                  # CUDA-core GEMV, tensor-core GEMV, prefill
+def test_kernel_path_equals_reference_up_to_bf16_rounding(quantized, m):
+    q = quantized.model.layers[2].self_attn.q_proj
+    x = (torch.randn(m, q.in_features, generator=torch.Generator().manual_seed(m)) * 3).bfloat16()
+    with torch.no_grad():
+        ref = q(x.float())                                     # reference backend, float32
+        q.kernel = KernelPath(q)
+        try:
+            got = q(x)
+        finally:
+            q.kernel = None
+    assert got.dtype == torch.bfloat16 and got.shape == ref.shape
+    err = (got.float() - ref).norm() / ref.norm()
+    assert err < 4e-3, err                                     # bf16 output rounding (~2^-9)
+
+
+def test_kernel_launch_settings():
+    assert gemv_config(1, 4096)["fma"] and gemv_config(4, 14336)["block_n"] == 2
+    assert not gemv_config(8, 4096)["fma"]
+
+
+def test_cpu_model_stays_on_the_reference_backend(quantized, caplog):
+    with caplog.at_level("INFO", logger="arcquant"):
+        counts = use_kernels(quantized)
+    assert counts["kernels"] == 0 and counts["reference"] == 210
+    assert counts["reasons"] == {"the layer is not on a CUDA device": 210}
+    assert "triton kernels for 0 layers, reference for 210" in caplog.text
