@@ -28,10 +28,11 @@ class ChannelStats:
     absmax (K,): max_t |X[t, c]|;  outliers: sum_t #{c : |X[t,c]| > threshold * max_c |X[t,c]|};
     sqerr (K,): sum_t (X[t,c] - Qtok(X)[t,c])^2, the per-channel error of plain per-token
     NVFP4 quantization in the original order (used by the "blocks" order and the budget);
-    sumsq (K,): sum_t X[t,c]^2.
+    sumsq (K,): sum_t X[t,c]^2;  xtx (K, K): sum_t x_t x_t^T when asked (GPTQ's Hessian).
     """
 
-    def __init__(self, k: int, threshold: float, fmt: BlockFormat):
+    def __init__(self, k: int, threshold: float, fmt: BlockFormat, hessian: bool = False):
+        self.xtx = torch.zeros(k, k, dtype=torch.float64) if hessian else None   # (K, K) for GPTQ
         self.absmax = torch.zeros(k, dtype=torch.float32)
         self.sqerr = torch.zeros(k, dtype=torch.float64)
         self.sumsq = torch.zeros(k, dtype=torch.float64)
@@ -54,6 +55,9 @@ class ChannelStats:
         dq = self.fmt.dequantize(*self.fmt.quantize(xq, gs), gs)[:, : x.shape[1]]
         self.sqerr += ((x - dq) ** 2).sum(0).double().cpu()
         self.sumsq += (x.double() ** 2).sum(0).cpu()
+        if self.xtx is not None:
+            xd = x.double()
+            self.xtx += (xd.t() @ xd).cpu()
 
 
 def pad_k(x: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -52,7 +52,7 @@ def capture_inputs(model, layers: nn.ModuleList, batches: torch.Tensor, device, 
 
 @torch.no_grad()
 def run_layer(layer: nn.Module, linears: dict, hidden: list, kwargs: dict, layer_name: str,
-              threshold: float, fmt: BlockFormat, with_stats: bool = True, prepare=None):
+              threshold: float, fmt: BlockFormat, with_stats: bool = True, prepare=None, hessian: bool = False):
     """Run `hidden` through `layer`; -> (outputs, groups, stats per group leader).
     with_stats=False only finds the groups (methods that use no calibration statistics).
     prepare: x (..., K) -> (..., Kp), applied before the statistics (padding + rotation for
@@ -75,7 +75,7 @@ def run_layer(layer: nn.Module, linears: dict, hidden: list, kwargs: dict, layer
         if prepare is not None:
             x = prepare(x)
         if name not in store:
-            store[name] = ChannelStats(x.shape[-1], threshold, fmt)
+            store[name] = ChannelStats(x.shape[-1], threshold, fmt, hessian)
         try:
             store[name].update(x)
         except FloatingPointError as e:

@@ -5,9 +5,11 @@ from pathlib import Path
 from .arc import ORDERS
 from .formats import FORMATS
 
-METHODS = ("fp", "w4a16", "w4a8", "rtn", "arc", "hadamard", "smoothquant", "atom", "arc+hadamard")
+METHODS = ("fp", "w4a16", "w4a8", "rtn", "arc", "hadamard", "smoothquant", "atom", "arc+hadamard", "gptq",
+           "arc+gptq")
+GPTQ = ("gptq", "arc+gptq")                          # GPTQ-rounded weights (arcquant/gptq.py)
 ROTATED = ("hadamard", "arc+hadamard")
-WITH_S = ("arc", "arc+hadamard", "atom")            # methods whose layers get s outlier channels
+WITH_S = ("arc", "arc+hadamard", "atom", "arc+gptq")            # methods whose layers get s outlier channels
 ROTATE_BLOCKS = (0, 16, 32, 64, 128)
 ACT_SCALES = ("dynamic", "static", "token")
 CALIB_SOURCES = ("c4", "wiki-train")
@@ -26,6 +28,7 @@ class QuantConfig:
                | rtn (W4A4 round-to-nearest) | arc (W4A4 with augmented residual channels)
                | hadamard (rotation, then rtn) | smoothquant (smoothing, then rtn)
                | atom (top-s channels in FP8, the rest W4A4) | arc+hadamard (rotation, then arc)
+               | gptq (rtn with GPTQ-rounded weights) | arc+gptq (arc with GPTQ-rounded weights)
     rotate     rotation block for hadamard methods: 0 = full width, or 16/32/64/128
                (None: the method's default, full for hadamard and 16 for arc+hadamard)
     alpha      SmoothQuant migration strength
@@ -57,6 +60,9 @@ class QuantConfig:
             raise ValueError(f"rotate={self.rotate}; valid: {', '.join(map(str, ROTATE_BLOCKS))} (0 = full width)")
         if self.method == "atom" and not self.residual:
             raise ValueError("atom with s = 0 is rtn: atom needs outlier channels (residual=True)")
+        if self.method in GPTQ and (self.fmt != "nvfp4" or self.order == "none"):
+            raise ValueError(f"{self.method} rounds NVFP4 weights whose residual tail reuses the main part: it "
+                             f"needs fmt nvfp4 and order blocks or sorted (got fmt {self.fmt!r}, order {self.order!r})")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha={self.alpha} must be in [0, 1]; SmoothQuant uses 0.5")
         _choice("fmt", self.fmt, tuple(FORMATS))

@@ -56,6 +56,8 @@ def reduce_stats(stats: dict, device) -> None:
         st.absmax = _all_reduce(st.absmax, dist.ReduceOp.MAX, device)
         st.sqerr = _all_reduce(st.sqerr, dist.ReduceOp.SUM, device)
         st.sumsq = _all_reduce(st.sumsq, dist.ReduceOp.SUM, device)
+        if st.xtx is not None:
+            st.xtx = _all_reduce(st.xtx, dist.ReduceOp.SUM, device)
         counts = _all_reduce(torch.tensor([st.outliers, st.tokens], dtype=torch.int64), dist.ReduceOp.SUM, device)
         st.outliers, st.tokens = int(counts[0]), int(counts[1])
 

@@ -75,14 +75,23 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str, act: str, act_scale: str, plan: arc.ArcPlan,
                     weight_gs: torch.Tensor, input_gs: torch.Tensor | None = None,
-                    rotate: tuple | None = None, smooth: torch.Tensor | None = None) -> "QuantLinear":
+                    rotate: tuple | None = None, smooth: torch.Tensor | None = None,
+                    hessian: torch.Tensor | None = None) -> "QuantLinear":
+        """hessian (Kp, Kp): round the weight by GPTQ (arcquant/gptq.py) instead of to nearest."""
         w = linear.weight.detach().to(torch.float32)
         if not torch.isfinite(w).all():
             raise FloatingPointError("NaN or Inf in the weights")
         w = transform_input(arc.pad_k(w, plan.k), rotate, None)         # (N, Kp) rotated
         if smooth is not None:
             w = w * smooth                                               # x / s  <->  W * s
-        qw = arc.quantize_weight(w, plan, get_format(fmt), weight_gs)
+        if hessian is None:
+            qw = arc.quantize_weight(w, plan, get_format(fmt), weight_gs)
+        else:
+            from .gptq import gptq_nvfp4
+            if not plan.tail_reuses_weight():
+                raise ValueError("GPTQ rounding needs a residual tail that reuses the main part (order blocks/sorted)")
+            p = plan.perm
+            qw = arc.QuantizedWeight(*gptq_nvfp4(w[:, p], hessian[p][:, p], weight_gs), None, None)
         tail8 = _quantize_tail8(w[:, plan.tail]) if act == "mixed" else None
         return cls(linear.in_features, linear.out_features, fmt, act, act_scale, plan, qw,
                    weight_gs, input_gs, linear.bias, rotate, smooth, tail8)

@@ -7,14 +7,14 @@ from tqdm.auto import tqdm
 
 from . import arc, baselines, distributed, moe
 from .calibrate import capture_inputs, move_outside_layers, run_layer
-from .config import WITH_S, CalibConfig, QuantConfig
+from .config import GPTQ, WITH_S, CalibConfig, QuantConfig
 from .data import calibration_batches
 from .formats import get_format
 from .modeling import find_decoder_layers, find_linears, set_submodule
 from .qlinear import QuantLinear, SharedInput, transform_input
 
 ACT_OF_METHOD = {"w4a16": "none", "w4a8": "fp8", "rtn": "fp4", "arc": "fp4", "hadamard": "fp4",
-                 "smoothquant": "fp4", "atom": "mixed", "arc+hadamard": "fp4"}
+                 "smoothquant": "fp4", "atom": "mixed", "arc+hadamard": "fp4", "gptq": "fp4", "arc+gptq": "fp4"}
 ROTATION_SEED = 0
 
 
@@ -87,11 +87,12 @@ def quantize_layer_group(qcfg: QuantConfig, layer, names: list, stats, layer_nam
     static = qcfg.act_scale == "static" and act in ("fp4", "mixed")   # w4a8 is per token
     input_gs = fmt.global_scale(amax) if static else None
     input_amax = None if amax is None else float(amax)             # engines' static input scale
+    hess = _padded_hessian(stats, k_padded) if qcfg.method in GPTQ else None
     shared, rows = SharedInput(), []
     for name, lin in zip(names, linears):
         try:
             q = QuantLinear.from_linear(lin, qcfg.fmt, act, qcfg.act_scale, plan, weight_gs.cpu(),
-                                        None if input_gs is None else input_gs.cpu(), rotate, smooth)
+                                        None if input_gs is None else input_gs.cpu(), rotate, smooth, hess)
         except FloatingPointError as e:
             raise FloatingPointError(f"{e} of {layer_name}.{name}; arcquant cannot quantize it") from None
         q.shared = shared if len(names) > 1 else None
@@ -102,10 +103,16 @@ def quantize_layer_group(qcfg: QuantConfig, layer, names: list, stats, layer_nam
     return rows
 
 
+def _padded_hessian(stats, k_padded: int) -> torch.Tensor:
+    h = stats.xtx
+    extra = k_padded - h.shape[0]
+    return torch.nn.functional.pad(h, (0, extra, 0, extra)) if extra else h
+
+
 def _plan_and_transform(qcfg, stats, k_padded, s, fmt, linears, rotate):
     """-> (plan, SmoothQuant scales or None, calibration max |x| of what is 4-bit quantized)."""
     smooth = None
-    if qcfg.method in ("arc", "arc+hadamard"):
+    if qcfg.method in ("arc", "arc+hadamard", "arc+gptq"):
         plan = arc.make_plan(stats, k_padded, s, qcfg.order, fmt.block, _col_norm2(linears))
     elif qcfg.method == "atom":                                    # outliers by max, last s
         plan = arc.make_plan(stats, k_padded, s, "sorted", fmt.block)
@@ -200,7 +207,8 @@ def calibrate_layers(model, tokenizer, qcfg, ccfg, store, device, batch_size, pr
         blocks = moe.start_calibration(layer)
         done = store.has_stats(i)                                  # resumed: only the forward
         hidden, groups, stats = run_layer(layer, linears, hidden, kwargs, name, qcfg.threshold, fmt,
-                                          with_stats=needs_stats and not done, prepare=prepare)
+                                          with_stats=needs_stats and not done, prepare=prepare,
+                                          hessian=qcfg.method in GPTQ)
         distributed.reduce_stats(stats, device)                    # several ranks: as if one saw all
         for b in blocks:
             b.routed = distributed.reduce_counts(b.routed, device)

@@ -199,6 +199,8 @@ class DiskStore:
                 tensors[f"{j}.col_norm2"] = g.col_norm2.contiguous()
                 if g.stats is not None:
                     tensors.update({f"{j}.{f}": getattr(g.stats, f).contiguous() for f in STATS_FIELDS})
+                    if g.stats.xtx is not None:
+                        tensors[f"{j}.xtx"] = g.stats.xtx.contiguous()
             entry = self._write(f"stats/layer-{i:05d}.safetensors", tensors)
             entry.update(groups=[{"names": g.names, "k_padded": g.k_padded, "outliers": g.stats.outliers,
                                   "tokens": g.stats.tokens} if g.stats is not None else
@@ -221,6 +223,7 @@ class DiskStore:
                 for f in STATS_FIELDS:
                     setattr(st, f, t[f"{j}.{f}"])
                 st.outliers, st.tokens = g["outliers"], g["tokens"]
+                st.xtx = t.get(f"{j}.xtx")
             infos.append(GroupInfo(g["names"], g["k_padded"], t[f"{j}.col_norm2"], st))
         return infos, e["moe"]
 

@@ -51,6 +51,7 @@ BASELINES = {
     "arc nvfp4, budget 5.5": dict(method="arc"), "arc mxfp4, budget 5.5": dict(method="arc", fmt="mxfp4"),
     "arc int4, budget 5.5": dict(method="arc", fmt="int4", s_multiple=128),
     "arc+hadamard b16, budget 5.5": dict(method="arc+hadamard", rotate=16),
+    "gptq nvfp4": dict(method="gptq"), "arc+gptq nvfp4, budget 5.5": dict(method="arc+gptq"),
 }
 SETS = {"variants": VARIANTS, "baselines": BASELINES}
 
