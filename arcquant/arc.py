@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .formats import BlockFormat
+from .formats.e2m1 import check_finite
 
 ORDERS = ("sorted", "blocks", "none")
 
@@ -162,11 +163,6 @@ def make_plan(stats: ChannelStats, k_padded: int, s: int, order: str, block: int
 
 
 # ---- augmented operands ---------------------------------------------------------------------------
-def _check_finite(t: torch.Tensor, what: str) -> None:
-    if not torch.isfinite(t).all():
-        raise ValueError(f"NaN or Inf in the {what}; 4-bit formats cannot represent them (check the input)")
-
-
 @dataclass
 class QuantizedWeight:
     codes: torch.Tensor                 # (N, K) uint8 codes of W[:, perm]
@@ -177,7 +173,7 @@ class QuantizedWeight:
 
 def quantize_weight(w: torch.Tensor, plan: ArcPlan, fmt: BlockFormat, gs) -> QuantizedWeight:
     """w (N, K) padded -> quantized main part in plan order, plus a stored tail if needed."""
-    _check_finite(w, "weights")
+    check_finite(w, "the weights")
     codes, scales = fmt.quantize(w[:, plan.perm], gs)
     if plan.tail_reuses_weight():
         return QuantizedWeight(codes, scales, None, None)
@@ -196,7 +192,7 @@ def augmented_weight(qw: QuantizedWeight, plan: ArcPlan, block: int):
 
 def quantize_activation(x: torch.Tensor, plan: ArcPlan, fmt: BlockFormat, gs):
     """x (M, K) padded -> (codes (M, K+s), scales (M, (K+s)/B)) of X_aug = [Q1, Q2]."""
-    _check_finite(x, "activations")
+    check_finite(x, "the activations")
     xp = x[:, plan.perm]                                                 # (M, K)
     c1, s1 = fmt.quantize(xp, gs)
     if plan.s == 0:

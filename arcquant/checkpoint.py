@@ -17,6 +17,7 @@ A folder:
 Written to a temporary sibling folder and renamed into place, so an interrupted save never
 leaves a folder that looks complete. Loading needs no calibration data.
 """
+import functools
 import hashlib
 import json
 import os
@@ -30,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__, arc
 from .config import CalibConfig, QuantConfig
 from .formats import get_format
-from .modeling import UnsupportedModelError, set_submodule
+from .modeling import UnsupportedModelError, init_buffers, set_submodule
 from .qlinear import QuantLinear, SharedInput
 
 FORMAT = "arcquant"
@@ -190,6 +191,7 @@ FLOAT = (torch.float32,)
 PACKED = (torch.uint8,)
 
 
+@functools.lru_cache(maxsize=None)
 def _scale_dtype(fmt) -> tuple:
     return (fmt.quantize(torch.zeros(1, fmt.block), torch.ones(()))[1].dtype,)
 
@@ -242,11 +244,8 @@ def _build_layer(name: str, info: dict, tensors: dict, path: Path) -> QuantLinea
                        gs, in_gs, bias, info.get("rotate"), smooth, tail8)
 
 
-def read_tensors(path: Path, meta: dict, verify: bool = True) -> dict:
-    """Every tensor of the checkpoint's files (checked against their checksums first)."""
-    files = meta.get("files") or {"model.safetensors": None}            # version 1: one file
-    if verify and meta.get("files"):
-        verify_files(path, files)
+def load_files(path: Path, files) -> dict:
+    """Every tensor of the safetensors files `files` (names relative to `path`), merged."""
     tensors = {}
     for rel in files:
         try:
@@ -256,6 +255,14 @@ def read_tensors(path: Path, meta: dict, verify: bool = True) -> dict:
         except Exception as e:  # safetensors raises its own error types for damaged files
             raise CheckpointError(f"{path}/{rel} cannot be read ({e}); the file is damaged") from None
     return tensors
+
+
+def read_tensors(path: Path, meta: dict, verify: bool = True) -> dict:
+    """Every tensor of the checkpoint's files (checked against their checksums first)."""
+    files = meta.get("files") or {"model.safetensors": None}            # version 1: one file
+    if verify and meta.get("files"):
+        verify_files(path, files)
+    return load_files(path, files)
 
 
 def load_quantized(path, device: str = "cpu", verify: bool = True, dtype=torch.float32):
@@ -301,15 +308,13 @@ def load_quantized(path, device: str = "cpu", verify: bool = True, dtype=torch.f
     if rest or unexpected:
         raise CheckpointError(f"{path}: tensors missing {rest[:5]} / unexpected {list(unexpected)[:5]} in "
                               "the checkpoint's files; the checkpoint does not match its config")
-    model.tie_weights()
     _finish_meta_model(model, dtype)
     tok = AutoTokenizer.from_pretrained(str(path))
     return model.to(device).eval(), tok, meta
 
 
 def _finish_meta_model(model, dtype) -> None:
-    """Unquantized tensors to `dtype`; non-persistent buffers (rotary) computed."""
-    from .stream import _init_buffers
+    """Unquantized tensors to `dtype`, tied weights tied, non-persistent buffers (rotary) computed."""
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
             if mod.bias is not None:
@@ -319,4 +324,4 @@ def _finish_meta_model(model, dtype) -> None:
             if p is not None and p.is_floating_point() and p.device.type != "meta" and p.dtype != dtype:
                 mod._parameters[key] = torch.nn.Parameter(p.data.to(dtype), requires_grad=False)
     model.tie_weights()
-    _init_buffers(model, model, "")
+    init_buffers(model, model, "")

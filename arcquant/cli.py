@@ -117,8 +117,9 @@ def cmd_bench(a):
     if a.shape:
         src, ck = quantized_shape(a.shape, Path(a.work) if a.work else temp_work(), a.calib_source)
     else:
-        meta = json.loads((Path(a.checkpoint) / "arcquant.json").read_text())
+        from .checkpoint import read_meta
         from .modeling import resolve_model
+        meta = read_meta(Path(a.checkpoint))
         src, ck = resolve_model(meta["source_model"]), a.checkpoint
     rows = run_bench(src, ck, a.batch, a.decode, a.prefill, a.repeats)
     print(table(rows, a.batch, a.prefill))

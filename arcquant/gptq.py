@@ -45,7 +45,6 @@ def gptq_nvfp4(w: torch.Tensor, h: torch.Tensor, gs: torch.Tensor):
     gs32 = torch.as_tensor(gs, dtype=torch.float32)
     codes = torch.zeros(n, k, dtype=torch.uint8)
     scales = torch.zeros(n, k // fmt.block, dtype=torch.float8_e4m3fn)
-    recip = None
     for i1 in range(0, k, LAZY):
         i2 = min(i1 + LAZY, k)
         w1, err1, hi = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=torch.float64), hinv[i1:i2, i1:i2]
@@ -56,10 +55,9 @@ def gptq_nvfp4(w: torch.Tensor, h: torch.Tensor, gs: torch.Tensor):
                 scales[:, col // fmt.block] = sc[:, 0]
                 sf = sc[:, 0].float()
                 recip = torch.where(sf > 0, gs32 / sf, torch.zeros_like(sf))
-                deq_scale = sf
             c = e2m1_round(w1[:, i].float() * recip)             # (N,) codes
             codes[:, col] = c
-            q = (e2m1_decode(c) * deq_scale / gs32).double()     # dequantized column
+            q = (e2m1_decode(c) * sf / gs32).double()     # dequantized column
             e = (w1[:, i] - q) / hi[i, i]
             w1[:, i:] -= e[:, None] * hi[i, i:][None, :]
             err1[:, i] = e

@@ -53,7 +53,10 @@ class KernelPath:
     """Per-layer device state the kernels need (made once: block_starts reads perm on the host)."""
 
     def __init__(self, q: QuantLinear):
-        from .kernels.act_quant import block_starts
+        from .kernels.act_quant import arc_quantize_activation, block_starts
+        from .kernels.decode import arc_gemv
+        from .kernels.prefill import arc_matmul_prefill
+        self.act_quant, self.gemv, self.prefill = arc_quantize_activation, arc_gemv, arc_matmul_prefill
         self.perm = q.perm.to(torch.int32).contiguous()
         self.starts = block_starts(self.perm)
         self.s, self.pad = q.s, q.k_padded - q.in_features
@@ -65,18 +68,15 @@ class KernelPath:
         return nvfp4.global_scale_from_amax(amax.float())             # (M,) or ()
 
     def quantize(self, q: QuantLinear, x2: torch.Tensor):
-        from .kernels.act_quant import arc_quantize_activation
         if self.pad:
             x2 = F.pad(x2, (0, self.pad))
         x2 = x2.contiguous()
         gs = self.global_scale(q, x2)
-        _, _, xd = arc_quantize_activation(x2, self.perm, self.s, gs, dequantized=torch.bfloat16,
+        _, _, xd = self.act_quant(x2, self.perm, self.s, gs, dequantized=torch.bfloat16,
                                            packed=False, starts=self.starts)
         return gs, xd                                                  # xd (M, Kp+s) bf16
 
     def forward(self, q: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-        from .kernels.decode import arc_gemv
-        from .kernels.prefill import arc_matmul_prefill
         x2 = x.reshape(-1, q.in_features)
         if x2.dtype not in (torch.bfloat16, torch.float16):
             x2 = x2.to(torch.bfloat16)
@@ -84,10 +84,10 @@ class KernelPath:
         gs, xd = q.shared.get(x2, quant) if q.shared else quant(x2)
         m, out_dtype = xd.shape[0], x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         if m <= GEMV_MAX_M:
-            y = arc_gemv(xd, gs, q.weight_packed, q.weight_scale, q.weight_global_scale, self.s, q.bias,
+            y = self.gemv(xd, gs, q.weight_packed, q.weight_scale, q.weight_global_scale, self.s, q.bias,
                          out_dtype=out_dtype, **gemv_config(m, q.k_padded))
         else:
-            y = arc_matmul_prefill(xd, gs, q.weight_packed, q.weight_scale, q.weight_global_scale, self.s,
+            y = self.prefill(xd, gs, q.weight_packed, q.weight_scale, q.weight_global_scale, self.s,
                                    q.bias, out_dtype=out_dtype)
         return y.to(x.dtype).reshape(*x.shape[:-1], q.out_features)
 

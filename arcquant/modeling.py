@@ -144,6 +144,30 @@ def find_linears(layer: nn.Module, layer_name: str = "layer") -> dict[str, nn.Li
     return linears
 
 
+def init_buffers(model, root, prefix: str) -> None:
+    """Non-persistent buffers (rotary inv_freq) are not in checkpoints: the model's own
+    initialisation computes them (filled with NaN first, so a buffer it skips is caught), or a
+    fresh CPU instance of the module built from the config."""
+    for name, mod in root.named_modules():
+        metas = [k for k in mod._non_persistent_buffers_set if mod._buffers.get(k) is not None
+                 and mod._buffers[k].device.type == "meta"]
+        if not metas:
+            continue
+        for k in metas:
+            mod._buffers[k] = torch.full_like(mod._buffers[k], float("nan"), device="cpu")
+        model._init_weights(mod)
+        unset = [k for k in metas if not torch.isfinite(mod._buffers[k]).all()]
+        if unset:
+            try:
+                fresh = type(mod)(model.config)
+                for k in unset:
+                    mod._buffers[k] = fresh._buffers[k].to(mod._buffers[k].dtype)
+            except Exception as e:  # any constructor signature: say what could not be built
+                raise UnsupportedModelError(f"cannot compute the buffers {unset} of {prefix}{name} ({e}): "
+                                            "they are not in checkpoints and the model's own initialisation "
+                                            "skipped them") from None
+
+
 def set_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
     """Replace the submodule at the dotted path `dotted` of `root` by `new`."""
     parent, _, child = dotted.rpartition(".")

@@ -25,11 +25,11 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__, distributed
 from .arc import ChannelStats
-from .checkpoint import (file_digest, layer_entries, make_meta, prepare_output, unique_state,
-                         write_folder_files, FORMAT)
+from .checkpoint import (FORMAT, CheckpointError, file_digest, layer_entries, make_meta, prepare_output,
+                         unique_state, verify_files, write_folder_files)
 from .config import CalibConfig, QuantConfig
 from .formats import get_format
-from .modeling import find_decoder_layers, resolve_model
+from .modeling import find_decoder_layers, init_buffers, resolve_model
 from .moe import unfuse_experts
 from .quantize import GroupInfo, quantize_model
 from .source import SafetensorsSource, SourceError, fill
@@ -52,29 +52,6 @@ def work_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
-def _init_buffers(model, root, prefix: str) -> None:
-    """Non-persistent buffers (rotary inv_freq) are not in checkpoints: the model's own
-    initialisation computes them (filled with NaN first, so a buffer it skips is caught), or a
-    fresh CPU instance of the module built from the config."""
-    for name, mod in root.named_modules():
-        metas = [k for k in mod._non_persistent_buffers_set if mod._buffers.get(k) is not None
-                 and mod._buffers[k].device.type == "meta"]
-        if not metas:
-            continue
-        for k in metas:
-            mod._buffers[k] = torch.full_like(mod._buffers[k], float("nan"), device="cpu")
-        model._init_weights(mod)
-        unset = [k for k in metas if not torch.isfinite(mod._buffers[k]).all()]
-        if unset:
-            try:
-                fresh = type(mod)(model.config)
-                for k in unset:
-                    mod._buffers[k] = fresh._buffers[k].to(mod._buffers[k].dtype)
-            except Exception as e:  # any constructor signature: say what could not be built
-                raise SourceError(f"cannot compute the buffers {unset} of {prefix}{name} ({e}); "
-                                  "quantize this model without streaming") from None
-
-
 def build_skeleton(folder: Path, source: SafetensorsSource, dtype=torch.float32):
     """-> (model with meta decoder layers and everything else read from `source`, layers' name)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -84,7 +61,7 @@ def build_skeleton(folder: Path, source: SafetensorsSource, dtype=torch.float32)
     lname, _ = find_decoder_layers(model)
     fill(model, "", source, dtype, skip=[lname])
     model.tie_weights()
-    _init_buffers(model, model, "")
+    init_buffers(model, model, "")
     missing = [n for n, t in model.state_dict(keep_vars=True).items()
                if t.device.type == "meta" and not n.startswith(lname + ".")]
     if missing:
@@ -92,13 +69,13 @@ def build_skeleton(folder: Path, source: SafetensorsSource, dtype=torch.float32)
     return model.eval(), lname
 
 
-def materialize_layer(model, lname: str, i: int, source: SafetensorsSource, dtype=torch.float32):
-    layer = find_decoder_layers(model)[1][i]
-    missing = fill(layer, f"{lname}.{i}", source, dtype)
+def materialize_layer(model, layer, prefix: str, source: SafetensorsSource, dtype=torch.float32):
+    """Give the meta decoder layer `layer` (named `prefix`) its tensors from `source`."""
+    missing = fill(layer, prefix, source, dtype)
     if missing:
         raise SourceError(f"{source.folder}: tensors {missing[:5]} are not in its safetensors files (names "
                           "arcquant cannot map); quantize without streaming (arcquant eval --method ...)")
-    _init_buffers(model, layer, f"{lname}.{i}.")
+    init_buffers(model, layer, prefix + ".")
     return layer
 
 
@@ -158,8 +135,11 @@ class DiskStore:
             self.log(f"resume: {done[0]} layers calibrated and {done[1]} quantized earlier, files verified")
 
     def _intact(self, e: dict) -> bool:
-        f = self.work / e["file"]
-        return f.is_file() and f.stat().st_size == e["bytes"] and file_digest(f)["sha256"] == e["sha256"]
+        try:
+            verify_files(self.work, {e["file"]: e})
+            return True
+        except CheckpointError:
+            return False
 
     def _write(self, rel: str, tensors: dict) -> dict:
         tmp = self.work / (rel + ".tmp")
@@ -185,7 +165,7 @@ class DiskStore:
         return self.progress["layers"][str(i)]["rows"]
 
     def materialize(self, i, device):
-        return materialize_layer(self.model, self.lname, i, self.source).to(device)
+        return materialize_layer(self.model, self.layers[i], f"{self.lname}.{i}", self.source).to(device)
 
     def release(self, i):
         self.layers[i].to("meta")                                  # frees the layer's memory

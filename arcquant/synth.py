@@ -45,7 +45,7 @@ def write_random_model(folder, shape: dict | str, dtype=torch.bfloat16, seed: in
         model = AutoModelForCausalLM.from_config(config)
     gen = torch.Generator(device).manual_seed(seed)
     hot = torch.randperm(config.hidden_size, generator=gen, device=device)[:outliers].cpu()
-    current, tensors, rest = None, {}, {}
+    current, tensors, rest, weight_map = None, {}, {}, {}
     for name, t in model.state_dict().items():                   # embed, layer 0, 1, ..., norm, head
         if config.tie_word_embeddings and name == "lm_head.weight":
             continue
@@ -55,17 +55,12 @@ def write_random_model(folder, shape: dict | str, dtype=torch.bfloat16, seed: in
             continue
         key = ".".join(name.split(".")[:3])                        # model.layers.i
         if key != current and tensors:
-            _write(folder, current, tensors)                       # one layer in memory at a time
+            _write(folder, current, tensors, weight_map)           # one layer in memory at a time
             tensors = {}
         current, tensors[name] = key, value
     if tensors:
-        _write(folder, current, tensors)
-    _write(folder, "rest", rest)
-    weight_map = {}
-    for f in sorted(folder.glob("*.safetensors")):                # an HF sharded-checkpoint index
-        from safetensors import safe_open
-        with safe_open(str(f), "pt") as h:
-            weight_map.update({k: f.name for k in h.keys()})
+        _write(folder, current, tensors, weight_map)
+    _write(folder, "rest", rest, weight_map)
     (folder / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": model_bytes(folder)}, "weight_map": weight_map}, indent=1))
     config.save_pretrained(folder)
@@ -85,14 +80,13 @@ def _random(name: str, shape, dtype, gen, hot, gain, device) -> torch.Tensor:
     return (torch.randn(shape, generator=gen, device=device) * 0.02).to(dtype).cpu()
 
 
-def _write(folder: Path, key: str, tensors: dict) -> None:
-    save_file(tensors, str(folder / f"{key.replace('.', '-')}.safetensors"), metadata={"format": "pt"})
+def _write(folder: Path, key: str, tensors: dict, weight_map: dict) -> None:
+    """One shard; its tensor names go into `weight_map` (the HF sharded-checkpoint index)."""
+    name = f"{key.replace('.', '-')}.safetensors"
+    save_file(tensors, str(folder / name), metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(tensors, name))
 
 
 def model_bytes(folder) -> int:
     return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
 
-
-def describe(folder) -> str:
-    cfg = json.loads((Path(folder) / "config.json").read_text())
-    return f"{cfg['model_type']} hidden {cfg['hidden_size']} x {cfg['num_hidden_layers']} layers"

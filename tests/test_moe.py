@@ -1,6 +1,5 @@
 """MoE (Mixtral and Qwen-MoE layouts): experts quantized with ARC, routers kept, an expert that
 gets no calibration tokens still gets a finite plan and is named in the report."""
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -10,10 +10,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from .. import arc
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, load_files
 from ..formats import nvfp4
 from ..modeling import set_submodule
 from ..qlinear import QuantLinear
@@ -39,13 +38,7 @@ def read_tensors(path: Path) -> dict:
     index = path / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
         else ["model.safetensors"]
-    tensors = {}
-    for f in files:
-        try:
-            tensors.update(load_file(str(path / f)))
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: shard {f} is missing") from None
-    return tensors
+    return load_files(path, files)
 
 
 def _pop(t: dict, key: str):

@@ -57,9 +57,10 @@ def div_const(t: torch.Tensor, c: float) -> torch.Tensor:
     return t / torch.full_like(t, c)
 
 
-def check_finite(x: torch.Tensor, fmt: str) -> None:
+def check_finite(x: torch.Tensor, what: str) -> None:
+    """ValueError naming `what` when x holds NaN or Inf (no 4-bit format represents them)."""
     if not torch.isfinite(x).all():
-        raise ValueError(f"{fmt} got NaN or Inf values; 4-bit formats cannot represent them")
+        raise ValueError(f"NaN or Inf in {what}; 4-bit formats cannot represent them (check the input)")
 
 
 def check_last_axis(x: torch.Tensor, block: int, unit: str = "block size") -> None:

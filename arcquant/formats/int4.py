@@ -28,7 +28,7 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, global_scale=None) -> 
 
 
 def fake_quantize(x: torch.Tensor, global_scale=None) -> torch.Tensor:
-    check_finite(x, "INT4")
+    check_finite(x, "the INT4 input")
     codes, scales = quantize(x)
     return dequantize(codes, scales)
 

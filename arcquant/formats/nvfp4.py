@@ -15,7 +15,8 @@ e.g. per token).
 """
 import torch
 
-from .e2m1 import E2M1_MAX, check_last_axis, div_const, e2m1_decode, e2m1_round, pack_nibbles, unpack_nibbles
+from .e2m1 import (E2M1_MAX, check_finite, check_last_axis, div_const, e2m1_decode, e2m1_round, pack_nibbles,
+                   unpack_nibbles)
 
 BLOCK = 16
 E4M3_MAX = 448.0
@@ -63,8 +64,7 @@ def fake_quantize(x: torch.Tensor, global_scale=None) -> torch.Tensor:
 
     global_scale: compressed-tensors convention 448*6/amax; computed from x when None.
     """
-    if not torch.isfinite(x).all():
-        raise ValueError("fake_quantize got NaN or Inf values; NVFP4 cannot represent them")
+    check_finite(x, "the NVFP4 input")
     if global_scale is None:
         global_scale = global_scale_from_amax(x.abs().amax())
     codes, scales = quantize(x, global_scale)
