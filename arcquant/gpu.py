@@ -6,8 +6,12 @@ keep the reference product, and the reason is logged. Per forward on the kernel 
     x (M, K) bf16 -> tensor scale (static buffer, per token or per batch, on the device)
       -> arc_quantize_activation: gather, NVFP4, residual tail, written as code * block scale
          (exact in bf16) - once per group of layers sharing the input (q/k/v, gate/up)
-      -> M <= 16: arc_gemv (the packed weight streamed once, split-K)
-         M > 16: arc_matmul_prefill (weight dequantized to bf16, cuBLAS, scales after)
+      -> CUDA kernels (kernels/cuda_gemv.py) where nvcc can build them; the activation kernel
+         computes the per-token tensor scale itself:
+           M <= 2:  integer GEMV (int8 activations, PRMT/DP4A dots per 16-block)
+           M <= 32: tensor-core GEMV (weights decoded to fp16 in registers, mma.sync)
+         without them, M <= 16: arc_gemv (Triton; the packed weight streamed once, split-K)
+      -> larger M: arc_matmul_prefill (weight dequantized to bf16, cuBLAS, scales after)
 
 No host synchronisation on this path, so a decode step can be captured in a CUDA graph.
 """
@@ -32,6 +36,26 @@ def gemv_config(m: int, k: int) -> dict:
         return dict(fma=True, block_n=2, block_k=1024, split_k=1) if k >= 8192 else \
             dict(fma=True, block_n=4, block_k=512, split_k=1)
     return dict(fma=False, block_n=64, block_k=256, split_k=8)
+
+
+INT8_MAX_M, MMA_MAX_M = 2, 32
+
+
+def cuda_gemv_config(m: int, k: int) -> dict:
+    """Launch settings of the integer GEMV, from the H200 sweep (results/cuda-gemv-h200.json):
+    4 output rows per block (2 for one token and K < 8192), 2 warps along K for deep calls."""
+    return dict(nr=2 if m == 1 and k < 8192 else 4, kw=2 if k >= 8192 and m <= 4 else 1)
+
+
+def mma_config(m: int, n: int, k: int) -> dict:
+    """Warps splitting the depth in the tensor-core GEMV (same sweep): many for thin or deep
+    layers, few for wide ones (enough blocks already)."""
+    wide = n * k > 64 * 2 ** 20
+    if m <= 8:
+        return dict(kw=4 if wide else 8)
+    if m <= 16:
+        return dict(kw=1 if wide else 8 if k >= 8192 or n <= 4096 else 4)
+    return dict(kw=4)
 
 
 def kernel_reason(q: QuantLinear) -> str | None:
@@ -60,6 +84,13 @@ class KernelPath:
         self.perm = q.perm.to(torch.int32).contiguous()
         self.starts = block_starts(self.perm)
         self.s, self.pad = q.s, q.k_padded - q.in_features
+        self.cuda_reason = _cuda_gemv_reason(q)
+        self.bias32 = None if q.bias is None else q.bias.detach().float().contiguous()
+        if self.cuda_reason is None:
+            from .kernels.act_quant import arc_quantize_activation_gemv
+            from .kernels.cuda_gemv import arc_gemm_mma, arc_gemv_int8, gemv_shape_reason
+            self.act_gemv, self.gemv_int8, self.gemm_mma = arc_quantize_activation_gemv, arc_gemv_int8, arc_gemm_mma
+            self.int8_max_m = INT8_MAX_M if gemv_shape_reason(q.k_padded, q.s) is None else 0   # needs K % 32
 
     def global_scale(self, q: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         if q.act_scale == "static":
@@ -76,13 +107,38 @@ class KernelPath:
                                            packed=False, starts=self.starts)
         return gs, xd                                                  # xd (M, Kp+s) bf16
 
+    def quantize_gemv(self, q: QuantLinear, x2: torch.Tensor, out: str):
+        if self.pad:
+            x2 = F.pad(x2, (0, self.pad))
+        x2 = x2.contiguous()
+        gs = None if q.act_scale == "token" else self.global_scale(q, x2)    # per token: in the kernel
+        return self.act_gemv(x2, self.perm, self.s, gs, self.starts, out)     # xq, scales, gs
+
+    def forward_cuda(self, q: QuantLinear, x: torch.Tensor, x2: torch.Tensor, out_dtype) -> torch.Tensor:
+        m = x2.shape[0]
+        out = "int8" if m <= self.int8_max_m else "float16"
+        quant = lambda _: (out,) + self.quantize_gemv(q, x2, out)
+        value = q.shared.get(x, quant) if q.shared else quant(x)             # keyed on the layer input
+        if value[0] != out:                                                   # shared with another path
+            value = quant(x)
+        _, xq, xs, gs = value
+        if out == "int8":
+            return self.gemv_int8(xq, xs, gs, q.weight_packed, q.weight_scale, q.weight_global_scale, self.s,
+                                  self.bias32, out_dtype, **cuda_gemv_config(m, q.k_padded))
+        return self.gemm_mma(xq, gs, q.weight_packed, q.weight_scale, q.weight_global_scale, self.s, self.bias32,
+                             out_dtype, **mma_config(m, q.out_features, q.k_padded))
+
     def forward(self, q: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, q.in_features)
         if x2.dtype not in (torch.bfloat16, torch.float16):
             x2 = x2.to(torch.bfloat16)
-        quant = lambda t: self.quantize(q, t)
-        gs, xd = q.shared.get(x2, quant) if q.shared else quant(x2)
-        m, out_dtype = xd.shape[0], x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        if self.cuda_reason is None and x2.shape[0] <= MMA_MAX_M:
+            y = self.forward_cuda(q, x, x2, out_dtype)
+            return y.to(x.dtype).reshape(*x.shape[:-1], q.out_features)
+        quant = lambda _: self.quantize(q, x2)
+        gs, xd = q.shared.get(x, quant) if q.shared else quant(x)             # keyed on the layer input
+        m = xd.shape[0]
         if m <= GEMV_MAX_M:
             y = self.gemv(xd, gs, q.weight_packed, q.weight_scale, q.weight_global_scale, self.s, q.bias,
                          out_dtype=out_dtype, **gemv_config(m, q.k_padded))
@@ -90,6 +146,13 @@ class KernelPath:
             y = self.prefill(xd, gs, q.weight_packed, q.weight_scale, q.weight_global_scale, self.s,
                                    q.bias, out_dtype=out_dtype)
         return y.to(x.dtype).reshape(*x.shape[:-1], q.out_features)
+
+
+def _cuda_gemv_reason(q: QuantLinear) -> str | None:
+    from .kernels.cuda_gemv import unavailable_reason
+    if q.weight_packed.data_ptr() % 16:
+        return "the packed weight does not start on a 16-byte boundary"
+    return unavailable_reason(q.weight_packed.device)
 
 
 def use_kernels(model, enable: bool = True) -> dict:
@@ -106,6 +169,10 @@ def use_kernels(model, enable: bool = True) -> dict:
         else:
             counts["reference"] += 1
             counts["reasons"][reason] = counts["reasons"].get(reason, 0) + 1
-    log.info("arcquant backend: triton kernels for %d layers, reference for %d %s", counts["kernels"],
+    cuda = [m.kernel.cuda_reason for m in model.modules() if isinstance(m, QuantLinear) and m.kernel is not None]
+    counts["cuda_gemv"] = sum(r is None for r in cuda)
+    slow = {r for r in cuda if r is not None}
+    log.info("arcquant backend: kernels for %d layers (decode GEMV in CUDA for %d%s), reference for %d %s",
+             counts["kernels"], counts["cuda_gemv"], f"; Triton for the rest: {sorted(slow)}" if slow else "",
              counts["reference"], counts["reasons"] or "")
     return counts

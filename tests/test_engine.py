@@ -61,7 +61,55 @@ def test_kernel_path_equals_reference_up_to_bf16_rounding(quantized, m):
     assert err < 4e-3, err                                     # bf16 output rounding (~2^-9)
 
 
+@pytest.mark.parametrize("m,path", [(1, "int8"), (2, "int8"), (11, "mma"), (32, "mma")])
+def test_cuda_kernel_plumbing_equals_reference(quantized, m, path):
+    """gpu.KernelPath's CUDA route (activations from the Triton kernel with the per-token scale
+    computed in it, q/k/v sharing one quantized input, the integer GEMV for M <= 2 and the
+    tensor-core one above) with the CUDA kernels replaced by their float64 oracles: this runs
+    on CPU; the CUDA kernels themselves are checked against the same oracles on the GPU
+    (scripts/bench_cuda_gemv.py)."""
+    from arcquant.kernels.act_quant import arc_quantize_activation_gemv
+    from arcquant.kernels.cuda_gemv import fp16_gemm_reference, int8_gemv_reference
+    attn = quantized.model.layers[2].self_attn
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    x = (torch.randn(1, m, attn.q_proj.in_features, generator=torch.Generator().manual_seed(m)) * 3).bfloat16()
+    calls, acts = [], []
+
+    def act(*args):
+        acts.append(args[-1])
+        return arc_quantize_activation_gemv(*args)
+
+    def int8(xi, xs, gs, wc, ws, wgs, s, bias, out_dtype, nr, kw):
+        calls.append("int8")
+        return int8_gemv_reference(xi, xs, gs, wc, ws, wgs, s, bias).to(out_dtype)
+
+    def mma(xd, gs, wc, ws, wgs, s, bias, out_dtype, kw):
+        calls.append("mma")
+        return fp16_gemm_reference(xd, gs, wc, ws, wgs, s, bias).to(out_dtype)
+    with torch.no_grad():
+        refs = [p(x.float()) for p in projs]
+        for p in projs:
+            p.kernel = KernelPath(p)
+            assert p.kernel.cuda_reason == "the CUDA GEMV needs a CUDA device, got cpu"
+            p.kernel.cuda_reason, p.kernel.int8_max_m = None, 2
+            p.kernel.act_gemv, p.kernel.gemv_int8, p.kernel.gemm_mma = act, int8, mma
+        try:
+            got = [p(x) for p in projs]
+        finally:
+            for p in projs:
+                p.kernel = None
+    assert calls == [path] * 3
+    assert acts == [path if path == "int8" else "float16"]     # q, k and v share one quantized input
+    for g, r in zip(got, refs):
+        assert g.dtype == torch.bfloat16 and g.shape == r.shape
+        assert ((g.float() - r).norm() / r.norm()) < 4e-3
+
+
 def test_kernel_launch_settings():
+    from arcquant.gpu import cuda_gemv_config, mma_config
+    assert cuda_gemv_config(1, 4096) == dict(nr=2, kw=1) and cuda_gemv_config(2, 14336) == dict(nr=4, kw=2)
+    assert mma_config(8, 28672, 4096) == dict(kw=4) and mma_config(8, 4096, 14336) == dict(kw=8)
+    assert mma_config(16, 28672, 4096) == dict(kw=1) and mma_config(32, 4096, 4096) == dict(kw=4)
     assert gemv_config(1, 4096)["fma"] and gemv_config(4, 14336)["block_n"] == 2
     assert not gemv_config(8, 4096)["fma"]
 
@@ -71,4 +119,4 @@ def test_cpu_model_stays_on_the_reference_backend(quantized, caplog):
         counts = use_kernels(quantized)
     assert counts["kernels"] == 0 and counts["reference"] == 210
     assert counts["reasons"] == {"the layer is not on a CUDA device": 210}
-    assert "triton kernels for 0 layers, reference for 210" in caplog.text
+    assert "kernels for 0 layers (decode GEMV in CUDA for 0), reference for 210" in caplog.text

@@ -153,3 +153,109 @@ def test_kernel_bad_input_is_named():
         arc_gemv(torch.zeros(17, 48, dtype=torch.float16), torch.tensor(1.0), wc, ws, torch.tensor(1.0), 16)
     with pytest.raises(ValueError, match=r"xd must be contiguous \(2, 48\)"):
         arc_gemv(torch.zeros(2, 40, dtype=torch.float16), torch.tensor(1.0), wc, ws, torch.tensor(1.0), 16)
+
+
+# ---- the CUDA GEMV's operands and decode trick (the kernels themselves run in scripts/bench_cuda_gemv.py)
+from arcquant.formats import e2m1                                          # noqa: E402
+from arcquant.kernels.act_quant import arc_quantize_activation_gemv       # noqa: E402
+from arcquant.kernels.cuda_gemv import (arc_gemm_mma, arc_gemv_int8, fp16_gemm_reference,  # noqa: E402
+                                        int8_gemv_reference,
+                                        prmt_reference)
+
+
+@pytest.mark.parametrize("m,k,s,order,mode", [(3, 64, 16, "sorted", "token"), (2, 208, 48, "blocks", "dynamic"),
+                                              (1, 48, 0, "blocks", "token"), (4, 96, 96, "sorted", "token")])
+def test_activation_kernel_int8_output(m, k, s, order, mode):
+    x, plan = make_case(m, k, s, order, seed=3 * k + s, dtype=torch.bfloat16)
+    gs = global_scale(x, mode)
+    codes, scales = arc.quantize_activation(x.float(), plan, F, gs)
+    perm = plan.perm.to(torch.int32)
+    xi, xs, gs_out = arc_quantize_activation_gemv(x, perm, s, gs if mode == "dynamic" else None,
+                                                  starts=block_starts(perm), blocks_per_program=2)
+    assert xi.dtype == torch.int8 and torch.equal(xi.float(), 2 * e2m1.e2m1_decode(codes))
+    assert torch.equal(xs.view(torch.uint8), scales.view(torch.uint8))
+    assert torch.equal(gs_out.reshape(-1), gs.reshape(-1))               # in-kernel per-token scale: same bits
+
+
+def test_prmt_decode_of_e2m1_codes_is_twice_the_value():
+    """The CUDA GEMV's decode (Codes8 in csrc/arc_gemv.cu), emulated with PTX prmt semantics,
+    against the format's own E2M1 decode, for every code in every nibble position."""
+    lo, hi, signs, high = 0x03020100, 0x0C080604, 0x88888888, 0x80808080
+    g = torch.Generator().manual_seed(0)
+    words = torch.cat([torch.randint(0, 2 ** 32, (4000,), generator=g, dtype=torch.int64),
+                       torch.tensor([sum(c << 4 * i for i in range(8)) for c in range(16)])])
+    flipped = words ^ signs
+    parts = {"p0": prmt_reference(lo, hi, words & 0xFFFF), "p1": prmt_reference(lo, hi, words >> 16),
+             "n0": prmt_reference(lo, hi, flipped & 0xFFFF), "n1": prmt_reference(lo, hi, flipped >> 16)}
+    want = 2 * e2m1.e2m1_decode(torch.stack([(words >> 4 * i) & 0xF for i in range(8)], 1).to(torch.uint8))
+
+    def as_int8(w):                                                        # int64 words -> (n, 4) int8 values
+        b = torch.stack([(w >> 8 * i) & 0xFF for i in range(4)], 1)
+        return torch.where(b >= 128, b - 256, b).float()
+
+    split = torch.cat([as_int8(parts["p0"]) - as_int8(parts["n0"]), as_int8(parts["p1"]) - as_int8(parts["n1"])], 1)
+    swar = lambda p, n: (((p | high) - n) ^ high) & 0xFFFFFFFF
+    signed = torch.cat([as_int8(swar(parts["p0"], parts["n0"])), as_int8(swar(parts["p1"], parts["n1"]))], 1)
+    assert torch.equal(split, want) and torch.equal(signed, want)
+
+
+@pytest.mark.parametrize("m,n,k,s,mode,bias", [(1, 40, 96, 32, "token", True), (5, 24, 64, 0, "dynamic", False),
+                                               (8, 16, 128, 128, "token", True)])
+def test_int8_gemv_reference_is_the_arc_product(m, n, k, s, mode, bias):
+    x, plan, gsx, gsw, qw, b, ref = _reference_case(m, n, k, s, mode, bias)
+    perm = plan.perm.to(torch.int32)
+    xi, xs, gs = arc_quantize_activation_gemv(x, perm, s, gsx if mode == "dynamic" else None)
+    y = int8_gemv_reference(xi, xs, gs, nvfp4.pack(qw.codes), qw.scales, gsw, s, b)
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-6
+
+
+def test_cuda_gemv_bad_input_is_named():
+    wc, ws = torch.zeros(8, 16, dtype=torch.uint8), torch.zeros(8, 2).to(torch.float8_e4m3fn)
+    xs = torch.zeros(1, 3).to(torch.float8_e4m3fn)
+    one = torch.tensor(1.0)
+    with pytest.raises(ValueError, match="K=48 is not a multiple of 32"):
+        arc_gemv_int8(torch.zeros(1, 64, dtype=torch.int8), xs, one, torch.zeros(8, 24, dtype=torch.uint8),
+                      torch.zeros(8, 3).to(torch.float8_e4m3fn), one, 16)
+    with pytest.raises(ValueError, match="1 <= M <= 8, got M=9"):
+        arc_gemv_int8(torch.zeros(9, 48, dtype=torch.int8), xs, one, wc, ws, one, 16)
+    with pytest.raises(ValueError, match=r"xi must be contiguous int8 \(1, 48\)"):
+        arc_gemv_int8(torch.zeros(1, 48, dtype=torch.int16), xs, one, wc, ws, one, 16)
+    with pytest.raises(ValueError, match="one CUDA device: xi on cpu"):
+        arc_gemv_int8(torch.zeros(1, 48, dtype=torch.int8), xs, one, wc, ws, one, 16)
+
+
+def test_prmt_decode_to_fp16_bits():
+    """The MMA kernel's decode4 (csrc/arc_gemv.cu), emulated: 4 codes -> two half2 words holding
+    the fp16 bits of their E2M1 values, for all 65536 groups of 4 codes."""
+    c = torch.arange(2 ** 16, dtype=torch.int64)
+    mag = prmt_reference(0x3E3C3800, 0x46444240, c & 0x7777)
+    sgn = prmt_reference(0x80808080, 0x80808080, c)
+    hb = mag | ((sgn << 7) & 0x80808080)
+    lo, hi = prmt_reference_words(hb, 0x1404), prmt_reference_words(hb, 0x3424)
+    halves = torch.stack([lo & 0xFFFF, lo >> 16, hi & 0xFFFF, hi >> 16], 1).to(torch.int32).to(torch.int16)
+    got = halves.view(torch.float16).float()
+    want = e2m1.e2m1_decode(torch.stack([(c >> 4 * i) & 0xF for i in range(4)], 1).to(torch.uint8))
+    assert torch.equal(got, want)
+    assert torch.equal(torch.signbit(got), torch.stack([(c >> 4 * i + 3) & 1 for i in range(4)], 1).bool())
+
+
+def prmt_reference_words(a: torch.Tensor, sel: int) -> torch.Tensor:
+    """prmt.b32 d, a, 0, sel with a per-element word a (the interleave step of decode4)."""
+    out = torch.zeros_like(a)
+    for i in range(4):
+        nib = (sel >> 4 * i) & 0xF
+        byte = (a >> 8 * (nib & 7)) & 0xFF if (nib & 7) < 4 else torch.zeros_like(a)
+        out |= byte << 8 * i
+    return out
+
+
+def test_fp16_gemm_reference_is_the_arc_product():
+    x, plan, gsx, gsw, qw, b, ref = _reference_case(5, 24, 96, 32, "token", True)
+    xd, none, gs = arc_quantize_activation_gemv(x, plan.perm.to(torch.int32), 32, None, out="float16")
+    assert none is None and xd.dtype == torch.float16
+    y = fp16_gemm_reference(xd, gs, nvfp4.pack(qw.codes), qw.scales, gsw, 32, b)
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-6
+    with pytest.raises(ValueError, match="1 <= M <= 64, got M=65"):
+        arc_gemm_mma(torch.zeros(65, 128, dtype=torch.float16), gs, nvfp4.pack(qw.codes), qw.scales, gsw, 32)
+    with pytest.raises(ValueError, match="one CUDA device: xd on cpu"):
+        arc_gemm_mma(xd, gs, nvfp4.pack(qw.codes), qw.scales, gsw, 32)

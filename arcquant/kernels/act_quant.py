@@ -62,19 +62,33 @@ def _quant_blocks(x, gs):
     val, code = _e2m1_round(x * recip[:, None])
     vs = val * s[:, None]                                         # code * block scale, exact
     deq = tl.math.div_rn(vs, gs)
-    return deq, code, sbits, vs
+    return deq, code, sbits, vs, val
 
 
 @triton.jit
 def _arc_act_quant_kernel(
-    x_ptr, perm_ptr, gs_ptr, codes_ptr, scales_ptr, xd_ptr,  # pointers
+    x_ptr, perm_ptr, gs_ptr, codes_ptr, scales_ptr, xd_ptr, xi_ptr,  # pointers
     K, S,                                                     # sizes
-    stride_xm, stride_cm, stride_sm, stride_dm,               # strides
+    stride_xm, stride_cm, stride_sm, stride_dm, stride_im,    # strides
     GS_PER_ROW: tl.constexpr, NB: tl.constexpr,               # meta: 16-blocks per program
     PACKED: tl.constexpr, DEQUANTIZED: tl.constexpr,          # outputs written
+    INT8: tl.constexpr,                                       # 2 * E2M1 value as int8 (+ scales)
+    ROW_AMAX: tl.constexpr,                                   # per-token scale computed here -> gs_ptr
+    ROW_TILES: tl.constexpr,                                  # cdiv(K, 1024) (with ROW_AMAX)
     BLOCK_PERM: tl.constexpr,                                 # perm_ptr holds (K/16,) block starts
 ):
     m = tl.program_id(0)
+    if ROW_AMAX:                                                  # 448*6 / max|x[m, :]|, as nvfp4.global_scale_from_amax
+        amax = tl.zeros((1024,), dtype=tl.float32)
+        for r in range(ROW_TILES):
+            offs = r * 1024 + tl.arange(0, 1024)
+            amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + m * stride_xm + offs, mask=offs < K, other=0.0)
+                                           .to(tl.float32)))
+        gs = tl.math.div_rn(2688.0, tl.maximum(tl.max(amax), 1e-30))
+        if tl.program_id(1) == 0:
+            tl.store(gs_ptr + m, gs)
+    else:
+        gs = tl.load(gs_ptr + m) if GS_PER_ROW else tl.load(gs_ptr)
     c = tl.program_id(1) * NB * 16 + tl.arange(0, NB)[:, None] * 16 + tl.arange(0, 16)[None, :]
     valid = c < K + S                                             # (NB, 16)
     is_tail = c >= K
@@ -87,21 +101,23 @@ def _arc_act_quant_kernel(
     else:
         col = tl.load(perm_ptr + src, mask=valid, other=0)
     x = tl.load(x_ptr + m * stride_xm + col, mask=valid, other=0.0).to(tl.float32)
-    gs = tl.load(gs_ptr + m) if GS_PER_ROW else tl.load(gs_ptr)
-    deq1, code1, sbits1, vs1 = _quant_blocks(x, gs)
+    deq1, code1, sbits1, vs1, val1 = _quant_blocks(x, gs)
     if (tl.program_id(1) + 1) * NB * 16 > K:                      # this program reaches the tail
-        _, code2, sbits2, vs2 = _quant_blocks(x - deq1, gs)       # residual vs rounded scale
+        _, code2, sbits2, vs2, val2 = _quant_blocks(x - deq1, gs)  # residual vs rounded scale
     else:
-        code2, sbits2, vs2 = code1, sbits1, vs1
+        code2, sbits2, vs2, val2 = code1, sbits1, vs1, val1
     if DEQUANTIZED:                                               # code * block scale (Hopper GEMMs)
         tl.store(xd_ptr + m * stride_dm + c, tl.where(is_tail, vs2, vs1).to(xd_ptr.dtype.element_ty), mask=valid)
+    if INT8:                                                      # 2 * value: -12..12 (the CUDA GEMV)
+        tl.store(xi_ptr + m * stride_im + c, (tl.where(is_tail, val2, val1) * 2.0).to(tl.int8), mask=valid)
     if PACKED:
         code = tl.where(is_tail, code2, code1)
-        blk_tail = tl.max(is_tail.to(tl.int32), axis=1) == 1      # (NB,)
-        sbits = tl.where(blk_tail, sbits2, sbits1)
         lo, hi = tl.split(tl.reshape(code, (NB * 8, 2)))
         pc = tl.program_id(1) * NB * 8 + tl.arange(0, NB * 8)
         tl.store(codes_ptr + m * stride_cm + pc, lo | (hi << 4), mask=pc < (K + S) // 2)
+    if PACKED or INT8:
+        blk_tail = tl.max(is_tail.to(tl.int32), axis=1) == 1      # (NB,)
+        sbits = tl.where(blk_tail, sbits2, sbits1)
         pb = tl.program_id(1) * NB + tl.arange(0, NB)
         tl.store(scales_ptr + m * stride_sm + pb, sbits, mask=pb < (K + S) // 16)
 
@@ -114,13 +130,7 @@ def block_starts(perm: torch.Tensor):
     return p[:, 0].to(torch.int32).contiguous() if whole else None
 
 
-def arc_quantize_activation(x: torch.Tensor, perm: torch.Tensor, s: int, gs: torch.Tensor,
-                            blocks_per_program: int = 64, dequantized=None, packed: bool = True,
-                            starts: torch.Tensor | None = None):
-    """x (M, K) -> (codes (M, (K+s)/2) uint8, scales (M, (K+s)/16) float8_e4m3fn), or with
-    dequantized=dtype (float16 / bfloat16) -> also (M, K+s) code * block scale (exact), the
-    operand of the Hopper GEMMs: (codes, scales, xd); packed=False skips codes and scales.
-    starts: block_starts(perm) for a whole-block permutation: one index load per 16 channels."""
+def _check_act(x: torch.Tensor, perm: torch.Tensor, s: int, starts: torch.Tensor | None):
     if x.dim() != 2 or not x.is_contiguous():
         raise ValueError(f"x must be a contiguous 2-D tensor, got shape {tuple(x.shape)} "
                          f"contiguous={x.is_contiguous()}")
@@ -131,12 +141,26 @@ def arc_quantize_activation(x: torch.Tensor, perm: torch.Tensor, s: int, gs: tor
         raise ValueError(f"K={k} and s={s} must be multiples of 16 with 0 <= s <= K; pad K first")
     if perm.shape != (k,) or perm.dtype != torch.int32:
         raise ValueError(f"perm must be int32 of shape ({k},), got {perm.dtype} {tuple(perm.shape)}")
+    if perm.device != x.device:
+        raise ValueError(f"perm is on {perm.device} but x is on {x.device}")
+    if starts is not None and (starts.shape != (k // 16,) or starts.dtype != torch.int32):
+        raise ValueError(f"starts must be int32 of shape ({k // 16},) from block_starts(perm)")
+
+
+def arc_quantize_activation(x: torch.Tensor, perm: torch.Tensor, s: int, gs: torch.Tensor,
+                            blocks_per_program: int = 64, dequantized=None, packed: bool = True,
+                            starts: torch.Tensor | None = None):
+    """x (M, K) -> (codes (M, (K+s)/2) uint8, scales (M, (K+s)/16) float8_e4m3fn), or with
+    dequantized=dtype (float16 / bfloat16) -> also (M, K+s) code * block scale (exact), the
+    operand of the Hopper GEMMs: (codes, scales, xd); packed=False skips codes and scales.
+    starts: block_starts(perm) for a whole-block permutation: one index load per 16 channels."""
+    _check_act(x, perm, s, starts)
+    m, k = x.shape
     gs = gs.to(torch.float32).reshape(-1).contiguous()
     if gs.numel() not in (1, m):
         raise ValueError(f"gs must hold 1 or M={m} values, got {gs.numel()}")
-    for name, t in (("perm", perm), ("gs", gs)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if gs.device != x.device:
+        raise ValueError(f"gs is on {gs.device} but x is on {x.device}")
     if dequantized not in (None, torch.float16, torch.bfloat16) or (dequantized is None and not packed):
         raise ValueError(f"dequantized={dequantized}: use None, torch.float16 or torch.bfloat16, and ask "
                          "for at least one output")
@@ -146,11 +170,38 @@ def arc_quantize_activation(x: torch.Tensor, perm: torch.Tensor, s: int, gs: tor
     xd = torch.empty(m if dequantized else 1, k + s, dtype=dequantized or torch.float16, device=x.device)
     nb = blocks_per_program
     grid = (m, triton.cdiv((k + s) // 16, nb))
-    if starts is not None and (starts.shape != (k // 16,) or starts.dtype != torch.int32):
-        raise ValueError(f"starts must be int32 of shape ({k // 16},) from block_starts(perm)")
-    _arc_act_quant_kernel[grid](x, perm if starts is None else starts, gs, codes, scales, xd, k, s, x.stride(0),
-                                codes.stride(0), scales.stride(0), xd.stride(0), GS_PER_ROW=gs.numel() > 1,
-                                NB=nb, PACKED=packed, DEQUANTIZED=dequantized is not None,
-                                BLOCK_PERM=starts is not None)
+    _arc_act_quant_kernel[grid](x, perm if starts is None else starts, gs, codes, scales, xd, xd, k, s, x.stride(0),
+                                codes.stride(0), scales.stride(0), xd.stride(0), 0, GS_PER_ROW=gs.numel() > 1,
+                                NB=nb, PACKED=packed, DEQUANTIZED=dequantized is not None, INT8=False,
+                                ROW_AMAX=False, ROW_TILES=1, BLOCK_PERM=starts is not None)
     out = (codes, scales.view(torch.float8_e4m3fn)) if packed else (None, None)
     return out if dequantized is None else (*out, xd)
+
+
+def arc_quantize_activation_gemv(x: torch.Tensor, perm: torch.Tensor, s: int, gs: torch.Tensor | None = None,
+                                 starts: torch.Tensor | None = None, out: str = "int8", blocks_per_program: int = 64):
+    """x (M, K) -> the operands of the CUDA GEMVs (kernels/cuda_gemv.py): (xq, scales, gs) with
+    out="int8": xq (M, K+s) int8 = 2 * E2M1 value, scales (M, (K+s)/16) float8_e4m3fn;
+    out="float16": xq (M, K+s) float16 = code * block scale (exact), scales None.
+    gs=None: the per-token tensor scale 448*6/max|x[m]| is computed in the kernel (no separate
+    amax pass) and returned as (M,)."""
+    _check_act(x, perm, s, starts)
+    if out not in ("int8", "float16"):
+        raise ValueError(f"out={out!r}: use 'int8' or 'float16'")
+    m, k = x.shape
+    if gs is None:
+        gs_buf, row_amax = torch.empty(m, dtype=torch.float32, device=x.device), True
+    else:
+        gs_buf, row_amax = gs.to(torch.float32).reshape(-1).contiguous(), False
+        if gs_buf.numel() not in (1, m) or gs_buf.device != x.device:
+            raise ValueError(f"gs must hold 1 or M={m} values on {x.device}, got {gs_buf.numel()} on {gs_buf.device}")
+    int8 = out == "int8"
+    xq = torch.empty(m, k + s, dtype=torch.int8 if int8 else torch.float16, device=x.device)
+    scales = torch.empty(m if int8 else 1, (k + s) // 16, dtype=torch.uint8, device=x.device)
+    grid = (m, triton.cdiv((k + s) // 16, blocks_per_program))
+    _arc_act_quant_kernel[grid](x, perm if starts is None else starts, gs_buf, scales, scales, xq, xq, k, s,
+                                x.stride(0), 0, scales.stride(0), xq.stride(0), xq.stride(0),
+                                GS_PER_ROW=row_amax or gs_buf.numel() > 1, NB=blocks_per_program, PACKED=False,
+                                DEQUANTIZED=not int8, INT8=int8, ROW_AMAX=row_amax,
+                                ROW_TILES=triton.cdiv(k, 1024) if row_amax else 1, BLOCK_PERM=starts is not None)
+    return xq, scales.view(torch.float8_e4m3fn) if int8 else None, gs_buf

@@ -1,0 +1,413 @@
+// Decode-shaped ARC product on CUDA cores with integer dot products (sm_80+; E4M3 scale
+// converts in hardware on sm_89+).
+//
+//   y (M, N) = 0.25 * sum_b [ isum(b) * ws(n, b) * xs(m, b) ] / (xgs(m) * wgs) (+ bias)
+//
+// Operands:
+//   xi  (M, K+s) int8   2 * E2M1 value of the augmented activation (-12..12), from the
+//                       activation kernel: [Q1 (K) | Q2 (s)]
+//   xs  (M, (K+s)/16)   E4M3 block scales of xi (bits)
+//   wc  (N, K/2) uint8  packed E2M1 weight codes, element 2i in the low nibble
+//   ws  (N, K/16)       E4M3 block scales (bits)
+// The weight tail (augmented columns K..K+s-1) is main columns K-s..K-1: a block there is
+// decoded once and multiplied with both Q1 and Q2.
+//
+// Per 16-block, isum = sum_j 2w_j * 2x_j is exact in int32 (|isum| <= 16*12*12); one fp32
+// FMA per block adds isum * (ws * xs) (the E4M3 product is exact in fp32). The nibble decode
+// is 4 PRMTs per 8 codes: PRMT with a LUT of the 8 magnitudes (2 * {0,.5,1,1.5,2,3,4,6})
+// reads the code's low 3 bits as the byte index, and its bit 3 (the E2M1 sign) is PRMT's
+// sign-replicate flag, so it yields the magnitude where the sign is clear and 0 where it is
+// set (every LUT byte is >= 0); the codes with the sign flipped give the negative part.
+#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_fp8.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+namespace {
+
+constexpr uint32_t LUT_LO = 0x03020100u;   // 2 * |E2M1| of magnitude codes 0..3
+constexpr uint32_t LUT_HI = 0x0C080604u;   // magnitude codes 4..7
+constexpr uint32_t SIGNS = 0x88888888u;
+constexpr uint32_t HIGH = 0x80808080u;
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+
+__device__ __forceinline__ uint4 ld_stream(const void* p) {        // weights: read once, skip L1
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ float e4m3(uint32_t bits) {
+  __half_raw h = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)bits, __NV_E4M3);
+  return __half2float(__half(h));
+}
+
+// 8 codes (one word, element 0 in the low nibble) -> int8x4 words for elements 0-3 and 4-7:
+// SPLIT keeps positive and negative magnitudes apart (two dot products, no combine), else
+// one signed word per 4 elements ((p | 0x80) - n) ^ 0x80 bytewise (no borrows: p, n <= 12).
+template <bool SPLIT>
+struct Codes8 {
+  uint32_t a0, a1, b0, b1;        // SPLIT: pos lo, pos hi, neg lo, neg hi; else signed lo, hi
+  Codes8() = default;
+  __device__ __forceinline__ explicit Codes8(uint32_t w) {
+    const uint32_t f = w ^ SIGNS;
+    const uint32_t p0 = prmt(LUT_LO, LUT_HI, w), p1 = prmt(LUT_LO, LUT_HI, w >> 16);
+    const uint32_t n0 = prmt(LUT_LO, LUT_HI, f), n1 = prmt(LUT_LO, LUT_HI, f >> 16);
+    if (SPLIT) {
+      a0 = p0; a1 = p1; b0 = n0; b1 = n1;
+    } else {
+      a0 = ((p0 | HIGH) - n0) ^ HIGH;
+      a1 = ((p1 | HIGH) - n1) ^ HIGH;
+      b0 = b1 = 0;
+    }
+  }
+  __device__ __forceinline__ int dot(uint32_t x0, uint32_t x1) const {   // 8 int8 activations
+    if (SPLIT) {
+      int p = __dp4a((int)a1, (int)x1, __dp4a((int)a0, (int)x0, 0));
+      int n = __dp4a((int)b1, (int)x1, __dp4a((int)b0, (int)x0, 0));
+      return p - n;
+    }
+    return __dp4a((int)a1, (int)x1, __dp4a((int)a0, (int)x0, 0));
+  }
+};
+
+// Grid: one block per NR output rows; blockDim (32, KW): KW warps split the depth and meet in
+// shared memory. Rows >= N are clamped (loaded, never stored); activation rows >= mrows too.
+template <int M, int NR>
+__global__ void arc_gemv_kernel(const int8_t* __restrict__ xi, const uint8_t* __restrict__ xs,
+                                const float* __restrict__ xgs, int xgs_per_row,
+                                const uint8_t* __restrict__ wc, const uint8_t* __restrict__ ws,
+                                const float* __restrict__ wgs, const float* __restrict__ bias,
+                                void* __restrict__ y, int out_kind, int mrows, int N, int K, int S) {
+  constexpr bool SPLIT = M <= 2;
+  const int lane = threadIdx.x, warp = threadIdx.y, kw = blockDim.y;
+  const int n0 = blockIdx.x * NR;
+  const int ka = K + S, chunks = K / 32, tb0 = (K - S) / 16;     // 32 codes = 2 blocks per lane step
+  const uint8_t* wrow[NR];
+  const uint8_t* srow[NR];
+#pragma unroll
+  for (int r = 0; r < NR; ++r) {
+    const size_t n = min(n0 + r, N - 1);
+    wrow[r] = wc + n * (K / 2);
+    srow[r] = ws + n * (K / 16);
+  }
+  float acc[NR][M];
+#pragma unroll
+  for (int r = 0; r < NR; ++r)
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
+
+  for (int j = warp * 32 + lane; j < chunks; j += 32 * kw) {
+    uint4 w[NR];
+    float sw[NR][2];
+#pragma unroll
+    for (int r = 0; r < NR; ++r) {
+      w[r] = ld_stream(wrow[r] + 16 * j);
+      const uint32_t sb = *reinterpret_cast<const uint16_t*>(srow[r] + 2 * j);
+      sw[r][0] = e4m3(sb & 0xFF);
+      sw[r][1] = e4m3(sb >> 8);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {                                 // the two 16-blocks of the step
+      const int b = 2 * j + h;
+      Codes8<SPLIT> c0[NR], c1[NR];
+#pragma unroll
+      for (int r = 0; r < NR; ++r) {
+        c0[r] = Codes8<SPLIT>(h ? w[r].z : w[r].x);
+        c1[r] = Codes8<SPLIT>(h ? w[r].w : w[r].y);
+      }
+      const bool tail = b >= tb0;
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const int mm = min(m, mrows - 1);
+        const int8_t* xrow = xi + (size_t)mm * ka;
+        const uint8_t* xsrow = xs + (size_t)mm * (ka / 16);
+        const uint4 x = __ldg(reinterpret_cast<const uint4*>(xrow + 16 * b));
+        const float sx = e4m3(xsrow[b]);
+        uint4 x2 = make_uint4(0, 0, 0, 0);
+        float sx2 = 0.f;
+        if (tail) {                                               // Q2: augmented block K/16 + b - tb0
+          x2 = __ldg(reinterpret_cast<const uint4*>(xrow + K + 16 * (b - tb0)));
+          sx2 = e4m3(xsrow[K / 16 + b - tb0]);
+        }
+#pragma unroll
+        for (int r = 0; r < NR; ++r) {
+          const int i1 = c0[r].dot(x.x, x.y) + c1[r].dot(x.z, x.w);
+          acc[r][m] = fmaf((float)i1, sw[r][h] * sx, acc[r][m]);
+          if (tail) {
+            const int i2 = c0[r].dot(x2.x, x2.y) + c1[r].dot(x2.z, x2.w);
+            acc[r][m] = fmaf((float)i2, sw[r][h] * sx2, acc[r][m]);
+          }
+        }
+      }
+    }
+  }
+
+  extern __shared__ float red[];                                 // (KW, NR * M)
+#pragma unroll
+  for (int r = 0; r < NR; ++r)
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float v = acc[r][m];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+      if (lane == 0) red[warp * NR * M + r * M + m] = v;
+    }
+  __syncthreads();
+  const int t = warp * 32 + lane;
+  if (t < NR * M) {
+    const int r = t / M, m = t % M, n = n0 + r;
+    if (n < N && m < mrows) {
+      float v = 0.f;
+      for (int q = 0; q < kw; ++q) v += red[q * NR * M + t];
+      v = v * 0.25f / ((xgs_per_row ? xgs[m] : xgs[0]) * wgs[0]);
+      if (bias != nullptr) v += bias[n];
+      const size_t o = (size_t)m * N + n;
+      if (out_kind == 0) reinterpret_cast<__nv_bfloat16*>(y)[o] = __float2bfloat16(v);
+      else if (out_kind == 1) reinterpret_cast<__half*>(y)[o] = __float2half(v);
+      else reinterpret_cast<float*>(y)[o] = v;
+    }
+  }
+}
+
+template <int M, int NR>
+void launch(const torch::Tensor& xi, const torch::Tensor& xs, const torch::Tensor& xgs, const torch::Tensor& wc,
+            const torch::Tensor& ws, const torch::Tensor& wgs, const float* bias, torch::Tensor& y, int out_kind,
+            int kw, int s) {
+  const int n = wc.size(0), k = wc.size(1) * 2, mrows = xi.size(0);
+  dim3 grid((n + NR - 1) / NR), block(32, kw);
+  const size_t smem = sizeof(float) * kw * NR * M;
+  arc_gemv_kernel<M, NR><<<grid, block, smem, at::cuda::getCurrentCUDAStream()>>>(
+      xi.data_ptr<int8_t>(), xs.data_ptr<uint8_t>(), xgs.data_ptr<float>(), xgs.numel() > 1 ? 1 : 0,
+      wc.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), wgs.data_ptr<float>(), bias, y.data_ptr(), out_kind,
+      mrows, n, k, s);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <int M>
+void launch_nr(int nr, const torch::Tensor& xi, const torch::Tensor& xs, const torch::Tensor& xgs,
+               const torch::Tensor& wc, const torch::Tensor& ws, const torch::Tensor& wgs, const float* bias,
+               torch::Tensor& y, int out_kind, int kw, int s) {
+  if (nr == 1) launch<M, 1>(xi, xs, xgs, wc, ws, wgs, bias, y, out_kind, kw, s);
+  else if (nr == 2) launch<M, 2>(xi, xs, xgs, wc, ws, wgs, bias, y, out_kind, kw, s);
+  else launch<M, 4>(xi, xs, xgs, wc, ws, wgs, bias, y, out_kind, kw, s);
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core variant for 3 <= M <= 64: the weight is the MMA's A operand (16 rows x 16 depth),
+// decoded in registers to fp16 code * block scale (exact: at most 5 significant bits, within
+// [2^-10, 2688]); the activation arrives as fp16 code * block scale (exact) and is the B
+// operand (8 tokens per tile); mma.sync m16n8k16 accumulates in fp32 over the whole depth, so
+// no per-block epilogue. The depth order inside an MMA is free (the dot product does not care),
+// so lane (g, t) of a warp reads 16 contiguous codes of 2 blocks per row - coalesced 8-byte
+// loads - and the activation half of the same 32 depth positions.
+//   y = acc / (xgs * wgs) (+ bias)
+// Decode of 4 codes (16 bits c) -> 2 half2: PRMT of the magnitudes' fp16 high bytes (c & 0x7777
+// as selector), PRMT of 0x80 bytes with c (sign-replicate: 0xFF where the code is negative)
+// shifted onto bit 7, both merged by one LOP3; two PRMTs interleave zero low bytes.
+
+constexpr uint32_t HB_LO = 0x3E3C3800u;   // fp16 high bytes of 0, 0.5, 1, 1.5
+constexpr uint32_t HB_HI = 0x46444240u;   // 2, 3, 4, 6
+
+__device__ __forceinline__ void decode4(uint32_t c, __half2 scale, uint32_t& lo, uint32_t& hi) {
+  const uint32_t mag = prmt(HB_LO, HB_HI, c & 0x7777u);
+  const uint32_t sgn = prmt(0x80808080u, 0x80808080u, c);       // 0xFF negative, 0x80 positive
+  const uint32_t hb = mag | ((sgn << 7) & 0x80808080u);
+  uint32_t l = prmt(hb, 0u, 0x1404u), h = prmt(hb, 0u, 0x3424u);   // [0, b0, 0, b1], [0, b2, 0, b3]
+  __half2 lh = __hmul2(*reinterpret_cast<__half2*>(&l), scale);
+  __half2 hh = __hmul2(*reinterpret_cast<__half2*>(&h), scale);
+  lo = *reinterpret_cast<uint32_t*>(&lh);
+  hi = *reinterpret_cast<uint32_t*>(&hh);
+}
+
+__device__ __forceinline__ void mma16816(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+struct WeightStep {            // one lane's share of a 128-deep step: 2 blocks x rows g, g+8
+  uint2 w[2][2];               // [row][block]: 16 codes
+  uint32_t sc[2][2];           // E4M3 bits
+};
+
+__device__ __forceinline__ WeightStep load_step(const uint8_t* wr0, const uint8_t* wr1, const uint8_t* sr0,
+                                                const uint8_t* sr1, int step, int t, int nb, int kb, int sb) {
+  WeightStep ws;
+#pragma unroll
+  for (int q = 0; q < 2; ++q) {
+    const int b = step * 8 + 2 * t + q;                          // augmented block
+    const bool ok = b < nb;
+    const int pb = b < kb ? b : b - sb;                          // tail blocks read the main part
+    ws.w[0][q] = ok ? *reinterpret_cast<const uint2*>(wr0 + 8 * pb) : make_uint2(0, 0);
+    ws.w[1][q] = ok ? *reinterpret_cast<const uint2*>(wr1 + 8 * pb) : make_uint2(0, 0);
+    ws.sc[0][q] = ok ? sr0[pb] : 0u;
+    ws.sc[1][q] = ok ? sr1[pb] : 0u;
+  }
+  return ws;
+}
+
+template <int MT>
+__global__ void arc_gemm_mma_kernel(const __half* __restrict__ xd, const float* __restrict__ xgs, int xgs_per_row,
+                                    const uint8_t* __restrict__ wc, const uint8_t* __restrict__ ws,
+                                    const float* __restrict__ wgs, const float* __restrict__ bias,
+                                    void* __restrict__ y, int out_kind, int mrows, int N, int K, int S) {
+  const int lane = threadIdx.x, warp = threadIdx.y, kw = blockDim.y;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * 16;
+  const int ka = K + S, nb = ka / 16, kb = K / 16, sb = S / 16, steps = (nb + 7) / 8;
+  const size_t r0 = min(n0 + g, N - 1), r1 = min(n0 + g + 8, N - 1);
+  const uint8_t *wr0 = wc + r0 * (K / 2), *wr1 = wc + r1 * (K / 2);
+  const uint8_t *sr0 = ws + r0 * kb, *sr1 = ws + r1 * kb;
+  float acc[MT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+
+  int step = warp;
+  WeightStep cur = load_step(wr0, wr1, sr0, sr1, step, t, nb, kb, sb);
+  for (; step < steps; step += kw) {
+    WeightStep nxt;
+    if (step + kw < steps) nxt = load_step(wr0, wr1, sr0, sr1, step + kw, t, nb, kb, sb);
+    uint32_t a[2][8][2];                                         // [row half][4-code group][lo/hi]
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const __half2 s2 = __half2half2(__half(__nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)cur.sc[r][q], __NV_E4M3)));
+        const uint32_t words[2] = {cur.w[r][q].x, cur.w[r][q].y};
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          decode4((words[i >> 1] >> (16 * (i & 1))) & 0xFFFFu, s2, a[r][4 * q + i][0], a[r][4 * q + i][1]);
+      }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const int m = mt * 8 + g;
+      uint4 xv[4];
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const int b = step * 8 + 2 * t + q;
+        const bool ok = b < nb && m < mrows;
+        const uint4* p = reinterpret_cast<const uint4*>(xd + (size_t)m * ka + 16 * b);
+        xv[2 * q] = ok ? __ldg(p) : make_uint4(0, 0, 0, 0);
+        xv[2 * q + 1] = ok ? __ldg(p + 1) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {                              // codes 4i..4i+3 of the lane's 32
+        const uint4 v = xv[i >> 1];
+        const uint32_t b0 = (i & 1) ? v.z : v.x, b1 = (i & 1) ? v.w : v.y;
+        mma16816(acc[mt], a[0][i][0], a[1][i][0], a[0][i][1], a[1][i][1], b0, b1);
+      }
+    }
+    cur = nxt;
+  }
+
+  extern __shared__ float red[];                                 // (KW, MT * 4 * 32)
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) red[(warp * MT * 4 + mt * 4 + e) * 32 + lane] = acc[mt][e];
+  __syncthreads();
+  if (warp != 0) return;
+  const float wg = wgs[0];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float v = 0.f;
+      for (int q = 0; q < kw; ++q) v += red[(q * MT * 4 + mt * 4 + e) * 32 + lane];
+      const int n = n0 + g + (e >= 2 ? 8 : 0), m = mt * 8 + 2 * t + (e & 1);
+      if (n < N && m < mrows) {
+        v = v / ((xgs_per_row ? xgs[m] : xgs[0]) * wg);
+        if (bias != nullptr) v += bias[n];
+        const size_t o = (size_t)m * N + n;
+        if (out_kind == 0) reinterpret_cast<__nv_bfloat16*>(y)[o] = __float2bfloat16(v);
+        else if (out_kind == 1) reinterpret_cast<__half*>(y)[o] = __float2half(v);
+        else reinterpret_cast<float*>(y)[o] = v;
+      }
+    }
+}
+
+template <int MT>
+void launch_mma(const torch::Tensor& xd, const torch::Tensor& xgs, const torch::Tensor& wc, const torch::Tensor& ws,
+                const torch::Tensor& wgs, const float* bias, torch::Tensor& y, int out_kind, int kw, int s) {
+  const int n = wc.size(0), k = wc.size(1) * 2, mrows = xd.size(0);
+  dim3 grid((n + 15) / 16), block(32, kw);
+  const size_t smem = sizeof(float) * kw * MT * 4 * 32;
+  arc_gemm_mma_kernel<MT><<<grid, block, smem, at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const __half*>(xd.data_ptr<at::Half>()), xgs.data_ptr<float>(), xgs.numel() > 1 ? 1 : 0,
+      wc.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), wgs.data_ptr<float>(), bias, y.data_ptr(), out_kind, mrows, n,
+      k, s);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+// Shapes and dtypes are checked in arcquant/kernels/cuda_gemv.py (clear messages); these
+// checks only guard memory safety.
+void arc_gemv_dp4a(torch::Tensor xi, torch::Tensor xs, torch::Tensor xgs, torch::Tensor wc, torch::Tensor ws,
+                   torch::Tensor wgs, c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t s, int64_t nr,
+                   int64_t kw) {
+  const at::cuda::CUDAGuard guard(xi.device());
+  const int64_t m = xi.size(0), n = wc.size(0), k = wc.size(1) * 2;
+  TORCH_CHECK(xi.is_cuda() && xs.is_cuda() && wc.is_cuda() && ws.is_cuda() && y.is_cuda(), "CUDA tensors expected");
+  TORCH_CHECK(xi.scalar_type() == at::kChar && xs.scalar_type() == at::kByte && wc.scalar_type() == at::kByte &&
+              ws.scalar_type() == at::kByte && xgs.scalar_type() == at::kFloat && wgs.scalar_type() == at::kFloat,
+              "dtypes: xi int8, xs/wc/ws uint8, xgs/wgs float32");
+  TORCH_CHECK(m >= 1 && m <= 8 && k % 32 == 0 && s % 16 == 0 && s >= 0 && s <= k, "need 1 <= M <= 8, K % 32 == 0");
+  TORCH_CHECK(xi.is_contiguous() && xs.is_contiguous() && wc.is_contiguous() && ws.is_contiguous() &&
+              y.is_contiguous(), "contiguous tensors expected");
+  TORCH_CHECK(xi.size(1) == k + s && xs.size(0) == m && xs.size(1) == (k + s) / 16 && ws.size(0) == n &&
+              ws.size(1) == k / 16 && y.size(0) == m && y.size(1) == n, "shape mismatch");
+  TORCH_CHECK(xgs.numel() == 1 || xgs.numel() == m, "xgs must hold 1 or M values");
+  TORCH_CHECK(kw >= 1 && kw <= 32 && (nr == 1 || nr == 2 || nr == 4), "kw in 1..32, nr in {1, 2, 4}");
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n && bias->is_cuda(), "bias: float32 (N,)");
+    b = bias->data_ptr<float>();
+  }
+  const int out_kind = y.scalar_type() == at::kBFloat16 ? 0 : y.scalar_type() == at::kHalf ? 1 : 2;
+  TORCH_CHECK(out_kind < 2 || y.scalar_type() == at::kFloat, "y: bfloat16, float16 or float32");
+  if (m == 1) launch_nr<1>(nr, xi, xs, xgs, wc, ws, wgs, b, y, out_kind, kw, s);
+  else if (m == 2) launch_nr<2>(nr, xi, xs, xgs, wc, ws, wgs, b, y, out_kind, kw, s);
+  else if (m <= 4) launch_nr<4>(nr, xi, xs, xgs, wc, ws, wgs, b, y, out_kind, kw, s);
+  else launch_nr<8>(nr, xi, xs, xgs, wc, ws, wgs, b, y, out_kind, kw, s);
+}
+
+void arc_gemm_mma(torch::Tensor xd, torch::Tensor xgs, torch::Tensor wc, torch::Tensor ws, torch::Tensor wgs,
+                  c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t s, int64_t kw) {
+  const at::cuda::CUDAGuard guard(xd.device());
+  const int64_t m = xd.size(0), n = wc.size(0), k = wc.size(1) * 2;
+  TORCH_CHECK(xd.is_cuda() && wc.is_cuda() && ws.is_cuda() && y.is_cuda(), "CUDA tensors expected");
+  TORCH_CHECK(xd.scalar_type() == at::kHalf && wc.scalar_type() == at::kByte && ws.scalar_type() == at::kByte &&
+              xgs.scalar_type() == at::kFloat && wgs.scalar_type() == at::kFloat,
+              "dtypes: xd float16, wc/ws uint8, xgs/wgs float32");
+  TORCH_CHECK(m >= 1 && m <= 64 && k % 16 == 0 && s % 16 == 0 && s >= 0 && s <= k, "need 1 <= M <= 64");
+  TORCH_CHECK(xd.is_contiguous() && wc.is_contiguous() && ws.is_contiguous() && y.is_contiguous(),
+              "contiguous tensors expected");
+  TORCH_CHECK(xd.size(1) == k + s && ws.size(0) == n && ws.size(1) == k / 16 && y.size(0) == m && y.size(1) == n,
+              "shape mismatch");
+  TORCH_CHECK(xgs.numel() == 1 || xgs.numel() == m, "xgs must hold 1 or M values");
+  TORCH_CHECK(kw >= 1 && kw <= 16 && kw * ((m + 7) / 8) <= 32, "kw in 1..16 and kw * ceil(M / 8) <= 32 (shared memory)");
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n && bias->is_cuda(), "bias: float32 (N,)");
+    b = bias->data_ptr<float>();
+  }
+  const int out_kind = y.scalar_type() == at::kBFloat16 ? 0 : y.scalar_type() == at::kHalf ? 1 : 2;
+  TORCH_CHECK(out_kind < 2 || y.scalar_type() == at::kFloat, "y: bfloat16, float16 or float32");
+  if (m <= 8) launch_mma<1>(xd, xgs, wc, ws, wgs, b, y, out_kind, kw, s);
+  else if (m <= 16) launch_mma<2>(xd, xgs, wc, ws, wgs, b, y, out_kind, kw, s);
+  else if (m <= 32) launch_mma<4>(xd, xgs, wc, ws, wgs, b, y, out_kind, kw, s);
+  else launch_mma<8>(xd, xgs, wc, ws, wgs, b, y, out_kind, kw, s);
+}

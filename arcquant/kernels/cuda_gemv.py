@@ -1,0 +1,168 @@
+"""Decode GEMVs in CUDA (csrc/arc_gemv.cu): integer dot products over 16-blocks for M <= 8
+(arc_gemv_int8), and a tensor-core variant for M <= 64 (arc_gemm_mma).
+
+Why CUDA and not Triton: the Triton GEMVs (decode.py) decode every E2M1 code to a float with
+several integer and float ops and reach ~9% of HBM bandwidth on H200; the bound is the
+instruction count per weight element. PTX's PRMT turns 8 codes into int8 magnitudes in 4
+instructions (the code's sign bit doubles as PRMT's sign-replicate flag, see the .cu file)
+and DP4A multiplies 4 of them with the int8 activation in one; Triton exposes neither.
+
+Operands (from act_quant.arc_quantize_activation_gemv): xi (M, K+s) int8 = 2 * E2M1 value,
+xs (M, (K+s)/16) E4M3 (or, for the MMA kernel, xd (M, K+s) float16 = code * block scale);
+weights as stored: wc (N, K/2) uint8, ws (N, K/16) E4M3. The oracles are int8_gemv_reference
+and fp16_gemm_reference (float64); the extension is built on first use with torch's loader
+(needs nvcc) into ~/.cache/arcquant/ext (ARCQUANT_EXT_DIR overrides).
+
+The MMA kernel decodes each weight code once per token tile of 8 and accumulates in fp32
+over the whole depth (no per-block epilogue): from M of about 3 it beats the integer one,
+whose cost grows with M.
+"""
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+SRC = Path(__file__).parent / "csrc" / "arc_gemv.cu"
+MAX_M, MMA_MAX_M = 8, 64
+DECL = ("void arc_gemv_dp4a(torch::Tensor xi, torch::Tensor xs, torch::Tensor xgs, torch::Tensor wc, "
+        "torch::Tensor ws, torch::Tensor wgs, c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t s, "
+        "int64_t nr, int64_t kw);\n"
+        "void arc_gemm_mma(torch::Tensor xd, torch::Tensor xgs, torch::Tensor wc, torch::Tensor ws, "
+        "torch::Tensor wgs, c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t s, int64_t kw);")
+
+
+@functools.cache
+def _extension(capability: tuple):
+    from torch.utils.cpp_extension import load_inline
+    arch = f"{capability[0]}.{capability[1]}"
+    build = Path(os.environ.get("ARCQUANT_EXT_DIR", Path.home() / ".cache" / "arcquant" / "ext")) / f"sm{arch}"
+    build.mkdir(parents=True, exist_ok=True)
+    old = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+    try:
+        return load_inline(name="arcquant_gemv", cpp_sources=DECL, cuda_sources=SRC.read_text(),
+                           functions=["arc_gemv_dp4a", "arc_gemm_mma"], extra_cuda_cflags=["-O3"], build_directory=str(build))
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST")
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = old
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the CUDA GEMV cannot run on `device` (None: it can; builds it on first call)."""
+    from torch.utils.cpp_extension import CUDA_HOME
+    if device.type != "cuda":
+        return f"the CUDA GEMV needs a CUDA device, got {device}"
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 0):
+        return f"the CUDA GEMV needs compute capability >= 8.0, got {cap}"
+    if CUDA_HOME is None:
+        return "the CUDA GEMV is built on first use and needs the CUDA toolkit (nvcc); none was found"
+    try:
+        _extension(cap)
+    except Exception as e:                                    # a failed build: say why, use Triton
+        return f"building the CUDA GEMV failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    return None
+
+
+def gemv_shape_reason(k: int, s: int, m: int | None = None) -> str | None:
+    if k % 32:
+        return f"the CUDA GEMV reads 32 codes per step: K={k} is not a multiple of 32"
+    if m is not None and not 1 <= m <= MAX_M:
+        return f"the CUDA GEMV handles 1 <= M <= {MAX_M}, got M={m}"
+    return None
+
+
+def arc_gemv_int8(xi, xs, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat16, nr: int = 2,
+                  kw: int = 4) -> torch.Tensor:
+    """y (M, N) = 0.25 * sum_b isum_b * ws * xs / (xgs * wgs) (+ bias); M <= 8.
+    nr: output rows per thread block (1, 2, 4); kw: warps splitting the depth."""
+    m, n, k = xi.shape[0], wc.shape[0], wc.shape[1] * 2
+    reason = gemv_shape_reason(k, s, m)
+    if reason:
+        raise ValueError(reason)
+    if xi.dtype != torch.int8 or xi.shape[1] != k + s or not xi.is_contiguous():
+        raise ValueError(f"xi must be contiguous int8 ({m}, {k + s}) for K={k}, s={s}; got {xi.dtype} "
+                         f"{tuple(xi.shape)}")
+    if xs.shape != (m, (k + s) // 16) or xs.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"xs must be float8_e4m3fn ({m}, {(k + s) // 16}); got {xs.dtype} {tuple(xs.shape)}")
+    if wc.dtype != torch.uint8 or ws.shape != (n, k // 16) or ws.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"weight codes must be uint8 ({n}, {k // 2}) and scales float8_e4m3fn ({n}, {k // 16})")
+    tensors = {"xi": xi, "xs": xs, "wc": wc, "ws": ws}
+    wrong = [f"{name} on {t.device}" for name, t in tensors.items() if t.device != xi.device or t.device.type != "cuda"]
+    if wrong:
+        raise ValueError(f"all operands must be on one CUDA device: {', '.join(wrong)}")
+    if any(t.data_ptr() % 16 for t in (xi, wc)):
+        raise ValueError("xi and wc must start on a 16-byte boundary (take a fresh, contiguous tensor)")
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"out_dtype {out_dtype}: use bfloat16, float16 or float32")
+    y = torch.empty(m, n, dtype=out_dtype, device=xi.device)
+    b = None if bias is None else bias.to(device=xi.device, dtype=torch.float32).contiguous()
+    ext = _extension(torch.cuda.get_device_capability(xi.device))
+    ext.arc_gemv_dp4a(xi, xs.view(torch.uint8), xgs.to(torch.float32).reshape(-1).contiguous(), wc.contiguous(),
+                      ws.view(torch.uint8).contiguous(), wgs.to(torch.float32).reshape(-1).contiguous(), b, y, s,
+                      nr, kw)
+    return y
+
+
+def arc_gemm_mma(xd, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat16, kw: int = 4) -> torch.Tensor:
+    """y (M, N) = xd @ dequant(W_aug)^T / (xgs * wgs) (+ bias) on tensor cores; M <= 64.
+    xd (M, K+s) float16 = code * block scale; kw: warps splitting the depth."""
+    m, n, k = xd.shape[0], wc.shape[0], wc.shape[1] * 2
+    if not 1 <= m <= MMA_MAX_M:
+        raise ValueError(f"the MMA GEMV handles 1 <= M <= {MMA_MAX_M}, got M={m}")
+    if xd.dtype != torch.float16 or xd.shape[1] != k + s or not xd.is_contiguous():
+        raise ValueError(f"xd must be contiguous float16 ({m}, {k + s}) for K={k}, s={s}; got {xd.dtype} "
+                         f"{tuple(xd.shape)}")
+    if wc.dtype != torch.uint8 or ws.shape != (n, k // 16) or ws.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"weight codes must be uint8 ({n}, {k // 2}) and scales float8_e4m3fn ({n}, {k // 16})")
+    wrong = [f"{name} on {t.device}" for name, t in {"xd": xd, "wc": wc, "ws": ws}.items()
+             if t.device != xd.device or t.device.type != "cuda"]
+    if wrong:
+        raise ValueError(f"all operands must be on one CUDA device: {', '.join(wrong)}")
+    if xd.data_ptr() % 16 or wc.data_ptr() % 8:
+        raise ValueError("xd must start on a 16-byte and wc on an 8-byte boundary (take a fresh, contiguous tensor)")
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"out_dtype {out_dtype}: use bfloat16, float16 or float32")
+    kw = max(1, min(kw, 32 // -(-m // 8)))
+    y = torch.empty(m, n, dtype=out_dtype, device=xd.device)
+    b = None if bias is None else bias.to(device=xd.device, dtype=torch.float32).contiguous()
+    ext = _extension(torch.cuda.get_device_capability(xd.device))
+    ext.arc_gemm_mma(xd, xgs.to(torch.float32).reshape(-1).contiguous(), wc.contiguous(),
+                     ws.view(torch.uint8).contiguous(), wgs.to(torch.float32).reshape(-1).contiguous(), b, y, s, kw)
+    return y
+
+
+def fp16_gemm_reference(xd, xgs, wc, ws, wgs, s: int, bias=None) -> torch.Tensor:
+    """The MMA kernel's oracle (float64): xd (code * block scale) times the augmented weight."""
+    from ..formats import nvfp4
+    k = wc.shape[1] * 2
+    w = nvfp4.dequantize(nvfp4.unpack(wc), ws, torch.tensor(1.0)).double()        # (N, K) code * scale
+    y = xd.double() @ torch.cat([w, w[:, k - s:]], 1).T / (xgs.double().reshape(-1, 1) * wgs.double())
+    return y if bias is None else y + bias.double()
+
+
+def int8_gemv_reference(xi, xs, xgs, wc, ws, wgs, s: int, bias=None) -> torch.Tensor:
+    """The oracle (float64, any device): the same product from the unpacked operands."""
+    from ..formats import nvfp4
+    k = wc.shape[1] * 2
+    w = nvfp4.dequantize(nvfp4.unpack(wc), ws, torch.tensor(1.0)).double()        # (N, K) code * scale
+    w_aug = torch.cat([w, w[:, k - s:]], 1)                                       # (N, K+s)
+    x = (xi.double() / 2).unflatten(-1, (-1, 16)) * xs.double().unsqueeze(-1)     # (M, (K+s)/16, 16)
+    y = x.flatten(-2) @ w_aug.T / (xgs.double().reshape(-1, 1) * wgs.double())
+    return y if bias is None else y + bias.double()
+
+
+def prmt_reference(a: int, b: int, sel: torch.Tensor) -> torch.Tensor:
+    """PTX prmt.b32 (default mode) on int64 tensors of 32-bit words: result byte i comes from
+    selector nibble i: its low 3 bits pick a byte of b:a, its bit 3 replicates that byte's sign."""
+    src = torch.tensor([(a >> 8 * i) & 0xFF for i in range(4)] + [(b >> 8 * i) & 0xFF for i in range(4)])
+    out = torch.zeros_like(sel)
+    for i in range(4):
+        nib = (sel >> 4 * i) & 0xF
+        byte = src[nib & 7]
+        byte = torch.where((nib & 8) != 0, torch.where(byte >= 128, 0xFF, 0), byte)
+        out |= byte << 8 * i
+    return out

@@ -1,0 +1,211 @@
+"""The CUDA decode kernels (kernels/cuda_gemv.py: integer GEMV for M <= 8, tensor-core MMA
+for M <= 64): exactness on awkward shapes, then speed vs cuBLAS BF16 and the Triton GEMV,
+in one run on one card.
+
+    PYTHONPATH=. python3 scripts/bench_cuda_gemv.py --out results/cuda-gemv-h200.json
+
+Exactness: the kernel vs int8_gemv_reference (float64) and vs the float64 product of the
+reference ARC operands (arc.quantize_activation / augmented_weight); the int8 activation
+kernel bit-exact against the reference codes and scales, its in-kernel per-token scale
+against nvfp4.global_scale_from_amax. Time: median of triton.testing.do_bench (L2 flushed
+before each repetition), every step replayed from a CUDA graph; "step" = activation kernel
+(with the per-token scale) + GEMV, as the model runs it.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_hopper_paths import SHAPES, copy_bandwidth, graphed, make_layer, make_x  # noqa: E402
+
+from arcquant import arc  # noqa: E402
+from arcquant.formats import e2m1, get_format, nvfp4  # noqa: E402
+from arcquant.gpu import gemv_config  # noqa: E402
+from arcquant.kernels.act_quant import arc_quantize_activation, arc_quantize_activation_gemv, block_starts  # noqa: E402
+from arcquant.kernels.cuda_gemv import (arc_gemm_mma, arc_gemv_int8, fp16_gemm_reference,  # noqa: E402
+                                        int8_gemv_reference, unavailable_reason)
+from arcquant.kernels.decode import arc_gemv  # noqa: E402
+
+F = get_format("nvfp4")
+CONFIGS = [(nr, kw) for nr in (2, 4) for kw in (1, 2, 4)]
+MMA_KW = (1, 2, 4, 8)
+
+
+def bench(fn):
+    return do_bench(fn, warmup=10, rep=30, return_mode="median") * 1000.0          # us
+
+
+def exactness(dev) -> list:
+    out = []
+    for k in (4096, 3584, 14336, 18944):
+        for s in (0, 16, 64, 448):
+            for m in (1, 3, 5, 8):
+                n = 1000 + m
+                w, plan, gsw, wc, ws = make_layer(k, n, s, dev)
+                x = make_x(m, k, dev)
+                perm = plan.perm.to(torch.int32)
+                gsx = F.global_scale(x.float().abs().amax(1, keepdim=True))
+                codes, scales = arc.quantize_activation(x.float(), plan, F, gsx)
+                xi, xs, gs = arc_quantize_activation_gemv(x, perm, s, None, block_starts(perm))
+                act_exact = bool(torch.equal(xi.float(), 2 * e2m1.e2m1_decode(codes))
+                                 and torch.equal(xs.view(torch.uint8), scales.view(torch.uint8))
+                                 and torch.equal(gs, gsx.reshape(-1)))
+                bias = torch.randn(n, device=dev)
+                ref = int8_gemv_reference(xi, xs, gs, wc, ws, gsw, s, bias)
+                xa = F.dequantize(codes, scales, gsx).double()
+                wa = F.dequantize(*arc.augmented_weight(arc.QuantizedWeight(nvfp4.unpack(wc), ws, None, None),
+                                                        plan, 16), gsw).double()
+                ref_arc = xa @ wa.t() + bias.double()
+                rel = lambda y, r: ((y.double() - r).norm() / r.norm()).item()
+                row = {"K": k, "s": s, "M": m, "N": n, "act_exact": act_exact,
+                       "oracle_vs_arc_rel": rel(ref, ref_arc)}
+                for nr, kw in ((1, 4), (2, 2), (4, 8)):
+                    y = arc_gemv_int8(xi, xs, gs, wc, ws, gsw, s, bias, torch.float32, nr, kw)
+                    row[f"rel_nr{nr}_kw{kw}"] = rel(y, ref)
+                y16 = arc_gemv_int8(xi, xs, gs, wc, ws, gsw, s, bias, torch.bfloat16)
+                row["bf16_out_rel"] = rel(y16, ref)
+                out.append(row)
+    return out
+
+
+def exactness_mma(dev) -> list:
+    out = []
+    for k in (1040, 4096, 3584, 14336, 18944):
+        for s in (0, 16, 64, 448):
+            for m in (1, 3, 13, 64):
+                n = 1000 + m
+                w, plan, gsw, wc, ws = make_layer(k, n, s, dev)
+                x = make_x(m, k, dev)
+                perm = plan.perm.to(torch.int32)
+                gsx = F.global_scale(x.float().abs().amax(1, keepdim=True))
+                codes, scales = arc.quantize_activation(x.float(), plan, F, gsx)
+                xd, _, gs = arc_quantize_activation_gemv(x, perm, s, None, block_starts(perm), out="float16")
+                act_exact = bool(torch.equal(xd.float(), F.dequantize(codes, scales, torch.tensor(1.0, device=dev))))
+                bias = torch.randn(n, device=dev)
+                ref = fp16_gemm_reference(xd, gs, wc, ws, gsw, s, bias)
+                rel = lambda y, r: ((y.double() - r).norm() / r.norm()).item()
+                row = {"K": k, "s": s, "M": m, "N": n, "act_exact": act_exact}
+                for kw in (1, 3, 8):
+                    row[f"rel_kw{kw}"] = rel(arc_gemm_mma(xd, gs, wc, ws, gsw, s, bias, torch.float32, kw), ref)
+                out.append(row)
+    return out
+
+
+def speed(dev, models, ms) -> list:
+    rows = []
+    for model in models:
+        for name, k, n in SHAPES[model]:
+            s = max(64, round(k * 0.0625 / 64) * 64)
+            w, plan, gsw, wc, ws = make_layer(k, n, s, dev)
+            wb = w.to(torch.bfloat16)
+            perm = plan.perm.to(torch.int32)
+            starts = block_starts(perm)
+            for m in ms:
+                x = make_x(m, k, dev)
+                row = {"model": model, "layer": name, "K": k, "N": n, "s": s, "M": m}
+                row["bf16_us"] = bench(graphed(lambda: torch.mm(x, wb.t())))
+                xi, xs, gs = arc_quantize_activation_gemv(x, perm, s, None, starts)
+                row["act_int8_us"] = bench(graphed(lambda: arc_quantize_activation_gemv(x, perm, s, None, starts)))
+                if m <= 8:
+                    xi, xs, gs = arc_quantize_activation_gemv(x, perm, s, None, starts)
+                    row["act_int8_us"] = bench(graphed(lambda: arc_quantize_activation_gemv(x, perm, s, None, starts)))
+                    sweep = {f"{nr},{kw}": bench(graphed(lambda: arc_gemv_int8(xi, xs, gs, wc, ws, gsw, s, None,
+                                                                               torch.bfloat16, nr, kw)))
+                             for nr, kw in CONFIGS}
+                    best = min(sweep, key=sweep.get)
+                    nr, kw = map(int, best.split(","))
+                    row.update(int8_sweep=sweep, int8_us=sweep[best], int8_config=[nr, kw])
+
+                    def step():
+                        a, b, g = arc_quantize_activation_gemv(x, perm, s, None, starts)
+                        return arc_gemv_int8(a, b, g, wc, ws, gsw, s, None, torch.bfloat16, nr, kw)
+                    row["int8_step_us"] = bench(graphed(step))
+                xd, _, gs = arc_quantize_activation_gemv(x, perm, s, None, starts, out="float16")
+                row["act_fp16_us"] = bench(graphed(lambda: arc_quantize_activation_gemv(x, perm, s, None, starts,
+                                                                                       out="float16")))
+                msweep = {kw: bench(graphed(lambda: arc_gemm_mma(xd, gs, wc, ws, gsw, s, None, torch.bfloat16, kw)))
+                          for kw in MMA_KW}
+                kw = min(msweep, key=msweep.get)
+                row.update(mma_sweep=msweep, mma_us=msweep[kw], mma_kw=kw)
+
+                def mma_step():
+                    a, _, g = arc_quantize_activation_gemv(x, perm, s, None, starts, out="float16")
+                    return arc_gemm_mma(a, g, wc, ws, gsw, s, None, torch.bfloat16, kw)
+                row["mma_step_us"] = bench(graphed(mma_step))
+                row["step_us"] = min(row["mma_step_us"], row.get("int8_step_us", float("inf")))
+                if m <= 16:
+                    gsx = F.global_scale(x.float().abs().amax(1, keepdim=True)).reshape(-1)
+
+                    def triton_step():
+                        xd = arc_quantize_activation(x, perm, s, gsx, 64, torch.bfloat16, False, starts)[2]
+                        return arc_gemv(xd, gsx, wc, ws, gsw, s, **gemv_config(m, k))
+                    row["triton_step_us"] = bench(graphed(triton_step))
+                row["x_bf16"] = row["bf16_us"] / row["step_us"]
+                row["weight_GBps"] = (n * k // 2 + n * k // 16) / min(row["mma_us"], row.get("int8_us", 1e9)) / 1e3
+                print(json.dumps({k_: v for k_, v in row.items() if "sweep" not in k_}), flush=True)
+                rows.append(row)
+    return rows
+
+
+def render(path) -> str:
+    """Markdown table of a result JSON (python3 scripts/bench_cuda_gemv.py --md FILE)."""
+    d = json.loads(Path(path).read_text())
+    h = d["header"]
+    out = [f"Card: {h['card']}, torch {h['torch']}, Triton {h['triton']}, CUDA {h['cuda']}, copy bandwidth "
+           f"{h['copy_GBps']:.0f} GB/s (read+write). Median of triton.testing.do_bench (L2 flushed before each "
+           "repetition), CUDA graphs; step = activation kernel (per-token scale inside) + GEMV.", ""]
+    for kind in ("int8", "mma"):
+        ex = d.get(f"exactness_{kind}")
+        if ex:
+            worst = max(max(v for k_, v in r.items() if k_.startswith("rel_")) for r in ex)
+            out.append(f"Exactness ({kind}): {len(ex)} shapes, activation operand bit-exact on "
+                       f"{sum(r['act_exact'] for r in ex)}/{len(ex)}, worst relative error vs float64 {worst:.1e}.")
+    out += ["", "| layer | K | N | s | M | cuBLAS BF16 us | integer GEMV us | MMA GEMV us | best step us | "
+            "Triton step us (before) | step x BF16 | weight stream GB/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    f = lambda v: "" if v is None else f"{v:.1f}"
+    for r in d["rows"]:
+        out.append(f"| {r['model']} {r['layer']} | {r['K']} | {r['N']} | {r['s']} | {r['M']} | {r['bf16_us']:.1f} | "
+                   f"{f(r.get('int8_us'))} | {r['mma_us']:.1f} | {r['step_us']:.1f} | {f(r.get('triton_step_us'))} | "
+                   f"{r['x_bf16']:.2f} | {r['weight_GBps']:.0f} |")
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--md", help="print the markdown table of this result JSON and exit")
+    ap.add_argument("--out")
+    ap.add_argument("--models", nargs="+", default=list(SHAPES))
+    ap.add_argument("--ms", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64])
+    ap.add_argument("--exactness", nargs="*", default=["int8", "mma"], choices=["int8", "mma"])
+    a = ap.parse_args()
+    if a.md:
+        print(render(a.md))
+        return
+    if not a.out:
+        ap.error("--out is required")
+    dev = torch.device("cuda")
+    reason = unavailable_reason(dev)
+    if reason:
+        raise SystemExit(reason)
+    torch.manual_seed(0)
+    head = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, "copy_GBps": copy_bandwidth(dev)}
+    print(head, flush=True)
+    result = {"header": head}
+    for kind in a.exactness:
+        result[f"exactness_{kind}"] = ex = exactness(dev) if kind == "int8" else exactness_mma(dev)
+        worst = max(max(v for k_, v in r.items() if k_.startswith("rel_") or k_ == "oracle_vs_arc_rel") for r in ex)
+        print(f"exactness {kind}: {len(ex)} cases, act bit-exact {sum(r['act_exact'] for r in ex)}/{len(ex)}, "
+              f"worst fp32-out rel err vs float64 {worst:.2e}", flush=True)
+        Path(a.out).write_text(json.dumps(result, indent=1))
+    result["rows"] = speed(dev, a.models, a.ms)
+    Path(a.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Why does Atom (outlier channels in FP8) beat ARC on SmolLM2? Split its advantage.
+
+    python scripts/why_atom.py --out results/why-atom-smollm2.jsonl [--md results/why-atom-smollm2.md]
+
+Atom keeps the top-s channels' activations AND weights in 8 bits; ARC makes only the
+activations of its s channels ~8-bit (Q1 + Q2) and keeps their weights in NVFP4. Two swaps,
+same model, calibration, s and evaluation as results/baselines-smollm2.md:
+  - "atom, 4-bit outlier weights": Atom with the outlier weight columns in NVFP4 instead of FP8;
+  - "arc, 8-bit outlier weights": ARC with the weight columns of its s channels in FP8 (per-row
+    scale) in both the main part and the duplicated tail.
+These are measurement patches applied to the library's layers in this script only.
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from arcquant import qlinear
+from arcquant.config import CalibConfig, QuantConfig
+from arcquant.evaluate import perplexity
+from arcquant.formats import fp8, get_format
+from arcquant.modeling import load_model
+from arcquant.quantize import quantize_model
+
+
+def nvfp4_tail(w_tail: torch.Tensor):
+    """Atom's weight branch rounded to NVFP4 (16-blocks along K) instead of FP8: (values, ones)."""
+    if w_tail.shape[1] == 0:
+        return w_tail, torch.ones(w_tail.shape[0], 1)
+    fmt = get_format("nvfp4")
+    gs = fmt.global_scale(w_tail.abs().amax())
+    return fmt.dequantize(*fmt.quantize(w_tail, gs), gs), torch.ones(w_tail.shape[0], 1)
+
+
+def arc_fp8_tail():
+    """Patch QuantLinear so ARC's s channels use FP8 weights (main columns and the duplicated tail)."""
+    build, deq = qlinear.QuantLinear.from_linear.__func__, qlinear.QuantLinear.dequantized_weight
+
+    def from_linear(cls, linear, fmt, act, act_scale, plan, *args, **kw):
+        mod = build(cls, linear, fmt, act, act_scale, plan, *args, **kw)
+        w = qlinear.arc.pad_k(linear.weight.detach().float(), plan.k)
+        if plan.tail.numel():
+            mod._tail8 = fp8.fake_quantize_per_row(w[:, plan.perm[plan.k - plan.tail.numel():]])  # (N, s)
+        return mod
+
+    def dequantized_weight(self):
+        first = self._w_aug is None
+        w_aug = deq(self)
+        if first and self.s and hasattr(self, "_tail8"):
+            k = self.k_padded
+            w_aug[:, k - self.s: k] = self._tail8
+            w_aug[:, k:] = self._tail8
+        return w_aug
+
+    qlinear.QuantLinear.from_linear = classmethod(from_linear)
+    qlinear.QuantLinear.dequantized_weight = dequantized_weight
+
+
+VARIANTS = {"atom, 4-bit outlier weights": ("atom", lambda: setattr(qlinear, "_quantize_tail8", nvfp4_tail)),
+            "arc, 8-bit outlier weights": ("arc", arc_fp8_tail)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--only", nargs="*", default=list(VARIANTS))
+    a = ap.parse_args()
+    name = a.only[0]
+    method, patch = VARIANTS[name]
+    patch()                                                   # one variant per process: patches stay local
+    torch.manual_seed(0)
+    model, tok = load_model(a.model)
+    t0 = time.time()
+    qcfg = QuantConfig(method=method, target_bits=5.5)
+    ccfg = CalibConfig(source="c4", nsamples=32, seqlen=512, seed=0)
+    rep = quantize_model(model, tok, qcfg, ccfg, progress=False)
+    r = perplexity(model, tok, "wiki-test", 512, 65536, progress=False)
+    row = {"variant": name, "model": a.model, "config": qcfg.to_dict(), "avg_bits_as_counted": rep["avg_bits"],
+           **r, "calib": "c4 32x512 seed 0", "torch": torch.__version__, "seconds": round(time.time() - t0, 1)}
+    print(json.dumps(row), flush=True)
+    with Path(a.out).open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
