@@ -74,77 +74,61 @@ def kernel_reason(q: QuantLinear) -> str | None:
 
 
 class KernelPath:
-    """Per-layer device state the kernels need (made once: block_starts reads perm on the host)."""
+    """Per-layer device state the kernels need (made once: block_starts reads perm on the host).
+    Every kernel is called as a torch custom op (kernels/ops.py: torch.ops.arcquant.*)."""
 
     def __init__(self, q: QuantLinear):
-        from .kernels.act_quant import arc_quantize_activation, block_starts
-        from .kernels.decode import arc_gemv
-        from .kernels.prefill import arc_matmul_prefill
-        self.act_quant, self.gemv, self.prefill = arc_quantize_activation, arc_gemv, arc_matmul_prefill
+        from .kernels import ops
+        from .kernels.act_quant import block_starts
+        self.ops = ops.OPS                                                    # torch.ops.arcquant
         self.perm = q.perm.to(torch.int32).contiguous()
         self.starts = block_starts(self.perm)
         self.s, self.pad = q.s, q.k_padded - q.in_features
-        self.cuda_reason = _cuda_gemv_reason(q)
         self.bias32 = None if q.bias is None else q.bias.detach().float().contiguous()
-        if self.cuda_reason is None:
-            from .kernels.act_quant import arc_quantize_activation_gemv
-            from .kernels.cuda_gemv import arc_gemm_mma, arc_gemv_int8, gemv_shape_reason
-            self.act_gemv, self.gemv_int8, self.gemm_mma = arc_quantize_activation_gemv, arc_gemv_int8, arc_gemm_mma
-            self.int8_max_m = INT8_MAX_M if gemv_shape_reason(q.k_padded, q.s) is None else 0   # needs K % 32
+        self.cuda_reason = _cuda_gemv_reason(q)
+        self.int8_max_m = INT8_MAX_M if q.k_padded % 32 == 0 else 0              # the integer GEMV needs K % 32
 
     def global_scale(self, q: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         if q.act_scale == "static":
             return q.input_global_scale
-        amax = x.abs().amax(-1) if q.act_scale == "token" else x.abs().amax()
-        return nvfp4.global_scale_from_amax(amax.float())             # (M,) or ()
+        return nvfp4.global_scale_from_amax(x.abs().amax().float())             # dynamic: whole batch
 
-    def quantize(self, q: QuantLinear, x2: torch.Tensor):
-        if self.pad:
-            x2 = F.pad(x2, (0, self.pad))
-        x2 = x2.contiguous()
-        gs = self.global_scale(q, x2)
-        _, _, xd = self.act_quant(x2, self.perm, self.s, gs, dequantized=torch.bfloat16,
-                                           packed=False, starts=self.starts)
-        return gs, xd                                                  # xd (M, Kp+s) bf16
-
-    def quantize_gemv(self, q: QuantLinear, x2: torch.Tensor, out: str):
+    def quantize(self, q: QuantLinear, x2: torch.Tensor, out: str):
+        """-> (xq, scales, gs): the activation operand as `out` (int8 / float16 / bfloat16)."""
         if self.pad:
             x2 = F.pad(x2, (0, self.pad))
         x2 = x2.contiguous()
         gs = None if q.act_scale == "token" else self.global_scale(q, x2)    # per token: in the kernel
-        return self.act_gemv(x2, self.perm, self.s, gs, self.starts, out)     # xq, scales, gs
+        return self.ops.quantize_act(x2, self.perm, self.starts, self.s, gs, out)
 
-    def forward_cuda(self, q: QuantLinear, x: torch.Tensor, x2: torch.Tensor, out_dtype) -> torch.Tensor:
-        m = x2.shape[0]
-        out = "int8" if m <= self.int8_max_m else "float16"
-        quant = lambda _: (out,) + self.quantize_gemv(q, x2, out)
-        value = q.shared.get(x, quant) if q.shared else quant(x)             # keyed on the layer input
-        if value[0] != out:                                                   # shared with another path
-            value = quant(x)
-        _, xq, xs, gs = value
-        if out == "int8":
-            return self.gemv_int8(xq, xs, gs, q.weight_packed, q.weight_scale, q.weight_global_scale, self.s,
-                                  self.bias32, out_dtype, **cuda_gemv_config(m, q.k_padded))
-        return self.gemm_mma(xq, gs, q.weight_packed, q.weight_scale, q.weight_global_scale, self.s, self.bias32,
-                             out_dtype, **mma_config(m, q.out_features, q.k_padded))
+    def path(self, m: int) -> str:
+        if self.cuda_reason is None and m <= MMA_MAX_M:
+            return "int8" if m <= self.int8_max_m else "float16"
+        return "bfloat16"
 
     def forward(self, q: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, q.in_features)
         if x2.dtype not in (torch.bfloat16, torch.float16):
             x2 = x2.to(torch.bfloat16)
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        if self.cuda_reason is None and x2.shape[0] <= MMA_MAX_M:
-            y = self.forward_cuda(q, x, x2, out_dtype)
-            return y.to(x.dtype).reshape(*x.shape[:-1], q.out_features)
-        quant = lambda _: self.quantize(q, x2)
-        gs, xd = q.shared.get(x, quant) if q.shared else quant(x)             # keyed on the layer input
-        m = xd.shape[0]
-        if m <= GEMV_MAX_M:
-            y = self.gemv(xd, gs, q.weight_packed, q.weight_scale, q.weight_global_scale, self.s, q.bias,
-                         out_dtype=out_dtype, **gemv_config(m, q.k_padded))
+        m, kind = x2.shape[0], self.path(x2.shape[0])
+        quant = lambda _: (kind,) + tuple(self.quantize(q, x2, kind))
+        value = q.shared.get(x, quant) if q.shared else quant(x)             # keyed on the layer input
+        if value[0] != kind:                                                  # cached for another path
+            value = quant(x)
+        _, xq, xs, gs = value
+        w = (q.weight_packed, q.weight_scale.view(torch.uint8), q.weight_global_scale)   # scales as E4M3 bits
+        if kind == "int8":
+            y = self.ops.gemv_int8(xq, xs, gs, *w, self.bias32, self.s, out_dtype=out_dtype,
+                                   **cuda_gemv_config(m, q.k_padded))
+        elif kind == "float16":
+            y = self.ops.gemm_mma(xq, gs, *w, self.bias32, self.s, out_dtype=out_dtype,
+                                  **mma_config(m, q.out_features, q.k_padded))
+        elif m <= GEMV_MAX_M:
+            y = self.ops.gemv_triton(xq, gs, *w, self.bias32, self.s, out_dtype=out_dtype,
+                                     **gemv_config(m, q.k_padded))
         else:
-            y = self.prefill(xd, gs, q.weight_packed, q.weight_scale, q.weight_global_scale, self.s,
-                                   q.bias, out_dtype=out_dtype)
+            y = self.ops.prefill(xq, gs, *w, self.bias32, self.s, out_dtype=out_dtype)
         return y.to(x.dtype).reshape(*x.shape[:-1], q.out_features)
 
 

@@ -12,6 +12,7 @@ pytest.importorskip("triton", reason="triton is a test dependency (pip install -
 from arcquant.config import CalibConfig, QuantConfig    # noqa: E402
 from arcquant.engine import Engine, kv_bytes             # noqa: E402
 from arcquant.gpu import KernelPath, gemv_config, use_kernels   # noqa: E402
+from arcquant.kernels.ops import backend                        # noqa: E402
 from arcquant.quantize import quantize_model            # noqa: E402
 
 
@@ -53,7 +54,8 @@ def test_kernel_path_equals_reference_up_to_bf16_rounding(quantized, m):
         ref = q(x.float())                                     # reference backend, float32
         q.kernel = KernelPath(q)
         try:
-            got = q(x)
+            with backend("triton"):                            # the Triton kernels through the interpreter
+                got = q(x)
         finally:
             q.kernel = None
     assert got.dtype == torch.bfloat16 and got.shape == ref.shape
@@ -68,8 +70,10 @@ def test_cuda_kernel_plumbing_equals_reference(quantized, m, path):
     tensor-core one above) with the CUDA kernels replaced by their float64 oracles: this runs
     on CPU; the CUDA kernels themselves are checked against the same oracles on the GPU
     (scripts/bench_cuda_gemv.py)."""
-    from arcquant.kernels.act_quant import arc_quantize_activation_gemv
+    from types import SimpleNamespace
+
     from arcquant.kernels.cuda_gemv import fp16_gemm_reference, int8_gemv_reference
+    from arcquant.kernels.ops import OPS
     attn = quantized.model.layers[2].self_attn
     projs = (attn.q_proj, attn.k_proj, attn.v_proj)
     x = (torch.randn(1, m, attn.q_proj.in_features, generator=torch.Generator().manual_seed(m)) * 3).bfloat16()
@@ -77,24 +81,27 @@ def test_cuda_kernel_plumbing_equals_reference(quantized, m, path):
 
     def act(*args):
         acts.append(args[-1])
-        return arc_quantize_activation_gemv(*args)
+        return OPS.quantize_act(*args)
 
-    def int8(xi, xs, gs, wc, ws, wgs, s, bias, out_dtype, nr, kw):
+    def int8(xi, xs, gs, wc, ws, wgs, bias, s, out_dtype, nr, kw):
         calls.append("int8")
-        return int8_gemv_reference(xi, xs, gs, wc, ws, wgs, s, bias).to(out_dtype)
+        e4m3 = lambda b: b.view(torch.float8_e4m3fn)          # scales cross the ops as their bits
+        return int8_gemv_reference(xi, e4m3(xs), gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype)
 
-    def mma(xd, gs, wc, ws, wgs, s, bias, out_dtype, kw):
+    def mma(xd, gs, wc, ws, wgs, bias, s, out_dtype, kw):
         calls.append("mma")
-        return fp16_gemm_reference(xd, gs, wc, ws, wgs, s, bias).to(out_dtype)
+        return fp16_gemm_reference(xd, gs, wc, ws.view(torch.float8_e4m3fn), wgs, s, bias).to(out_dtype)
+    fake_ops = SimpleNamespace(quantize_act=act, gemv_int8=int8, gemm_mma=mma)
     with torch.no_grad():
         refs = [p(x.float()) for p in projs]
         for p in projs:
             p.kernel = KernelPath(p)
             assert p.kernel.cuda_reason == "the CUDA GEMV needs a CUDA device, got cpu"
             p.kernel.cuda_reason, p.kernel.int8_max_m = None, 2
-            p.kernel.act_gemv, p.kernel.gemv_int8, p.kernel.gemm_mma = act, int8, mma
+            p.kernel.ops = fake_ops
         try:
-            got = [p(x) for p in projs]
+            with backend("triton"):                            # the activation kernel through the interpreter
+                got = [p(x) for p in projs]
         finally:
             for p in projs:
                 p.kernel = None

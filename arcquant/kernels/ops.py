@@ -1,0 +1,164 @@
+"""The kernels as torch custom ops (torch.library), so torch.compile traces each as one node
+and CUDA graphs capture them, with a backend choice per device.
+
+    torch.ops.arcquant.quantize_act(x, perm, starts, s, gs, out) -> (xq, scales, gs)
+    torch.ops.arcquant.gemv_int8(xi, xs, xgs, wc, ws, wgs, bias, s, nr, kw, out_dtype)
+    torch.ops.arcquant.gemm_mma(xd, xgs, wc, ws, wgs, bias, s, kw, out_dtype)
+    torch.ops.arcquant.gemv_triton(xd, xgs, wc, ws, wgs, bias, s, fma, block_n, block_k, split_k, out_dtype)
+    torch.ops.arcquant.prefill(xd, xgs, wc, ws, wgs, bias, s, out_dtype)
+
+Backends: "kernels" (Triton / CUDA) on CUDA tensors; on CPU tensors "reference" (the
+pure-torch oracles: arc.quantize_activation, float64 products) unless the backend is set to
+"triton", which runs the Triton kernels through the interpreter (tests). set_backend logs the
+choice. Every op has a fake (meta) implementation giving output shapes and dtypes only.
+Shapes and dtypes are checked by the kernel wrappers they call (clear messages). E4M3 scales
+cross the op boundary as their uint8 bits (ws.view(torch.uint8)).
+"""
+import logging
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+from torch.library import custom_op
+
+log = logging.getLogger("arcquant")
+BACKENDS = ("auto", "reference", "triton")
+_state = {"cpu": "auto"}
+
+
+def set_backend(name: str) -> None:
+    """How ops run on CPU tensors: auto/reference (the oracles) or triton (the interpreter)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend {name!r}; valid: {', '.join(BACKENDS)}")
+    _state["cpu"] = name
+    log.info("arcquant ops backend on CPU tensors: %s", "triton (interpreter)" if name == "triton" else "reference")
+
+
+@contextmanager
+def backend(name: str):
+    old = _state["cpu"]
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _state["cpu"] = old
+
+
+def _reference(x: Tensor) -> bool:
+    return x.device.type == "cpu" and _state["cpu"] != "triton"
+
+
+_XQ_DTYPES = {"int8": torch.int8, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ---- activation quantization ---------------------------------------------------------------
+@custom_op("arcquant::quantize_act", mutates_args=())
+def quantize_act(x: Tensor, perm: Tensor, starts: Tensor | None, s: int, gs: Tensor | None,
+                 out: str) -> tuple[Tensor, Tensor, Tensor]:
+    """x (M, K) -> xq (M, K+s) (int8: 2 * E2M1 value; float16/bfloat16: code * block scale),
+    scales (M, (K+s)/16) E4M3 bits as uint8 (int8) or (0, 0), gs (M,) or as given."""
+    if _reference(x):
+        return _quantize_act_reference(x, perm, s, gs, out)
+    from .act_quant import arc_quantize_activation_gemv
+    xq, scales, g = arc_quantize_activation_gemv(x, perm, s, gs, starts, out)
+    g = g if gs is None else g.clone()                            # an op's output may not alias its input
+    return xq, (scales.view(torch.uint8) if scales is not None else x.new_empty(0, 0, dtype=torch.uint8)), g
+
+
+@quantize_act.register_fake
+def _(x, perm, starts, s, gs, out):
+    m, k = x.shape
+    xq = x.new_empty(m, k + s, dtype=_XQ_DTYPES[out])
+    scales = x.new_empty(m if out == "int8" else 0, (k + s) // 16 if out == "int8" else 0, dtype=torch.uint8)
+    return xq, scales, x.new_empty(m if gs is None else gs.numel(), dtype=torch.float32)
+
+
+def _quantize_act_reference(x, perm, s, gs, out):
+    from .. import arc
+    from ..formats import e2m1, get_format
+    fmt = get_format("nvfp4")
+    xf, k = x.float(), x.shape[1]
+    g = fmt.global_scale(xf.abs().amax(-1)) if gs is None else gs.float().reshape(-1).clone()
+    plan = arc.ArcPlan(perm.long(), perm.long()[k - s:])
+    codes, scales = arc.quantize_activation(xf, plan, fmt, g.reshape(-1, 1) if g.numel() > 1 else g.reshape(()))
+    if out == "int8":
+        return (2 * e2m1.e2m1_decode(codes)).to(torch.int8), scales.view(torch.uint8), g
+    xq = fmt.dequantize(codes, scales, torch.tensor(1.0)).to(_XQ_DTYPES[out])      # code * block scale
+    return xq, x.new_empty(0, 0, dtype=torch.uint8), g
+
+
+# ---- products ------------------------------------------------------------------------------
+def _e4m3(bits: Tensor | None) -> Tensor | None:
+    return None if bits is None else bits.view(torch.float8_e4m3fn)
+
+
+def _product_reference(xq, xs, xgs, wc, ws, wgs, bias, s, out_dtype):
+    from .cuda_gemv import fp16_gemm_reference, int8_gemv_reference
+    xs, ws = _e4m3(xs), _e4m3(ws)
+    y = int8_gemv_reference(xq, xs, xgs, wc, ws, wgs, s, bias) if xq.dtype == torch.int8 else \
+        fp16_gemm_reference(xq, xgs, wc, ws, wgs, s, bias)
+    return y.to(out_dtype)
+
+
+def _out_fake(x: Tensor, wc: Tensor, out_dtype: torch.dtype) -> Tensor:
+    return x.new_empty(x.shape[0], wc.shape[0], dtype=out_dtype)
+
+
+@custom_op("arcquant::gemv_int8", mutates_args=())
+def gemv_int8(xi: Tensor, xs: Tensor, xgs: Tensor, wc: Tensor, ws: Tensor, wgs: Tensor, bias: Tensor | None,
+              s: int, nr: int, kw: int, out_dtype: torch.dtype) -> Tensor:
+    if xi.device.type == "cpu":                                   # no CUDA kernel on CPU: the oracle
+        return _product_reference(xi, xs, xgs, wc, ws, wgs, bias, s, out_dtype)
+    from .cuda_gemv import arc_gemv_int8
+    return arc_gemv_int8(xi, _e4m3(xs), xgs, wc, _e4m3(ws), wgs, s, bias, out_dtype, nr, kw)
+
+
+@gemv_int8.register_fake
+def _(xi, xs, xgs, wc, ws, wgs, bias, s, nr, kw, out_dtype):
+    return _out_fake(xi, wc, out_dtype)
+
+
+@custom_op("arcquant::gemm_mma", mutates_args=())
+def gemm_mma(xd: Tensor, xgs: Tensor, wc: Tensor, ws: Tensor, wgs: Tensor, bias: Tensor | None, s: int, kw: int,
+             out_dtype: torch.dtype) -> Tensor:
+    if xd.device.type == "cpu":
+        return _product_reference(xd, None, xgs, wc, ws, wgs, bias, s, out_dtype)
+    from .cuda_gemv import arc_gemm_mma
+    return arc_gemm_mma(xd, xgs, wc, _e4m3(ws), wgs, s, bias, out_dtype, kw)
+
+
+@gemm_mma.register_fake
+def _(xd, xgs, wc, ws, wgs, bias, s, kw, out_dtype):
+    return _out_fake(xd, wc, out_dtype)
+
+
+@custom_op("arcquant::gemv_triton", mutates_args=())
+def gemv_triton(xd: Tensor, xgs: Tensor, wc: Tensor, ws: Tensor, wgs: Tensor, bias: Tensor | None, s: int,
+                fma: bool, block_n: int, block_k: int, split_k: int, out_dtype: torch.dtype) -> Tensor:
+    if _reference(xd):
+        return _product_reference(xd, None, xgs, wc, ws, wgs, bias, s, out_dtype)
+    from .decode import arc_gemv
+    return arc_gemv(xd, xgs, wc, _e4m3(ws), wgs, s, bias, out_dtype=out_dtype, block_n=block_n, block_k=block_k,
+                    split_k=split_k, fma=fma)
+
+
+@gemv_triton.register_fake
+def _(xd, xgs, wc, ws, wgs, bias, s, fma, block_n, block_k, split_k, out_dtype):
+    return _out_fake(xd, wc, out_dtype)
+
+
+@custom_op("arcquant::prefill", mutates_args=())
+def prefill(xd: Tensor, xgs: Tensor, wc: Tensor, ws: Tensor, wgs: Tensor, bias: Tensor | None, s: int,
+            out_dtype: torch.dtype) -> Tensor:
+    if _reference(xd):
+        return _product_reference(xd, None, xgs, wc, ws, wgs, bias, s, out_dtype)
+    from .prefill import arc_matmul_prefill
+    return arc_matmul_prefill(xd, xgs, wc, _e4m3(ws), wgs, s, bias, out_dtype=out_dtype)
+
+
+@prefill.register_fake
+def _(xd, xgs, wc, ws, wgs, bias, s, out_dtype):
+    return _out_fake(xd, wc, out_dtype)
+
+
+OPS = torch.ops.arcquant                                           # the namespace, once registered
