@@ -50,8 +50,8 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def decode_tokens_per_s(model, batch: int, decode: int, repeats: int, vocab: int) -> float:
-    e = Engine(model, batch, PROMPT + decode + 1, graphs=True)
+def decode_tokens_per_s(model, batch: int, decode: int, repeats: int, vocab: int, compile: bool = False) -> float:
+    e = Engine(model, batch, PROMPT + decode + 1, graphs=True, compile=compile)
     ids = torch.randint(0, vocab, (batch, PROMPT), device=e.device)
     logits = e.prefill(ids)
     tok = logits.argmax(-1, keepdim=True)
@@ -86,7 +86,7 @@ def profile_step(model, vocab: int, top: int = 8) -> list:
     return sorted(rows, key=lambda r: -r[2])[:top]
 
 
-def bench_one(model, label: str, batches, decode: int, prefill: int, repeats: int) -> dict:
+def bench_one(model, label: str, batches, decode: int, prefill: int, repeats: int, compile_batches=()) -> dict:
     vocab = model.config.vocab_size
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -94,6 +94,15 @@ def bench_one(model, label: str, batches, decode: int, prefill: int, repeats: in
     for b in batches:
         row[f"decode_tok_s_b{b}"] = decode_tokens_per_s(model, b, decode, repeats, vocab)
         print(f"  {label}: batch {b} decode {row[f'decode_tok_s_b{b}']:.1f} tok/s", flush=True)
+    for b in compile_batches:                                          # the same with torch.compile
+        try:
+            row[f"decode_tok_s_b{b}_compiled"] = decode_tokens_per_s(model, b, decode, repeats, vocab, compile=True)
+            print(f"  {label}: batch {b} decode, torch.compile {row[f'decode_tok_s_b{b}_compiled']:.1f} tok/s",
+                  flush=True)
+        except Exception as e:                                        # report, keep the eager figures
+            row[f"decode_b{b}_compile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"  {label}: batch {b} torch.compile failed: {row[f'decode_b{b}_compile_error']}", flush=True)
+        torch._dynamo.reset()
     row[f"prefill_ms_{prefill}"] = prefill_ms(model, prefill, repeats, vocab)
     row["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     row["profile_b1"] = profile_step(model, vocab)
@@ -115,7 +124,7 @@ def quantized_shape(shape: str, work: Path, calib_source: str, tokenizer_dir=Non
 
 
 def run_bench(source, checkpoint, batches=(1, 8, 32), decode: int = 64, prefill: int = 2048,
-              repeats: int = 5) -> list:
+              repeats: int = 5, compile_batches=()) -> list:
     """BF16 `source` folder vs the arcquant `checkpoint`, one after the other on one GPU."""
     from transformers import AutoModelForCausalLM
     from .checkpoint import load_quantized
@@ -125,14 +134,15 @@ def run_bench(source, checkpoint, batches=(1, 8, 32), decode: int = 64, prefill:
                          "on a CPU use arcquant eval for accuracy")
     rows = []
     model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.bfloat16).cuda().eval()
-    rows.append(bench_one(model, "bf16", batches, decode, prefill, repeats))
+    rows.append(bench_one(model, "bf16", batches, decode, prefill, repeats, compile_batches))
     del model
     torch.cuda.empty_cache()
     model, _, _ = load_quantized(checkpoint, device="cuda", dtype=torch.bfloat16, verify=False)
     rows[-1]["backend"] = "cuBLAS (torch)"
     counts = use_kernels(model)
-    row = bench_one(model, "arc", batches, decode, prefill, repeats)
-    row["backend"] = f"triton kernels for {counts['kernels']} layers, reference for {counts['reference']}"
+    row = bench_one(model, "arc", batches, decode, prefill, repeats, compile_batches)
+    row["backend"] = (f"kernels for {counts['kernels']} layers (CUDA GEMVs for {counts.get('cuda_gemv', 0)}), "
+                      f"reference for {counts['reference']}")
     rows.append(row)
     return rows
 
@@ -153,6 +163,17 @@ def table(rows: list, batches, prefill: int) -> str:
         cells += [gib(r["linear_bytes"]) + ("" if r is base else f" ({base['linear_bytes'] / r['linear_bytes']:.2f}x smaller)"),
                   gib(r["total_bytes"]), gib(r["peak_gpu_bytes"])]
         lines.append("| " + " | ".join(cells) + " |")
+    compiled = sorted({int(k[len("decode_tok_s_b"):-len("_compiled")]) for r in rows for k in r
+                       if k.startswith("decode_tok_s_b") and k.endswith("_compiled")})
+    if compiled:                                                        # torch.compile'd decode steps
+        lines += ["", "| model, decode step through torch.compile | " + " | ".join(f"b{b} tok/s" for b in compiled) + " |",
+                  "|---|" + "---|" * len(compiled)]
+        for r in rows:
+            cells = []
+            for b in compiled:
+                v, b0 = r.get(f"decode_tok_s_b{b}_compiled"), base.get(f"decode_tok_s_b{b}_compiled")
+                cells.append("failed" if v is None else f"{v:.1f}" + ("" if r is base or not b0 else f" ({v / b0:.2f}x)"))
+            lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -29,6 +29,8 @@ class SharedInput:
         self.x, self.version, self.value = None, None, None
 
     def get(self, x, compute):
+        if torch.compiler.is_compiling():                 # traced: no Python-side cache (compute each time)
+            return compute(x)
         if self.x is x and self.version == x._version:
             return self.value
         self.x, self.version, self.value = x, x._version, compute(x)

@@ -29,6 +29,8 @@ def main():
     ap.add_argument("--calib-source", default="c4")
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--compile", nargs="*", type=int, default=[], metavar="B",
+                    help="also time these batches with the decode step through torch.compile")
     a = ap.parse_args()
     head = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
             f"transformers {transformers.__version__}")
@@ -36,7 +38,7 @@ def main():
     for shape in a.shapes:
         work = temp_work()
         src, ck = quantized_shape(shape, work, a.calib_source, a.tokenizer)
-        rows = run_bench(src, ck, a.batches, a.decode, a.prefill, a.repeats)
+        rows = run_bench(src, ck, a.batches, a.decode, a.prefill, a.repeats, a.compile)
         record["shapes"][shape] = rows
         md += [f"## {shape}", "", table(rows, a.batches, a.prefill), "", "Top CUDA ops of one eager decode step, batch 1:", ""]
         for r in rows:
