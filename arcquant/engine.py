@@ -41,7 +41,7 @@ class Engine:
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=self.device)   # graph inputs
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.graph, self.logits = None, None
-        # compile=True: the decode step goes through torch.compile (inductor fuses norms, rotary,
+        # compile=True (experimental, see docs/e2e.md): the decode step goes through torch.compile (inductor fuses norms, rotary,
         # residual adds; the arcquant kernels are custom ops, traced as single nodes), then is
         # captured in the CUDA graph like the eager one. Prefill stays eager.
         self._decode = torch.compile(self._forward, dynamic=False) if compile else self._forward
