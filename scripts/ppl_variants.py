@@ -70,11 +70,13 @@ def main():
     ap.add_argument("--calib", type=int, nargs=2, default=(32, 512), metavar=("N", "SEQLEN"))
     ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     ap.add_argument("--set", default="variants", choices=list(SETS), help="variants (issue 2) or baselines (issue 3)")
-    ap.add_argument("--md", help="render the JSON lines of --out as a markdown table to this file")
+    ap.add_argument("--md", help="render the JSON lines of --out as a markdown table to this file (and a bar "
+                                 "chart next to it, same name with .png)")
     a = ap.parse_args()
     out = Path(a.out)
     if a.md:
         Path(a.md).write_text(render(out))
+        plot(out, Path(a.md).with_suffix(".png"))
         return
     done = set()
     if out.exists():
@@ -151,6 +153,26 @@ def render(jsonl: Path) -> str:
                  f"GPTQ protocol); calibration {r0['calib']}; torch {r0['torch']}, CPU. The gap closed is "
                  "(rtn - x) / (rtn - w4a8), against rtn with the same activation scale (rtn-token for static).")
     return "\n".join(lines) + "\n"
+
+
+def plot(jsonl: Path, png: Path) -> None:
+    """Horizontal bars: perplexity per variant (log scale), average bits in the labels."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(l) for l in jsonl.read_text().splitlines() if l.strip()]
+    rows.sort(key=lambda r: r["ppl"])
+    fig, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1.2))
+    colors = ["tab:green" if r["config"]["method"].startswith("arc") else "tab:gray" if r["config"]["method"] in
+              ("fp", "w4a16", "w4a8") else "tab:blue" for r in rows]
+    ax.barh([f"{r['variant']} ({r['avg_bits']:.2f} b)" for r in rows], [r["ppl"] for r in rows], color=colors)
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.set_xlabel(f"perplexity on {rows[0]['text']}, {rows[0]['tokens']} tokens (lower is better; log scale)")
+    ax.set_title(f"{rows[0]['model']}: ARC variants green, references gray, baselines blue", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
