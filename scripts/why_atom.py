@@ -58,8 +58,40 @@ def arc_fp8_tail():
     qlinear.QuantLinear.dequantized_weight = dequantized_weight
 
 
-VARIANTS = {"atom, 4-bit outlier weights": ("atom", lambda: setattr(qlinear, "_quantize_tail8", nvfp4_tail)),
-            "arc, 8-bit outlier weights": ("arc", arc_fp8_tail)}
+def arc_weight_residual():
+    """Patch QuantLinear: the tail's weight residual R_W = NVFP4(W_tail - dequant(Q(W)_tail)) (16-blocks,
+    the layer's weight tensor scale) is added to the main tail columns, i.e. the product on the tail
+    becomes Q1 (Q(W) + R_W) + Q2 Q(W): what W_aug = [Q(W), Q(W)_tail, R_W] with X_aug = [Q1, Q2, Q1_tail]
+    computes in one GEMM of depth K + 2s (s more weight and activation columns)."""
+    build, deq = qlinear.QuantLinear.from_linear.__func__, qlinear.QuantLinear.dequantized_weight
+    fmt = get_format("nvfp4")
+
+    def from_linear(cls, linear, fmt_name, act, act_scale, plan, weight_gs, *args, **kw):
+        mod = build(cls, linear, fmt_name, act, act_scale, plan, weight_gs, *args, **kw)
+        s = plan.tail.numel()
+        if s:
+            w = qlinear.arc.pad_k(linear.weight.detach().float(), plan.k)[:, plan.perm[plan.k - s:]]   # (N, s)
+            qw = mod.quantized_weight()
+            w_q = fmt.dequantize(qw.codes[:, plan.k - s:], qw.scales[:, (plan.k - s) // 16:], weight_gs)
+            mod._wres = fmt.dequantize(*fmt.quantize(w - w_q, weight_gs), weight_gs)
+        return mod
+
+    def dequantized_weight(self):
+        first = self._w_aug is None
+        w_aug = deq(self)
+        if first and self.s and hasattr(self, "_wres"):
+            k = self.k_padded
+            w_aug[:, k - self.s: k] += self._wres
+        return w_aug
+
+    qlinear.QuantLinear.from_linear = classmethod(from_linear)
+    qlinear.QuantLinear.dequantized_weight = dequantized_weight
+
+
+VARIANTS = {"atom, 4-bit outlier weights": ("atom", lambda: setattr(qlinear, "_quantize_tail8", nvfp4_tail), 5.5),
+            "arc, 8-bit outlier weights": ("arc", arc_fp8_tail, 5.5),
+            # s from a 5.0-bit budget: with s more columns on each side the layers carry 4.5 (K + 2s) / K = 5.5 bits
+            "arc + weight residual on the tail (5.5 bits)": ("arc", arc_weight_residual, 5.0)}
 
 
 def main():
@@ -69,16 +101,17 @@ def main():
     ap.add_argument("--only", nargs="*", default=list(VARIANTS))
     a = ap.parse_args()
     name = a.only[0]
-    method, patch = VARIANTS[name]
+    method, patch, budget = VARIANTS[name]
     patch()                                                   # one variant per process: patches stay local
     torch.manual_seed(0)
     model, tok = load_model(a.model)
     t0 = time.time()
-    qcfg = QuantConfig(method=method, target_bits=5.5)
+    qcfg = QuantConfig(method=method, target_bits=budget)
     ccfg = CalibConfig(source="c4", nsamples=32, seqlen=512, seed=0)
     rep = quantize_model(model, tok, qcfg, ccfg, progress=False)
     r = perplexity(model, tok, "wiki-test", 512, 65536, progress=False)
-    row = {"variant": name, "model": a.model, "config": qcfg.to_dict(), "avg_bits_as_counted": rep["avg_bits"],
+    extra = {"avg_bits_with_weight_residual": 2 * rep["avg_bits"] - 4.5} if "weight residual" in name else {}
+    row = {"variant": name, "model": a.model, "config": qcfg.to_dict(), "avg_bits_as_counted": rep["avg_bits"], **extra,
            **r, "calib": "c4 32x512 seed 0", "torch": torch.__version__, "seconds": round(time.time() - t0, 1)}
     print(json.dumps(row), flush=True)
     with Path(a.out).open("a") as f:
