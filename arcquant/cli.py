@@ -134,6 +134,8 @@ def cmd_compare(a):
         configs[m] = qcfg
     rows = run_comparison(a.model, configs, ccfg, a.out, a.text, a.seqlen, a.tokens, a.tasks or (), a.limit,
                           a.device)
+    for r in rows:
+        r["limit_used"] = a.limit
     print("\n" + table(rows))
     if a.out:
         write_outputs(rows, Path(a.out), a.limit)

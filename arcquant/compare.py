@@ -80,7 +80,8 @@ def table(rows: list[dict]) -> str:
                  f"calibration {r0['calibration']['source']} {r0['calibration']['nsamples']}x"
                  f"{r0['calibration']['seqlen']} seed {r0['calibration']['seed']}"
                  + (f"; zero-shot acc (%) through lm-evaluation-harness {r0.get('lm_eval')}, "
-                    f"{'full splits' if not r0.get('limit_used') else ''}" if tasks else ""))
+                    + ("full splits" if not r0.get("limit_used") else
+                       f"first {r0['limit_used']} documents per task (--limit: a quick run)") if tasks else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -88,8 +89,7 @@ def write_outputs(rows: list[dict], out: Path, limit=None) -> None:
     out = Path(out)
     for r in rows:
         r["limit_used"] = limit
-    (out / "table.md").write_text(table(rows) + ("" if limit is None else f"Zero-shot on the first {limit} "
-                                                 "documents of each task (--limit): a quick run, not a reported number.\n"))
+    (out / "table.md").write_text(table(rows))
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     try:
         import matplotlib
