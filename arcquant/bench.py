@@ -141,7 +141,7 @@ def run_bench(source, checkpoint, batches=(1, 8, 32), decode: int = 64, prefill:
     rows[-1]["backend"] = "cuBLAS (torch)"
     counts = use_kernels(model)
     row = bench_one(model, "arc", batches, decode, prefill, repeats, compile_batches)
-    row["backend"] = (f"kernels for {counts['kernels']} layers (CUDA GEMVs for {counts.get('cuda_gemv', 0)}), "
+    row["backend"] = (f"kernels for {counts['kernels']} layers (CUDA GEMVs for {counts['cuda_gemv']}), "
                       f"reference for {counts['reference']}")
     rows.append(row)
     return rows

@@ -80,13 +80,15 @@ class KernelPath:
     def __init__(self, q: QuantLinear):
         from .kernels import ops
         from .kernels.act_quant import block_starts
+        from .kernels.cuda_gemv import gemv_shape_reason
         self.ops = ops.OPS                                                    # torch.ops.arcquant
         self.perm = q.perm.to(torch.int32).contiguous()
         self.starts = block_starts(self.perm)
         self.s, self.pad = q.s, q.k_padded - q.in_features
         self.bias32 = None if q.bias is None else q.bias.detach().float().contiguous()
+        self.weight = (q.weight_packed, q.weight_scale.view(torch.uint8), q.weight_global_scale)   # scales as bits
         self.cuda_reason = _cuda_gemv_reason(q)
-        self.int8_max_m = INT8_MAX_M if q.k_padded % 32 == 0 else 0              # the integer GEMV needs K % 32
+        self.int8_max_m = INT8_MAX_M if gemv_shape_reason(q.k_padded, q.s) is None else 0   # needs K % 32
 
     def global_scale(self, q: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         if q.act_scale == "static":
@@ -117,7 +119,7 @@ class KernelPath:
         if value[0] != kind:                                                  # cached for another path
             value = quant(x)
         _, xq, xs, gs = value
-        w = (q.weight_packed, q.weight_scale.view(torch.uint8), q.weight_global_scale)   # scales as E4M3 bits
+        w = self.weight
         if kind == "int8":
             y = self.ops.gemv_int8(xq, xs, gs, *w, self.bias32, self.s, out_dtype=out_dtype,
                                    **cuda_gemv_config(m, q.k_padded))
@@ -142,7 +144,8 @@ def _cuda_gemv_reason(q: QuantLinear) -> str | None:
 def use_kernels(model, enable: bool = True) -> dict:
     """Switch every QuantLinear the kernels can run to them (enable=False: back to the reference).
     -> {"kernels": n, "reference": n, "reasons": {reason: count}}; the split is logged."""
-    counts = {"kernels": 0, "reference": 0, "reasons": {}}
+    counts = {"kernels": 0, "reference": 0, "reasons": {}, "cuda_gemv": 0}
+    slow = set()                                                      # why some kernel layers lack the CUDA GEMVs
     for mod in model.modules():
         if not isinstance(mod, QuantLinear):
             continue
@@ -150,12 +153,13 @@ def use_kernels(model, enable: bool = True) -> dict:
         mod.kernel = KernelPath(mod) if reason is None else None
         if reason is None:
             counts["kernels"] += 1
+            if mod.kernel.cuda_reason is None:
+                counts["cuda_gemv"] += 1
+            else:
+                slow.add(mod.kernel.cuda_reason)
         else:
             counts["reference"] += 1
             counts["reasons"][reason] = counts["reasons"].get(reason, 0) + 1
-    cuda = [m.kernel.cuda_reason for m in model.modules() if isinstance(m, QuantLinear) and m.kernel is not None]
-    counts["cuda_gemv"] = sum(r is None for r in cuda)
-    slow = {r for r in cuda if r is not None}
     log.info("arcquant backend: kernels for %d layers (decode GEMV in CUDA for %d%s), reference for %d %s",
              counts["kernels"], counts["cuda_gemv"], f"; Triton for the rest: {sorted(slow)}" if slow else "",
              counts["reference"], counts["reasons"] or "")

@@ -185,10 +185,10 @@ def arc_quantize_activation_gemv(x: torch.Tensor, perm: torch.Tensor, s: int, gs
     out="float16" / "bfloat16": xq (M, K+s) = code * block scale (exact in both), scales None.
     gs=None: the per-token tensor scale 448*6/max|x[m]| is computed in the kernel (no separate
     amax pass) and returned as (M,)."""
+    from .ops import XQ_DTYPES
     _check_act(x, perm, s, starts)
-    dtypes = {"int8": torch.int8, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if out not in dtypes:
-        raise ValueError(f"out={out!r}: use one of {', '.join(dtypes)}")
+    if out not in XQ_DTYPES:
+        raise ValueError(f"out={out!r}: use one of {', '.join(XQ_DTYPES)}")
     m, k = x.shape
     if gs is None:
         gs_buf, row_amax = torch.empty(m, dtype=torch.float32, device=x.device), True
@@ -197,7 +197,7 @@ def arc_quantize_activation_gemv(x: torch.Tensor, perm: torch.Tensor, s: int, gs
         if gs_buf.numel() not in (1, m) or gs_buf.device != x.device:
             raise ValueError(f"gs must hold 1 or M={m} values on {x.device}, got {gs_buf.numel()} on {gs_buf.device}")
     int8 = out == "int8"
-    xq = torch.empty(m, k + s, dtype=dtypes[out], device=x.device)
+    xq = torch.empty(m, k + s, dtype=XQ_DTYPES[out], device=x.device)
     scales = torch.empty(m if int8 else 1, (k + s) // 16, dtype=torch.uint8, device=x.device)
     grid = (m, triton.cdiv((k + s) // 16, blocks_per_program))
     _arc_act_quant_kernel[grid](x, perm if starts is None else starts, gs_buf, scales, scales, xq, xq, k, s,

@@ -75,6 +75,26 @@ def gemv_shape_reason(k: int, s: int, m: int | None = None) -> str | None:
     return None
 
 
+def _check_weight_and_devices(wc, ws, tensors: dict) -> None:
+    """The checks both kernels share: the stored weight's dtypes and shapes, one CUDA device."""
+    n, k = wc.shape[0], wc.shape[1] * 2
+    if wc.dtype != torch.uint8 or ws.shape != (n, k // 16) or ws.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"weight codes must be uint8 ({n}, {k // 2}) and scales float8_e4m3fn ({n}, {k // 16})")
+    first = next(iter(tensors.values()))
+    wrong = [f"{name} on {t.device}" for name, t in tensors.items() if t.device != first.device or t.device.type != "cuda"]
+    if wrong:
+        raise ValueError(f"all operands must be on one CUDA device: {', '.join(wrong)}")
+
+
+def _outputs(x, n: int, bias, out_dtype):
+    """-> (y (M, N) out_dtype, bias as float32 or None, the built extension)."""
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"out_dtype {out_dtype}: use bfloat16, float16 or float32")
+    y = torch.empty(x.shape[0], n, dtype=out_dtype, device=x.device)
+    b = None if bias is None else bias.to(device=x.device, dtype=torch.float32).contiguous()
+    return y, b, _extension(torch.cuda.get_device_capability(x.device))
+
+
 def arc_gemv_int8(xi, xs, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat16, nr: int = 2,
                   kw: int = 4) -> torch.Tensor:
     """y (M, N) = 0.25 * sum_b isum_b * ws * xs / (xgs * wgs) (+ bias); M <= 8.
@@ -88,19 +108,10 @@ def arc_gemv_int8(xi, xs, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.b
                          f"{tuple(xi.shape)}")
     if xs.shape != (m, (k + s) // 16) or xs.dtype != torch.float8_e4m3fn:
         raise ValueError(f"xs must be float8_e4m3fn ({m}, {(k + s) // 16}); got {xs.dtype} {tuple(xs.shape)}")
-    if wc.dtype != torch.uint8 or ws.shape != (n, k // 16) or ws.dtype != torch.float8_e4m3fn:
-        raise ValueError(f"weight codes must be uint8 ({n}, {k // 2}) and scales float8_e4m3fn ({n}, {k // 16})")
-    tensors = {"xi": xi, "xs": xs, "wc": wc, "ws": ws}
-    wrong = [f"{name} on {t.device}" for name, t in tensors.items() if t.device != xi.device or t.device.type != "cuda"]
-    if wrong:
-        raise ValueError(f"all operands must be on one CUDA device: {', '.join(wrong)}")
+    _check_weight_and_devices(wc, ws, {"xi": xi, "xs": xs, "wc": wc, "ws": ws})
     if any(t.data_ptr() % 16 for t in (xi, wc)):
         raise ValueError("xi and wc must start on a 16-byte boundary (take a fresh, contiguous tensor)")
-    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"out_dtype {out_dtype}: use bfloat16, float16 or float32")
-    y = torch.empty(m, n, dtype=out_dtype, device=xi.device)
-    b = None if bias is None else bias.to(device=xi.device, dtype=torch.float32).contiguous()
-    ext = _extension(torch.cuda.get_device_capability(xi.device))
+    y, b, ext = _outputs(xi, n, bias, out_dtype)
     ext.arc_gemv_dp4a(xi, xs.view(torch.uint8), xgs.to(torch.float32).reshape(-1).contiguous(), wc.contiguous(),
                       ws.view(torch.uint8).contiguous(), wgs.to(torch.float32).reshape(-1).contiguous(), b, y, s,
                       nr, kw)
@@ -116,20 +127,11 @@ def arc_gemm_mma(xd, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat
     if xd.dtype != torch.float16 or xd.shape[1] != k + s or not xd.is_contiguous():
         raise ValueError(f"xd must be contiguous float16 ({m}, {k + s}) for K={k}, s={s}; got {xd.dtype} "
                          f"{tuple(xd.shape)}")
-    if wc.dtype != torch.uint8 or ws.shape != (n, k // 16) or ws.dtype != torch.float8_e4m3fn:
-        raise ValueError(f"weight codes must be uint8 ({n}, {k // 2}) and scales float8_e4m3fn ({n}, {k // 16})")
-    wrong = [f"{name} on {t.device}" for name, t in {"xd": xd, "wc": wc, "ws": ws}.items()
-             if t.device != xd.device or t.device.type != "cuda"]
-    if wrong:
-        raise ValueError(f"all operands must be on one CUDA device: {', '.join(wrong)}")
+    _check_weight_and_devices(wc, ws, {"xd": xd, "wc": wc, "ws": ws})
     if xd.data_ptr() % 16 or wc.data_ptr() % 8:
         raise ValueError("xd must start on a 16-byte and wc on an 8-byte boundary (take a fresh, contiguous tensor)")
-    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"out_dtype {out_dtype}: use bfloat16, float16 or float32")
     kw = max(1, min(kw, 32 // -(-m // 8)))
-    y = torch.empty(m, n, dtype=out_dtype, device=xd.device)
-    b = None if bias is None else bias.to(device=xd.device, dtype=torch.float32).contiguous()
-    ext = _extension(torch.cuda.get_device_capability(xd.device))
+    y, b, ext = _outputs(xd, n, bias, out_dtype)
     ext.arc_gemm_mma(xd, xgs.to(torch.float32).reshape(-1).contiguous(), wc.contiguous(),
                      ws.view(torch.uint8).contiguous(), wgs.to(torch.float32).reshape(-1).contiguous(), b, y, s, kw)
     return y

@@ -48,7 +48,7 @@ def _reference(x: Tensor) -> bool:
     return x.device.type == "cpu" and _state["cpu"] != "triton"
 
 
-_XQ_DTYPES = {"int8": torch.int8, "float16": torch.float16, "bfloat16": torch.bfloat16}
+XQ_DTYPES = {"int8": torch.int8, "float16": torch.float16, "bfloat16": torch.bfloat16}   # quantize_act's `out`
 
 
 # ---- activation quantization ---------------------------------------------------------------
@@ -68,7 +68,7 @@ def quantize_act(x: Tensor, perm: Tensor, starts: Tensor | None, s: int, gs: Ten
 @quantize_act.register_fake
 def _(x, perm, starts, s, gs, out):
     m, k = x.shape
-    xq = x.new_empty(m, k + s, dtype=_XQ_DTYPES[out])
+    xq = x.new_empty(m, k + s, dtype=XQ_DTYPES[out])
     scales = x.new_empty(m if out == "int8" else 0, (k + s) // 16 if out == "int8" else 0, dtype=torch.uint8)
     return xq, scales, x.new_empty(m if gs is None else gs.numel(), dtype=torch.float32)
 
@@ -83,7 +83,7 @@ def _quantize_act_reference(x, perm, s, gs, out):
     codes, scales = arc.quantize_activation(xf, plan, fmt, g.reshape(-1, 1) if g.numel() > 1 else g.reshape(()))
     if out == "int8":
         return (2 * e2m1.e2m1_decode(codes)).to(torch.int8), scales.view(torch.uint8), g
-    xq = fmt.dequantize(codes, scales, torch.tensor(1.0)).to(_XQ_DTYPES[out])      # code * block scale
+    xq = fmt.dequantize(codes, scales, torch.tensor(1.0)).to(XQ_DTYPES[out])      # code * block scale
     return xq, x.new_empty(0, 0, dtype=torch.uint8), g
 
 
