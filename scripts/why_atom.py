@@ -34,58 +34,57 @@ def nvfp4_tail(w_tail: torch.Tensor):
     return fmt.dequantize(*fmt.quantize(w_tail, gs), gs), torch.ones(w_tail.shape[0], 1)
 
 
-def arc_fp8_tail():
-    """Patch QuantLinear so ARC's s channels use FP8 weights (main columns and the duplicated tail)."""
+def _patch_tail(extra, apply):
+    """Patch QuantLinear for one measurement: extra(mod, linear, plan, weight_gs) -> a (N, s) tensor
+    kept on each layer with a tail when it is built; apply(w_aug, k, s, t) edits dequant(W_aug)
+    (N, K+s) in place when the reference product first builds it."""
     build, deq = qlinear.QuantLinear.from_linear.__func__, qlinear.QuantLinear.dequantized_weight
 
-    def from_linear(cls, linear, fmt, act, act_scale, plan, *args, **kw):
-        mod = build(cls, linear, fmt, act, act_scale, plan, *args, **kw)
-        w = qlinear.arc.pad_k(linear.weight.detach().float(), plan.k)
+    def from_linear(cls, linear, fmt, act, act_scale, plan, weight_gs, *args, **kw):
+        mod = build(cls, linear, fmt, act, act_scale, plan, weight_gs, *args, **kw)
         if plan.tail.numel():
-            mod._tail8 = fp8.fake_quantize_per_row(w[:, plan.perm[plan.k - plan.tail.numel():]])  # (N, s)
+            mod._tail_extra = extra(mod, linear, plan, weight_gs)
         return mod
 
     def dequantized_weight(self):
         first = self._w_aug is None
         w_aug = deq(self)
-        if first and self.s and hasattr(self, "_tail8"):
-            k = self.k_padded
-            w_aug[:, k - self.s: k] = self._tail8
-            w_aug[:, k:] = self._tail8
+        if first and self.s and hasattr(self, "_tail_extra"):
+            apply(w_aug, self.k_padded, self.s, self._tail_extra)
         return w_aug
 
     qlinear.QuantLinear.from_linear = classmethod(from_linear)
     qlinear.QuantLinear.dequantized_weight = dequantized_weight
+
+
+def _tail_weight(linear, plan):
+    """(N, s) float32: the original weight columns of the plan's tail, in plan order."""
+    return qlinear.arc.pad_k(linear.weight.detach().float(), plan.k)[:, plan.perm[plan.k - plan.tail.numel():]]
+
+
+def arc_fp8_tail():
+    """ARC's s channels with FP8 weights (per-row scale) in the main part and the duplicated tail."""
+    def apply(w_aug, k, s, t):
+        w_aug[:, k - s: k] = t
+        w_aug[:, k:] = t
+    _patch_tail(lambda mod, linear, plan, gs: fp8.fake_quantize_per_row(_tail_weight(linear, plan)), apply)
 
 
 def arc_weight_residual():
-    """Patch QuantLinear: the tail's weight residual R_W = NVFP4(W_tail - dequant(Q(W)_tail)) (16-blocks,
-    the layer's weight tensor scale) is added to the main tail columns, i.e. the product on the tail
-    becomes Q1 (Q(W) + R_W) + Q2 Q(W): what W_aug = [Q(W), Q(W)_tail, R_W] with X_aug = [Q1, Q2, Q1_tail]
+    """The tail's weight residual R_W = NVFP4(W_tail - dequant(Q(W)_tail)) (16-blocks, the layer's
+    weight tensor scale) added to the main tail columns, i.e. the product on the tail becomes
+    Q1 (Q(W) + R_W) + Q2 Q(W): what W_aug = [Q(W), Q(W)_tail, R_W] with X_aug = [Q1, Q2, Q1_tail]
     computes in one GEMM of depth K + 2s (s more weight and activation columns)."""
-    build, deq = qlinear.QuantLinear.from_linear.__func__, qlinear.QuantLinear.dequantized_weight
     fmt = get_format("nvfp4")
 
-    def from_linear(cls, linear, fmt_name, act, act_scale, plan, weight_gs, *args, **kw):
-        mod = build(cls, linear, fmt_name, act, act_scale, plan, weight_gs, *args, **kw)
-        s = plan.tail.numel()
-        if s:
-            w = qlinear.arc.pad_k(linear.weight.detach().float(), plan.k)[:, plan.perm[plan.k - s:]]   # (N, s)
-            qw = mod.quantized_weight()
-            w_q = fmt.dequantize(qw.codes[:, plan.k - s:], qw.scales[:, (plan.k - s) // 16:], weight_gs)
-            mod._wres = fmt.dequantize(*fmt.quantize(w - w_q, weight_gs), weight_gs)
-        return mod
+    def residual(mod, linear, plan, weight_gs):
+        s, qw = plan.tail.numel(), mod.quantized_weight()
+        w_q = fmt.dequantize(qw.codes[:, plan.k - s:], qw.scales[:, (plan.k - s) // 16:], weight_gs)
+        return fmt.dequantize(*fmt.quantize(_tail_weight(linear, plan) - w_q, weight_gs), weight_gs)
 
-    def dequantized_weight(self):
-        first = self._w_aug is None
-        w_aug = deq(self)
-        if first and self.s and hasattr(self, "_wres"):
-            k = self.k_padded
-            w_aug[:, k - self.s: k] += self._wres
-        return w_aug
-
-    qlinear.QuantLinear.from_linear = classmethod(from_linear)
-    qlinear.QuantLinear.dequantized_weight = dequantized_weight
+    def apply(w_aug, k, s, t):
+        w_aug[:, k - s: k] += t
+    _patch_tail(residual, apply)
 
 
 VARIANTS = {"atom, 4-bit outlier weights": ("atom", lambda: setattr(qlinear, "_quantize_tail8", nvfp4_tail), 5.5),
