@@ -40,22 +40,28 @@ def bench(fn):
     return do_bench(fn, warmup=10, rep=30, return_mode="median") * 1000.0          # us
 
 
+def _case(k: int, s: int, m: int, dev):
+    """One exactness case: a layer of N = 1000 + M rows, an input with outlier channels, its
+    reference ARC codes and scales (per-token scale) and a bias.
+    -> (n, plan, gsw, wc, ws, x, perm, gsx, codes, scales, bias)"""
+    n = 1000 + m
+    _, plan, gsw, wc, ws = make_layer(k, n, s, dev)
+    x = make_x(m, k, dev)
+    gsx = F.global_scale(x.float().abs().amax(1, keepdim=True))
+    codes, scales = arc.quantize_activation(x.float(), plan, F, gsx)
+    return n, plan, gsw, wc, ws, x, plan.perm.to(torch.int32), gsx, codes, scales, torch.randn(n, device=dev)
+
+
 def exactness(dev) -> list:
     out = []
     for k in (4096, 3584, 14336, 18944):
         for s in (0, 16, 64, 448):
             for m in (1, 3, 5, 8):
-                n = 1000 + m
-                w, plan, gsw, wc, ws = make_layer(k, n, s, dev)
-                x = make_x(m, k, dev)
-                perm = plan.perm.to(torch.int32)
-                gsx = F.global_scale(x.float().abs().amax(1, keepdim=True))
-                codes, scales = arc.quantize_activation(x.float(), plan, F, gsx)
+                n, plan, gsw, wc, ws, x, perm, gsx, codes, scales, bias = _case(k, s, m, dev)
                 xi, xs, gs = arc_quantize_activation_gemv(x, perm, s, None, block_starts(perm))
                 act_exact = bool(torch.equal(xi.float(), 2 * e2m1.e2m1_decode(codes))
                                  and torch.equal(xs.view(torch.uint8), scales.view(torch.uint8))
                                  and torch.equal(gs, gsx.reshape(-1)))
-                bias = torch.randn(n, device=dev)
                 ref = int8_gemv_reference(xi, xs, gs, wc, ws, gsw, s, bias)
                 xa = F.dequantize(codes, scales, gsx).double()
                 wa = F.dequantize(*arc.augmented_weight(arc.QuantizedWeight(nvfp4.unpack(wc), ws, None, None),
@@ -78,15 +84,9 @@ def exactness_mma(dev) -> list:
     for k in (1040, 4096, 3584, 14336, 18944):
         for s in (0, 16, 64, 448):
             for m in (1, 3, 13, 64):
-                n = 1000 + m
-                w, plan, gsw, wc, ws = make_layer(k, n, s, dev)
-                x = make_x(m, k, dev)
-                perm = plan.perm.to(torch.int32)
-                gsx = F.global_scale(x.float().abs().amax(1, keepdim=True))
-                codes, scales = arc.quantize_activation(x.float(), plan, F, gsx)
+                n, plan, gsw, wc, ws, x, perm, gsx, codes, scales, bias = _case(k, s, m, dev)
                 xd, _, gs = arc_quantize_activation_gemv(x, perm, s, None, block_starts(perm), out="float16")
                 act_exact = bool(torch.equal(xd.float(), F.dequantize(codes, scales, torch.tensor(1.0, device=dev))))
-                bias = torch.randn(n, device=dev)
                 ref = fp16_gemm_reference(xd, gs, wc, ws, gsw, s, bias)
                 rel = lambda y, r: ((y.double() - r).norm() / r.norm()).item()
                 row = {"K": k, "s": s, "M": m, "N": n, "act_exact": act_exact}
