@@ -134,11 +134,9 @@ def cmd_compare(a):
         configs[m] = qcfg
     rows = run_comparison(a.model, configs, ccfg, a.out, a.text, a.seqlen, a.tokens, a.tasks or (), a.limit,
                           a.device)
-    for r in rows:
-        r["limit_used"] = a.limit
     print("\n" + table(rows))
     if a.out:
-        write_outputs(rows, Path(a.out), a.limit)
+        write_outputs(rows, Path(a.out))
         print(f"wrote {a.out}/table.md, results.json, results.jsonl (resumable) and plot.png")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))

@@ -44,12 +44,12 @@ def run_comparison(model: str, configs: dict, ccfg: CalibConfig, out: Path | Non
         key = cell_key(model, qcfg, ccfg, settings)
         if key in done:
             log(f"  {label:24s} done before (skipped)")
-            rows.append(done[key])
+            rows.append({**done[key], "limit": limit})          # the key holds the limit: lines before it was stored
             continue
         t0 = time.time()
         mdl, tok, rep = pipeline.quantize_in_memory(model, qcfg, ccfg, device, progress=False)
         row = {"key": key, "label": label, "model": model, "method": qcfg.method, "config": qcfg.to_dict(),
-               "calibration": vars(ccfg), "avg_bits": rep["avg_bits"],
+               "calibration": vars(ccfg), "avg_bits": rep["avg_bits"], "limit": limit,
                **pipeline.evaluate(mdl, tok, text, seqlen, tokens, device, progress=False)}
         if tasks:
             from .zeroshot import evaluate_zeroshot
@@ -80,15 +80,13 @@ def table(rows: list[dict]) -> str:
                  f"calibration {r0['calibration']['source']} {r0['calibration']['nsamples']}x"
                  f"{r0['calibration']['seqlen']} seed {r0['calibration']['seed']}"
                  + (f"; zero-shot acc (%) through lm-evaluation-harness {r0.get('lm_eval')}, "
-                    + ("full splits" if not r0.get("limit_used") else
-                       f"first {r0['limit_used']} documents per task (--limit: a quick run)") if tasks else ""))
+                    + ("full splits" if not r0.get("limit") else
+                       f"first {r0['limit']} documents per task (--limit: a quick run)") if tasks else ""))
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(rows: list[dict], out: Path, limit=None) -> None:
+def write_outputs(rows: list[dict], out: Path) -> None:
     out = Path(out)
-    for r in rows:
-        r["limit_used"] = limit
     (out / "table.md").write_text(table(rows))
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     try:

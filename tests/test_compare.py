@@ -25,7 +25,7 @@ def test_comparison_resumes_and_renders(tokenizer, tmp_path):
     again = run_comparison(str(tmp_path / "tiny"), configs, CAL, out, **kw)
     assert sum("skipped" in line for line in logs) == 2
     assert [r["ppl"] for r in again] == [r["ppl"] for r in rows]          # deterministic, same cells
-    write_outputs(again, out, limit=2)
+    write_outputs(again, out)
     md = (out / "table.md").read_text()
     assert "| arc |" in md and "piqa" in md and "first 2 documents" in md
     assert len(json.loads((out / "results.json").read_text())) == 3
