@@ -177,6 +177,26 @@ def test_activation_kernel_int8_output(m, k, s, order, mode):
     assert torch.equal(gs_out.reshape(-1), gs.reshape(-1))               # in-kernel per-token scale: same bits
 
 
+@pytest.mark.parametrize("out", ["bfloat16", "int8"])
+def test_activation_kernel_many_rows_scale_pass(out, monkeypatch):
+    """M > ROW_AMAX_MAX_M rows of K > ROW_AMAX_MAX_K: the per-token scale comes from one amax
+    pass, not from the kernel; the operands and scale bits are the same as the reference's."""
+    from arcquant.kernels import act_quant
+    monkeypatch.setattr(act_quant, "ROW_AMAX_MAX_K", 32)                  # K = 64 counts as long here
+    m = act_quant.ROW_AMAX_MAX_M + 8
+    x, plan = make_case(m, 64, 32, "blocks", seed=11, dtype=torch.bfloat16)
+    gs = global_scale(x, "token")
+    codes, scales = arc.quantize_activation(x.float(), plan, F, gs)
+    perm = plan.perm.to(torch.int32)
+    xq, xs, gs_out = arc_quantize_activation_gemv(x, perm, 32, None, starts=block_starts(perm), out=out)
+    assert torch.equal(gs_out.reshape(-1), gs.reshape(-1))
+    if out == "int8":
+        assert torch.equal(xq.float(), 2 * e2m1.e2m1_decode(codes)) and torch.equal(xs.view(torch.uint8),
+                                                                                     scales.view(torch.uint8))
+    else:
+        assert torch.equal(xq.float(), F.dequantize(codes, scales, torch.tensor(1.0)))
+
+
 def test_prmt_decode_of_e2m1_codes_is_twice_the_value():
     """The CUDA GEMV's decode (Codes8 in csrc/arc_gemv.cu), emulated with PTX prmt semantics,
     against the format's own E2M1 decode, for every code in every nibble position."""
@@ -259,3 +279,22 @@ def test_fp16_gemm_reference_is_the_arc_product():
         arc_gemm_mma(torch.zeros(65, 128, dtype=torch.float16), gs, nvfp4.pack(qw.codes), qw.scales, gsw, 32)
     with pytest.raises(ValueError, match="one CUDA device: xd on cpu"):
         arc_gemm_mma(xd, gs, nvfp4.pack(qw.codes), qw.scales, gsw, 32)
+
+
+def test_cuda_activation_kernel_routing_and_refusals():
+    """The CUDA activation kernel (run on the GPU by scripts/sweep_act.py and bench_cuda_gemv.py,
+    bit-exact against the reference there) takes bf16 / fp16 CUDA rows in the whole-block order;
+    everything else stays on Triton with the reason named."""
+    from arcquant.kernels import act_quant
+    from arcquant.kernels.cuda_act import arc_act_quant_cuda, ctas_per_row, cuda_act_reason
+    x, plan = make_case(2, 64, 16, "blocks", seed=1, dtype=torch.bfloat16)
+    starts = block_starts(plan.perm.to(torch.int32))
+    assert "arbitrary ('sorted') permutation" in cuda_act_reason(x, None)
+    assert "needs a CUDA tensor, got cpu" in cuda_act_reason(x, starts)
+    assert not act_quant._cuda(x, starts)                                # CPU: the Triton / reference path
+    with pytest.raises(ValueError, match="needs a CUDA tensor"):
+        arc_act_quant_cuda(x, starts, 16)
+    with pytest.raises(ValueError, match="out='fp8': use one of int8, float16, bfloat16, packed"):
+        arc_act_quant_cuda(x, starts, 16, out="fp8")
+    assert ctas_per_row(1, 952) == 8 and ctas_per_row(4096, 952) == 1 and ctas_per_row(100, 952) == 8
+    assert ctas_per_row(300, 272) == 3 and ctas_per_row(600, 272) == 2

@@ -20,6 +20,30 @@ import triton.language as tl
 
 from .fp4_jit import e2m1_decode, tail_to_main
 
+# Triton path, per-token scale: inside the kernel (every program re-reads its row) unless there
+# are many long rows; then one amax pass first (H200, M = 4096: K = 14336 470 -> 222 us, but
+# K = 4096 78 -> 229 us: results/act-kernel-h200.json)
+ROW_AMAX_MAX_M, ROW_AMAX_MAX_K = 32, 8192
+# The CUDA kernel (cuda_act.py) for at least CUDA_MIN_M rows: at M = 4096 it takes 0.6-0.8x the
+# Triton time, but at decode sizes (M <= 16) 10.6-17 us against Triton's 7.5-9.5 us (H200,
+# results/act-kernel-h200.json, results/cuda-gemv-act-h200.json). CUDA_KERNEL=False: Triton always.
+CUDA_KERNEL, CUDA_MIN_M = True, 33
+_CUDA_REASONS: dict = {}
+
+
+def _cuda(x: torch.Tensor, starts) -> bool:
+    """Whether the CUDA activation kernel (cuda_act.py) takes this input; the device's answer is
+    cached, and a device that cannot build it says why once in the log."""
+    if (not CUDA_KERNEL or starts is None or x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16)
+            or x.data_ptr() % 16 or x.shape[0] < CUDA_MIN_M):
+        return False
+    if x.device not in _CUDA_REASONS:
+        from .cuda_act import cuda_act_reason
+        _CUDA_REASONS[x.device] = cuda_act_reason(x, starts)
+        if _CUDA_REASONS[x.device]:
+            import logging
+            logging.getLogger("arcquant").info("activation kernel: Triton (%s)", _CUDA_REASONS[x.device])
+    return _CUDA_REASONS[x.device] is None
 
 
 @triton.jit
@@ -55,14 +79,12 @@ def _e2m1_round(scaled):
 
 @triton.jit
 def _quant_blocks(x, gs):
-    """x (NB, 16) fp32 -> (dequantized values, codes, scale bits (NB,))."""
+    """x (NB, 16) fp32 -> (codes, scale bits (NB,), code * block scale, E2M1 value)."""
     amax = tl.max(tl.abs(x), axis=1)                              # (NB,)
     s, sbits = _e4m3_round(tl.math.div_rn(amax, 6.0) * gs)
     recip = tl.where(s > 0, tl.math.div_rn(gs, tl.where(s > 0, s, 1.0)), 0.0)
     val, code = _e2m1_round(x * recip[:, None])
-    vs = val * s[:, None]                                         # code * block scale, exact
-    deq = tl.math.div_rn(vs, gs)
-    return deq, code, sbits, vs, val
+    return code, sbits, val * s[:, None], val                     # code * block scale: exact
 
 
 @triton.jit
@@ -101,25 +123,24 @@ def _arc_act_quant_kernel(
     else:
         col = tl.load(perm_ptr + src, mask=valid, other=0)
     x = tl.load(x_ptr + m * stride_xm + col, mask=valid, other=0.0).to(tl.float32)
-    deq1, code1, sbits1, vs1, val1 = _quant_blocks(x, gs)
+    code1, sbits1, vs1, val1 = _quant_blocks(x, gs)
     if (tl.program_id(1) + 1) * NB * 16 > K:                      # this program reaches the tail
-        _, code2, sbits2, vs2, val2 = _quant_blocks(x - deq1, gs)  # residual vs rounded scale
+        deq1 = tl.math.div_rn(vs1, gs)                            # as the reference: (code * s_b) / gs
+        code2, sbits2, vs2, val2 = _quant_blocks(x - deq1, gs)    # residual vs rounded scale
     else:
         code2, sbits2, vs2, val2 = code1, sbits1, vs1, val1
     if DEQUANTIZED:                                               # code * block scale (Hopper GEMMs)
         tl.store(xd_ptr + m * stride_dm + c, tl.where(is_tail, vs2, vs1).to(xd_ptr.dtype.element_ty), mask=valid)
     if INT8:                                                      # 2 * value: -12..12 (the CUDA GEMV)
         tl.store(xi_ptr + m * stride_im + c, (tl.where(is_tail, val2, val1) * 2.0).to(tl.int8), mask=valid)
+    if PACKED or INT8:
+        blk_tail = tl.max(is_tail.to(tl.int32), axis=1) == 1      # (NB,): blocks never straddle K
+        pb = tl.program_id(1) * NB + tl.arange(0, NB)
+        tl.store(scales_ptr + m * stride_sm + pb, tl.where(blk_tail, sbits2, sbits1), mask=pb < (K + S) // 16)
     if PACKED:
-        code = tl.where(is_tail, code2, code1)
-        lo, hi = tl.split(tl.reshape(code, (NB * 8, 2)))
+        lo, hi = tl.split(tl.reshape(tl.where(is_tail, code2, code1), (NB * 8, 2)))
         pc = tl.program_id(1) * NB * 8 + tl.arange(0, NB * 8)
         tl.store(codes_ptr + m * stride_cm + pc, lo | (hi << 4), mask=pc < (K + S) // 2)
-    if PACKED or INT8:
-        blk_tail = tl.max(is_tail.to(tl.int32), axis=1) == 1      # (NB,)
-        sbits = tl.where(blk_tail, sbits2, sbits1)
-        pb = tl.program_id(1) * NB + tl.arange(0, NB)
-        tl.store(scales_ptr + m * stride_sm + pb, sbits, mask=pb < (K + S) // 16)
 
 
 def block_starts(perm: torch.Tensor):
@@ -155,6 +176,13 @@ def arc_quantize_activation(x: torch.Tensor, perm: torch.Tensor, s: int, gs: tor
     operand of the Hopper GEMMs: (codes, scales, xd); packed=False skips codes and scales.
     starts: block_starts(perm) for a whole-block permutation: one index load per 16 channels."""
     _check_act(x, perm, s, starts)
+    if _cuda(x, starts) and packed != (dequantized is not None):   # one output: the CUDA kernel
+        from .cuda_act import arc_act_quant_cuda
+        out = "packed" if packed else str(dequantized).removeprefix("torch.")
+        if out not in ("packed", "float16", "bfloat16"):
+            raise ValueError(f"dequantized={dequantized}: use None, torch.float16 or torch.bfloat16")
+        xq, sc, _ = arc_act_quant_cuda(x, starts, s, gs, out)
+        return (xq, sc) if packed else (None, None, xq)
     m, k = x.shape
     gs = gs.to(torch.float32).reshape(-1).contiguous()
     if gs.numel() not in (1, m):
@@ -183,13 +211,21 @@ def arc_quantize_activation_gemv(x: torch.Tensor, perm: torch.Tensor, s: int, gs
     """x (M, K) -> the operands of the CUDA GEMVs (kernels/cuda_gemv.py): (xq, scales, gs) with
     out="int8": xq (M, K+s) int8 = 2 * E2M1 value, scales (M, (K+s)/16) float8_e4m3fn;
     out="float16" / "bfloat16": xq (M, K+s) = code * block scale (exact in both), scales None.
-    gs=None: the per-token tensor scale 448*6/max|x[m]| is computed in the kernel (no separate
-    amax pass) and returned as (M,)."""
+    gs=None: the per-token tensor scale 448*6/max|x[m]| is computed and returned as (M,), in the
+    kernel (Triton, for many rows of K > ROW_AMAX_MAX_K: one amax pass first).
+    On a CUDA device with the 'blocks' order (starts given), bf16 / fp16 input and at least
+    CUDA_MIN_M rows, the CUDA kernel (cuda_act.py) runs instead: same bits, faster at that size."""
     from .ops import XQ_DTYPES
     _check_act(x, perm, s, starts)
     if out not in XQ_DTYPES:
         raise ValueError(f"out={out!r}: use one of {', '.join(XQ_DTYPES)}")
+    if _cuda(x, starts):                                          # whole-block order, bf16 / fp16
+        from .cuda_act import arc_act_quant_cuda
+        return arc_act_quant_cuda(x, starts, s, gs, out)
     m, k = x.shape
+    if gs is None and m > ROW_AMAX_MAX_M and k > ROW_AMAX_MAX_K:   # many long rows: one amax pass
+        from ..formats.nvfp4 import global_scale_from_amax
+        gs = global_scale_from_amax(torch.linalg.vector_norm(x, float("inf"), dim=1))   # max|x|: one read
     if gs is None:
         gs_buf, row_amax = torch.empty(m, dtype=torch.float32, device=x.device), True
     else:

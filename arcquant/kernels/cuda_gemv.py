@@ -23,13 +23,15 @@ from pathlib import Path
 
 import torch
 
-SRC = Path(__file__).parent / "csrc" / "arc_gemv.cu"
+SRCS = [Path(__file__).parent / "csrc" / f for f in ("arc_gemv.cu", "arc_act.cu")]   # one extension
 MAX_M, MMA_MAX_M = 8, 64
 DECL = ("void arc_gemv_dp4a(torch::Tensor xi, torch::Tensor xs, torch::Tensor xgs, torch::Tensor wc, "
         "torch::Tensor ws, torch::Tensor wgs, c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t s, "
         "int64_t nr, int64_t kw);\n"
         "void arc_gemm_mma(torch::Tensor xd, torch::Tensor xgs, torch::Tensor wc, torch::Tensor ws, "
-        "torch::Tensor wgs, c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t s, int64_t kw);")
+        "torch::Tensor wgs, c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t s, int64_t kw);\n"
+        "void arc_act_quant(torch::Tensor x, torch::Tensor starts, torch::Tensor gs, torch::Tensor gs_out, "
+        "torch::Tensor xq, torch::Tensor scales, int64_t s, int64_t out, int64_t ctas);")
 
 
 @functools.cache
@@ -41,8 +43,9 @@ def _extension(capability: tuple):
     old = os.environ.get("TORCH_CUDA_ARCH_LIST")
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
     try:
-        return load_inline(name="arcquant_gemv", cpp_sources=DECL, cuda_sources=SRC.read_text(),
-                           functions=["arc_gemv_dp4a", "arc_gemm_mma"], extra_cuda_cflags=["-O3"], build_directory=str(build))
+        return load_inline(name="arcquant_gemv", cpp_sources=DECL, cuda_sources=[f.read_text() for f in SRCS],
+                           functions=["arc_gemv_dp4a", "arc_gemm_mma", "arc_act_quant"], extra_cuda_cflags=["-O3"],
+                           build_directory=str(build))
     finally:
         if old is None:
             os.environ.pop("TORCH_CUDA_ARCH_LIST")

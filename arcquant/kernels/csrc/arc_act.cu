@@ -1,0 +1,204 @@
+// ARC activation quantization on CUDA: one thread per 16-block of the augmented row.
+//
+//   x (M, K) bf16/fp16, starts (K/16,) int32: first channel of each main block (the 'blocks'
+//   order moves whole aligned 16-blocks); augmented block b >= K/16 is the residual of main
+//   block b - s/16 (the tail repeats the last s main columns).
+//   Per block: amax -> E4M3 scale s_b = rne(amax/6 * gs) -> codes of x * (gs / s_b);
+//   tail: residual r = x - (code * s_b) / gs, quantized the same way.
+//   out: 0 int8 (2 * E2M1 value) + scales, 1 float16 / 2 bfloat16 code * s_b (exact),
+//        3 packed codes (8 bytes per block, element 2i in the low nibble) + scales.
+//   gs: gs_mode 0 one value, 1 per row, 2 computed here per row as 2688 / max|x[m]| (also written
+//   to gs_out).
+// Same operation order as arcquant.arc.quantize_activation and the Triton kernel
+// (act_quant.py): IEEE divisions, no FMA contraction, RNE E4M3 (hardware convert, satfinite).
+//
+// Why CUDA: the Triton kernel is instruction-bound (Nsight Compute, H200, M = K = 4096: issue
+// slots 87% busy, DRAM 5%, ~220 thread instructions per element): its (blocks, 16) tile puts a
+// 16-block across threads (shuffles for every reduction, scalar 2-byte gathers). Here a thread
+// owns its block: two 16-byte loads, register-only reductions, one 16-byte (int8), two
+// (16-bit) or one 8-byte (packed) store.
+#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_fp8.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <type_traits>
+
+namespace {
+
+template <typename T>
+__device__ __forceinline__ void unpack8(uint4 v, float* f) {
+  const T* h = reinterpret_cast<const T*>(&v);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) f[j] = __bfloat162float(h[j]);
+    else f[j] = __half2float(h[j]);
+  }
+}
+
+__device__ __forceinline__ float e4m3_rne(float v, uint32_t& bits) {   // v >= 0
+  const __nv_fp8_storage_t b = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+  bits = b;
+  return __half2float(__half(__nv_cvt_fp8_to_halfraw(b, __NV_E4M3)));
+}
+
+// 16 values -> E2M1 values (signed), codes (nibbles) and the block scale.
+__device__ __forceinline__ void quant16(const float* x, float gs, float* val, uint32_t* code, float& s,
+                                        uint32_t& sbits) {
+  float amax = 0.f;
+#pragma unroll
+  for (int j = 0; j < 16; ++j) amax = fmaxf(amax, fabsf(x[j]));
+  s = e4m3_rne(__fmul_rn(__fdiv_rn(amax, 6.f), gs), sbits);
+  const float recip = s > 0.f ? __fdiv_rn(gs, s) : 0.f;
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const float q = __fmul_rn(x[j], recip), a = fabsf(q);
+    const uint32_t mag = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f) +
+                         (a > 5.0f);                               // round to nearest, ties to even
+    const uint32_t neg = __float_as_uint(q) >> 31;
+    const float m = mag < 4 ? 0.5f * mag : mag < 6 ? float(mag - 2) : mag == 6 ? 4.f : 6.f;
+    val[j] = neg ? -m : m;
+    code[j] = mag | (neg << 3);
+  }
+}
+
+template <typename T>
+__device__ float row_amax(const T* row, int K) {                   // whole CTA; K % 16 == 0
+  __shared__ float red[32];
+  float a = 0.f, f[8];
+  for (int i0 = threadIdx.x; i0 < K / 8; i0 += 4 * blockDim.x) {   // 4 loads in flight per thread
+    uint4 v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int i = i0 + u * blockDim.x;
+      v[u] = i < K / 8 ? *reinterpret_cast<const uint4*>(row + 8 * i) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      unpack8<T>(v[u], f);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) a = fmaxf(a, fabsf(f[j]));
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, off));
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = a;
+  __syncthreads();
+  a = 0.f;
+  for (int w = 0; w < (int)(blockDim.x >> 5); ++w) a = fmaxf(a, red[w]);
+  return a;
+}
+
+template <typename T, int OUT>
+__global__ void arc_act_kernel(const T* __restrict__ x, const int* __restrict__ starts, const float* __restrict__ gs_in,
+                               int gs_mode, float* __restrict__ gs_out, void* __restrict__ xq,
+                               uint8_t* __restrict__ scales, int K, int S) {
+  const int m = blockIdx.x, nblk = (K + S) / 16, kb = K / 16, sb = S / 16;
+  const T* row = x + (size_t)m * K;
+  float gs;
+  if (gs_mode == 2) {
+    gs = __fdiv_rn(2688.f, fmaxf(row_amax<T>(row, K), 1e-30f));
+    if (blockIdx.y == 0 && threadIdx.x == 0) gs_out[m] = gs;
+  } else {
+    gs = gs_in[gs_mode == 1 ? m : 0];
+  }
+  for (int b = blockIdx.y * blockDim.x + threadIdx.x; b < nblk; b += gridDim.y * blockDim.x) {
+    const bool tail = b >= kb;
+    const T* src = row + starts[tail ? b - sb : b];
+    float v[16], val[16], s;
+    uint32_t code[16], sbits;
+    unpack8<T>(*reinterpret_cast<const uint4*>(src), v);
+    unpack8<T>(*reinterpret_cast<const uint4*>(src + 8), v + 8);
+    quant16(v, gs, val, code, s, sbits);
+    if (tail) {                                                  // residual against the rounded scale
+#pragma unroll
+      for (int j = 0; j < 16; ++j) v[j] = __fsub_rn(v[j], __fdiv_rn(val[j] * s, gs));
+      quant16(v, gs, val, code, s, sbits);
+    }
+    const size_t o = (size_t)m * nblk + b;                       // block index in the output
+    if (OUT == 0) {
+      uint4 w;
+      uint32_t* wb = reinterpret_cast<uint32_t*>(&w);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        uint32_t word = 0;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) word |= (uint32_t)(uint8_t)(int8_t)(2.f * val[4 * q + j]) << (8 * j);
+        wb[q] = word;
+      }
+      reinterpret_cast<uint4*>(xq)[o] = w;
+    } else if (OUT == 1 || OUT == 2) {                          // the output's own 16-bit type
+      using O = typename std::conditional<OUT == 2, __nv_bfloat16, __half>::type;
+      uint4 w[2];
+      O* h = reinterpret_cast<O*>(w);
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        if constexpr (OUT == 2) h[j] = __float2bfloat16(val[j] * s);
+        else h[j] = __float2half(val[j] * s);
+      }
+      reinterpret_cast<uint4*>(xq)[2 * o] = w[0];
+      reinterpret_cast<uint4*>(xq)[2 * o + 1] = w[1];
+    } else {
+      uint32_t lo = 0, hi = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        lo |= code[j] << (4 * j);
+        hi |= code[8 + j] << (4 * j);
+      }
+      reinterpret_cast<uint2*>(xq)[o] = make_uint2(lo, hi);
+    }
+    if (OUT == 0 || OUT == 3) scales[o] = (uint8_t)sbits;
+  }
+}
+
+template <typename T>
+void launch_act(const torch::Tensor& x, const torch::Tensor& starts, const float* gs_in, int gs_mode, float* gs_out,
+                torch::Tensor& xq, uint8_t* scales, int s, int out, int ctas) {
+  const int m = x.size(0), k = x.size(1);
+  dim3 grid(m, ctas), block(128);                                 // rows on x: no 65535 limit
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const T* xp = reinterpret_cast<const T*>(x.data_ptr());
+  const int* st = starts.data_ptr<int>();
+  void* q = xq.data_ptr();
+  if (out == 0) arc_act_kernel<T, 0><<<grid, block, 0, stream>>>(xp, st, gs_in, gs_mode, gs_out, q, scales, k, s);
+  else if (out == 1) arc_act_kernel<T, 1><<<grid, block, 0, stream>>>(xp, st, gs_in, gs_mode, gs_out, q, scales, k, s);
+  else if (out == 2) arc_act_kernel<T, 2><<<grid, block, 0, stream>>>(xp, st, gs_in, gs_mode, gs_out, q, scales, k, s);
+  else arc_act_kernel<T, 3><<<grid, block, 0, stream>>>(xp, st, gs_in, gs_mode, gs_out, q, scales, k, s);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+// gs: (0,) -> computed per row into gs_out; (1,) or (M,) given. out: 0 int8, 1 fp16, 2 bf16, 3 packed.
+void arc_act_quant(torch::Tensor x, torch::Tensor starts, torch::Tensor gs, torch::Tensor gs_out, torch::Tensor xq,
+                   torch::Tensor scales, int64_t s, int64_t out, int64_t ctas) {
+  const at::cuda::CUDAGuard guard(x.device());
+  const int64_t m = x.size(0), k = x.size(1);
+  TORCH_CHECK(x.is_cuda() && starts.is_cuda() && gs.is_cuda() && xq.is_cuda() && scales.is_cuda() && gs_out.is_cuda(),
+              "CUDA tensors expected");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, "x: bfloat16 or float16");
+  TORCH_CHECK(x.is_contiguous() && x.dim() == 2 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
+              "x: contiguous 2-D, 16-byte aligned");
+  TORCH_CHECK(k % 16 == 0 && s % 16 == 0 && s >= 0 && s <= k, "K and s multiples of 16, 0 <= s <= K");
+  TORCH_CHECK(starts.scalar_type() == at::kInt && starts.numel() == k / 16, "starts: int32 (K/16,)");
+  TORCH_CHECK(gs.scalar_type() == at::kFloat && (gs.numel() == 0 || gs.numel() == 1 || gs.numel() == m),
+              "gs: float32 with 0, 1 or M values");
+  TORCH_CHECK(gs.numel() > 0 || (gs_out.scalar_type() == at::kFloat && gs_out.numel() == m), "gs_out: float32 (M,)");
+  TORCH_CHECK(out >= 0 && out <= 3 && ctas >= 1, "out in 0..3, ctas >= 1");
+  const int64_t nblk = (k + s) / 16, bytes = out == 0 ? 16 : out < 3 ? 32 : 8;
+  TORCH_CHECK(xq.is_contiguous() && xq.numel() * xq.element_size() == m * nblk * bytes &&
+              reinterpret_cast<uintptr_t>(xq.data_ptr()) % 16 == 0, "xq: contiguous, 16-byte aligned, M x (K+s) values");
+  TORCH_CHECK((out == 1) <= (xq.scalar_type() == at::kHalf) && (out == 2) <= (xq.scalar_type() == at::kBFloat16),
+              "xq dtype must match out");
+  TORCH_CHECK(!(out == 0 || out == 3) || (scales.scalar_type() == at::kByte && scales.numel() == m * nblk &&
+              scales.is_contiguous()), "scales: uint8 (M, (K+s)/16)");
+  const int gs_mode = gs.numel() == 0 ? 2 : gs.numel() > 1 ? 1 : 0;
+  const float* gp = gs.numel() ? gs.data_ptr<float>() : nullptr;
+  float* go = gs_mode == 2 ? gs_out.data_ptr<float>() : nullptr;
+  uint8_t* sp = (out == 0 || out == 3) ? scales.data_ptr<uint8_t>() : nullptr;
+  if (x.scalar_type() == at::kBFloat16)
+    launch_act<__nv_bfloat16>(x, starts, gp, gs_mode, go, xq, sp, (int)s, (int)out, (int)ctas);
+  else
+    launch_act<__half>(x, starts, gp, gs_mode, go, xq, sp, (int)s, (int)out, (int)ctas);
+}

@@ -1,0 +1,64 @@
+"""ARC activation quantization in CUDA (csrc/arc_act.cu): one thread per 16-block.
+
+Same outputs, bit for bit, as act_quant.arc_quantize_activation_gemv / arc_quantize_activation
+(and arcquant.arc.quantize_activation, the oracle) for whole-block permutations ('blocks',
+the default order: `starts` from act_quant.block_starts) and bf16 / fp16 inputs:
+    out="int8":             xq (M, K+s) int8 = 2 * E2M1 value, scales (M, (K+s)/16) E4M3
+    out="float16"/"bfloat16": xq (M, K+s) = code * block scale (exact), scales None
+    out="packed":           codes (M, (K+s)/2) uint8 (element 2i in the low nibble), scales
+gs=None: the per-token scale 448*6/max|x[m]| is computed in the kernel and returned (M,).
+Why CUDA: the Triton kernel is instruction-bound (~220 instructions per element, see the .cu
+file); here a thread owns its block and moves it with 16-byte loads and stores.
+"""
+import torch
+
+from .cuda_gemv import _extension, unavailable_reason
+
+OUTS = {"int8": (0, torch.int8), "float16": (1, torch.float16), "bfloat16": (2, torch.bfloat16),
+        "packed": (3, torch.uint8)}
+THREADS, TARGET_CTAS = 128, 1024
+
+
+def cuda_act_reason(x: torch.Tensor, starts: torch.Tensor | None) -> str | None:
+    """Why the CUDA activation kernel cannot take this input (None: it can)."""
+    if starts is None:
+        return "the CUDA activation kernel moves whole 16-blocks: an arbitrary ('sorted') permutation needs Triton"
+    if x.device.type != "cuda":
+        return f"the CUDA activation kernel needs a CUDA tensor, got {x.device}"
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return f"the CUDA activation kernel reads bfloat16 / float16, got {x.dtype}"
+    if x.data_ptr() % 16:
+        return "x does not start on a 16-byte boundary"
+    return unavailable_reason(x.device)
+
+
+def ctas_per_row(m: int, nblk: int) -> int:
+    """Enough thread blocks to fill the card (~TARGET_CTAS), at most one thread per 16-block."""
+    return max(1, min(-(-TARGET_CTAS // m), -(-nblk // THREADS)))
+
+
+def arc_act_quant_cuda(x: torch.Tensor, starts: torch.Tensor, s: int, gs: torch.Tensor | None = None,
+                       out: str = "int8") -> tuple:
+    """x (M, K) -> (xq, scales or None, gs (M,) or as given); see the module docstring."""
+    if out not in OUTS:
+        raise ValueError(f"out={out!r}: use one of {', '.join(OUTS)}")
+    reason = cuda_act_reason(x, starts)
+    if reason:
+        raise ValueError(reason)
+    m, k = x.shape
+    if not x.is_contiguous() or k % 16 or s % 16 or not 0 <= s <= k:
+        raise ValueError(f"x must be contiguous with K={k} and s={s} multiples of 16, 0 <= s <= K")
+    if starts.shape != (k // 16,) or starts.dtype != torch.int32 or starts.device != x.device:
+        raise ValueError(f"starts must be int32 ({k // 16},) on {x.device} (act_quant.block_starts(perm))")
+    kind, dtype = OUTS[out]
+    nblk = (k + s) // 16
+    xq = torch.empty(m, (k + s) // 2 if out == "packed" else k + s, dtype=dtype, device=x.device)
+    scales = torch.empty(m, nblk, dtype=torch.uint8, device=x.device) if kind in (0, 3) else None
+    g = torch.empty(0, dtype=torch.float32, device=x.device) if gs is None else \
+        gs.to(device=x.device, dtype=torch.float32).reshape(-1).contiguous()
+    if g.numel() not in (0, 1, m):
+        raise ValueError(f"gs must hold 1 or M={m} values, got {g.numel()}")
+    g_out = torch.empty(m, dtype=torch.float32, device=x.device) if gs is None else g
+    ext = _extension(torch.cuda.get_device_capability(x.device))
+    ext.arc_act_quant(x, starts, g, g_out, xq, scales if scales is not None else xq, s, kind, ctas_per_row(m, nblk))
+    return xq, None if scales is None else scales.view(torch.float8_e4m3fn), g_out
