@@ -190,6 +190,19 @@ def augmented_weight(qw: QuantizedWeight, plan: ArcPlan, block: int):
             torch.cat([qw.scales, qw.scales[:, (k - s) // block:]], 1))
 
 
+def weight_residual(w: torch.Tensor, qw: QuantizedWeight, plan: ArcPlan, fmt: BlockFormat, gs):
+    """arc+wres: the rounding error of the tail's weights, quantized in the same format and
+    tensor scale: R_W = Q(W[:, tail] - dequant(Q(W)_tail)) -> (codes (N, s), scales (N, s/B)).
+    With it the product is one GEMM of depth K + 2s:
+        X_aug = [Q1 (K) | Q2 (s) | Q1_tail (s)]   W_aug = [Q(W) (K) | Q(W)_tail (s) | R_W (s)]
+    i.e. Q1_tail meets an ~8-bit weight (Q(W)_tail + R_W), Q2 the 4-bit one."""
+    if not plan.tail_reuses_weight():
+        raise ValueError("a weight residual needs a tail that reuses the main part (order blocks or sorted)")
+    k, s, b = plan.k, plan.s, fmt.block
+    w_tail_q = fmt.dequantize(qw.codes[:, k - s:], qw.scales[:, (k - s) // b:], gs)    # (N, s)
+    return fmt.quantize(w[:, plan.tail].float() - w_tail_q, gs)
+
+
 def quantize_activation(x: torch.Tensor, plan: ArcPlan, fmt: BlockFormat, gs):
     """x (M, K) padded -> (codes (M, K+s), scales (M, (K+s)/B)) of X_aug = [Q1, Q2]."""
     check_finite(x, "the activations")

@@ -120,7 +120,8 @@ def layer_entries(module, report: dict, prefix: str = "") -> dict:
             layers[name] = {"in_features": mod.in_features, "out_features": mod.out_features,
                             "fmt": mod.fmt.name, "act": mod.act, "act_scale": mod.act_scale,
                             "s": mod.s, "bias": mod.bias is not None, "group": row.get("group", name),
-                            "input_amax": mod.input_amax, "rotate": mod.rotate}
+                            "input_amax": mod.input_amax, "rotate": mod.rotate,
+                            "weight_residual": mod.weight_residual}
     return layers
 
 
@@ -240,8 +241,15 @@ def _build_layer(name: str, info: dict, tensors: dict, path: Path) -> QuantLinea
     tail8 = None
     if info["act"] == "mixed":
         tail8 = (_take(tensors, f"{name}.weight_tail8", path), _take(tensors, f"{name}.weight_tail8_scale", path))
+    wres = None
+    if info.get("weight_residual"):                              # arc+wres: (N, s) codes, (N, s/B) scales
+        wres = (fmt.module.unpack(_take(tensors, f"{name}.weight_res_packed", path, PACKED)),
+                _take(tensors, f"{name}.weight_res_scale", path, _scale_dtype(fmt)))
+        if tuple(wres[0].shape) != (n, info["s"]) or tuple(wres[1].shape) != (n, info["s"] // fmt.block):
+            raise CheckpointError(f"{path}: {name}.weight_res_packed / weight_res_scale have the wrong shape; "
+                                  "the checkpoint is damaged")
     return QuantLinear(info["in_features"], n, info["fmt"], info["act"], info["act_scale"], plan, qw,
-                       gs, in_gs, bias, info.get("rotate"), smooth, tail8)
+                       gs, in_gs, bias, info.get("rotate"), smooth, tail8, wres)
 
 
 def load_files(path: Path, files) -> dict:

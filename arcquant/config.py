@@ -6,10 +6,11 @@ from .arc import ORDERS
 from .formats import FORMATS
 
 METHODS = ("fp", "w4a16", "w4a8", "rtn", "arc", "hadamard", "smoothquant", "atom", "arc+hadamard", "gptq",
-           "arc+gptq")
-GPTQ = ("gptq", "arc+gptq")                          # GPTQ-rounded weights (arcquant/gptq.py)
+           "arc+gptq", "arc+wres", "arc+gptq+wres")
+GPTQ = ("gptq", "arc+gptq", "arc+gptq+wres")         # GPTQ-rounded weights (arcquant/gptq.py)
 ROTATED = ("hadamard", "arc+hadamard")
-WITH_S = ("arc", "arc+hadamard", "atom", "arc+gptq")            # methods whose layers get s outlier channels
+WITH_S = ("arc", "arc+hadamard", "atom", "arc+gptq", "arc+wres", "arc+gptq+wres")   # layers get s outlier channels
+WEIGHT_RESIDUAL = ("arc+wres", "arc+gptq+wres")      # a second weight tail: the outlier weights' rounding error
 ROTATE_BLOCKS = (0, 16, 32, 64, 128)
 ACT_SCALES = ("dynamic", "static", "token")
 CALIB_SOURCES = ("c4", "wiki-train")
@@ -29,6 +30,9 @@ class QuantConfig:
                | hadamard (rotation, then rtn) | smoothquant (smoothing, then rtn)
                | atom (top-s channels in FP8, the rest W4A4) | arc+hadamard (rotation, then arc)
                | gptq (rtn with GPTQ-rounded weights) | arc+gptq (arc with GPTQ-rounded weights)
+               | arc+wres (arc whose s outlier channels also get their weights' rounding error
+               as s more columns: GEMM depth K+2s; the bit budget counts both tails)
+               | arc+gptq+wres (both: GPTQ-rounded weights, then the tail's rounding error)
     rotate     rotation block for hadamard methods: 0 = full width, or 16/32/64/128
                (None: the method's default, full for hadamard and 16 for arc+hadamard)
     alpha      SmoothQuant migration strength
@@ -63,6 +67,10 @@ class QuantConfig:
         if self.method in GPTQ and (self.fmt != "nvfp4" or self.order == "none"):
             raise ValueError(f"{self.method} rounds NVFP4 weights whose residual tail reuses the main part: it "
                              f"needs fmt nvfp4 and order blocks or sorted (got fmt {self.fmt!r}, order {self.order!r})")
+        if self.method in WEIGHT_RESIDUAL and (self.order == "none" or not self.residual):
+            raise ValueError(f"{self.method} adds the rounding error of the residual tail's weights: it needs a tail "
+                             f"(residual=True) that reuses the main part (order blocks or sorted), got order "
+                             f"{self.order!r}, residual={self.residual}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha={self.alpha} must be in [0, 1]; SmoothQuant uses 0.5")
         _choice("fmt", self.fmt, tuple(FORMATS))

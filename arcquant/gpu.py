@@ -68,6 +68,8 @@ def kernel_reason(q: QuantLinear) -> str | None:
         return f"only NVFP4 W4A4 layers have kernels (this one: {q.fmt.name}, activations {q.act})"
     if q.rotate is not None or getattr(q, "smooth", None) is not None:
         return "online rotation / smoothing baselines have no kernel"
+    if q.weight_residual:
+        return "the weight residual tail (arc+wres, depth K+2s) has no kernel yet"
     if not q.plan.tail_reuses_weight():
         return "the weight tail is stored apart (order 'none'); the kernels read it from the main part"
     return None

@@ -41,7 +41,7 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, fmt: str, act: str, act_scale: str,
                  plan: arc.ArcPlan, qw: arc.QuantizedWeight, weight_gs: torch.Tensor,
                  input_gs: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                 rotate: tuple | None = None, smooth: torch.Tensor | None = None, tail8=None):
+                 rotate: tuple | None = None, smooth: torch.Tensor | None = None, tail8=None, wres=None):
         super().__init__()
         if act not in ACTS:
             raise ValueError(f"act={act!r}; valid: {', '.join(ACTS)}")
@@ -65,6 +65,9 @@ class QuantLinear(nn.Module):
         self.rotate = None if rotate is None else (int(rotate[0]), int(rotate[1]))   # (block, seed)
         if smooth is not None:
             self.register_buffer("smooth", smooth.float().clone())                 # (Kp,)
+        if wres is not None:                                                        # arc+wres
+            self.register_buffer("weight_res_packed", pack(wres[0]))              # (N, s/2)
+            self.register_buffer("weight_res_scale", wres[1])                     # (N, s/B)
         if tail8 is not None:
             self.register_buffer("weight_tail8", tail8[0])                         # (N, s) e4m3
             self.register_buffer("weight_tail8_scale", tail8[1])                   # (N, 1) f32
@@ -78,8 +81,9 @@ class QuantLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, fmt: str, act: str, act_scale: str, plan: arc.ArcPlan,
                     weight_gs: torch.Tensor, input_gs: torch.Tensor | None = None,
                     rotate: tuple | None = None, smooth: torch.Tensor | None = None,
-                    hessian: torch.Tensor | None = None) -> "QuantLinear":
-        """hessian (Kp, Kp): round the weight by GPTQ (arcquant/gptq.py) instead of to nearest."""
+                    hessian: torch.Tensor | None = None, weight_residual: bool = False) -> "QuantLinear":
+        """hessian (Kp, Kp): round the weight by GPTQ (arcquant/gptq.py) instead of to nearest.
+        weight_residual: also store the tail weights' rounding error (arc.weight_residual)."""
         w = linear.weight.detach().to(torch.float32)
         if not torch.isfinite(w).all():
             raise FloatingPointError("NaN or Inf in the weights")
@@ -95,8 +99,9 @@ class QuantLinear(nn.Module):
             p = plan.perm
             qw = arc.QuantizedWeight(*gptq_nvfp4(w[:, p], hessian[p][:, p], weight_gs), None, None)
         tail8 = _quantize_tail8(w[:, plan.tail]) if act == "mixed" else None
+        wres = arc.weight_residual(w, qw, plan, get_format(fmt), weight_gs) if weight_residual and plan.s else None
         return cls(linear.in_features, linear.out_features, fmt, act, act_scale, plan, qw,
-                   weight_gs, input_gs, linear.bias, rotate, smooth, tail8)
+                   weight_gs, input_gs, linear.bias, rotate, smooth, tail8, wres)
 
     @property
     def plan(self) -> arc.ArcPlan:
@@ -107,16 +112,23 @@ class QuantLinear(nn.Module):
         return self.tail.numel()
 
     @property
+    def weight_residual(self) -> bool:
+        """arc+wres: the tail's weight rounding error is stored (depth K+2s)."""
+        return hasattr(self, "weight_res_packed")
+
+    @property
     def avg_bits(self) -> float:
         """Weight bits per original weight element: bits/elem * (K+s)/K (the spec's figure);
-        Atom: 4-bit format on K-s channels and 8 bits on s."""
+        arc+wres: (K+2s)/K; Atom: 4-bit format on K-s channels and 8 bits on s."""
         if self.act == "mixed":
             return (self.fmt.bits_per_element * (self.k_padded - self.s) + 8 * self.s) / self.in_features
-        return self.fmt.bits_per_element * (self.k_padded + self.s) / self.in_features
+        extra = self.s * (2 if self.weight_residual else 1)
+        return self.fmt.bits_per_element * (self.k_padded + extra) / self.in_features
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, fmt={self.fmt.name}, act={self.act}, "
-                f"act_scale={self.act_scale}, s={self.s}, bias={self.bias is not None}")
+                f"act_scale={self.act_scale}, s={self.s}, bias={self.bias is not None}"
+                + (", weight_residual=True" if self.weight_residual else ""))
 
     # ---- reference forward -------------------------------------------------------------------
     def quantized_weight(self) -> arc.QuantizedWeight:
@@ -127,7 +139,8 @@ class QuantLinear(nn.Module):
                                    getattr(self, "weight_tail_scale", None))
 
     def dequantized_weight(self) -> torch.Tensor:
-        """(N, Kp+s) float32: dequant(W_aug) ((N, Kp) for Atom), cached after the first call."""
+        """(N, Kp+s) float32: dequant(W_aug) ((N, Kp) for Atom; arc+wres: R_W added to the main
+        tail columns), cached after the first call."""
         if self._w_aug is None or self._w_aug.device != self.weight_packed.device:
             if self.act == "mixed":
                 qw, k = self.quantized_weight(), self.k_padded
@@ -137,6 +150,10 @@ class QuantLinear(nn.Module):
             else:
                 codes, scales = arc.augmented_weight(self.quantized_weight(), self.plan, self.fmt.block)
                 self._w_aug = self.fmt.dequantize(codes, scales, self.weight_global_scale)
+                if self.weight_residual:          # Q1_tail * R_W folded onto Q1's tail columns: the
+                    k, s = self.k_padded, self.s  # K+2s product, summed in another order
+                    self._w_aug[:, k - s: k] += self.fmt.dequantize(
+                        self.fmt.module.unpack(self.weight_res_packed), self.weight_res_scale, self.weight_global_scale)
         return self._w_aug
 
     def _activation_global_scale(self, x: torch.Tensor) -> torch.Tensor:

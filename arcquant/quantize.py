@@ -7,14 +7,15 @@ from tqdm.auto import tqdm
 
 from . import arc, baselines, distributed, moe
 from .calibrate import capture_inputs, move_outside_layers, run_layer
-from .config import GPTQ, WITH_S, CalibConfig, QuantConfig
+from .config import GPTQ, WEIGHT_RESIDUAL, WITH_S, CalibConfig, QuantConfig
 from .data import calibration_batches
 from .formats import get_format
 from .modeling import find_decoder_layers, find_linears, set_submodule
 from .qlinear import QuantLinear, SharedInput, transform_input
 
 ACT_OF_METHOD = {"w4a16": "none", "w4a8": "fp8", "rtn": "fp4", "arc": "fp4", "hadamard": "fp4",
-                 "smoothquant": "fp4", "atom": "mixed", "arc+hadamard": "fp4", "gptq": "fp4", "arc+gptq": "fp4"}
+                 "smoothquant": "fp4", "atom": "mixed", "arc+hadamard": "fp4", "gptq": "fp4", "arc+gptq": "fp4",
+                 "arc+wres": "fp4", "arc+gptq+wres": "fp4"}
 ROTATION_SEED = 0
 
 
@@ -70,8 +71,11 @@ def choose_s(qcfg: QuantConfig, groups: list) -> list[int]:
         return [arc.num_augmented(g.stats.outliers, g.stats.tokens, g.k_padded, qcfg.s_multiple)
                 for g in groups]
     gains = [arc.block_gains(g.stats, g.k_padded, qcfg.order, fmt.block, g.col_norm2) for g in groups]
+    target, base = qcfg.target_bits, fmt.bits_per_element
+    if qcfg.method in WEIGHT_RESIDUAL:              # each tail channel costs 2 columns (K+2s): half the s
+        target = base + (target - base) / 2
     return arc.allocate_budget(gains, [g.k_padded for g in groups], [len(g.names) for g in groups],
-                               qcfg.target_bits, fmt.bits_per_element, fmt.block)
+                               target, base, fmt.block)
 
 
 def quantize_layer_group(qcfg: QuantConfig, layer, names: list, stats, layer_name: str, s: int) -> list[dict]:
@@ -92,7 +96,8 @@ def quantize_layer_group(qcfg: QuantConfig, layer, names: list, stats, layer_nam
     for name, lin in zip(names, linears):
         try:
             q = QuantLinear.from_linear(lin, qcfg.fmt, act, qcfg.act_scale, plan, weight_gs.cpu(),
-                                        None if input_gs is None else input_gs.cpu(), rotate, smooth, hess)
+                                        None if input_gs is None else input_gs.cpu(), rotate, smooth, hess,
+                                        weight_residual=qcfg.method in WEIGHT_RESIDUAL)
         except FloatingPointError as e:
             raise FloatingPointError(f"{e} of {layer_name}.{name}; arcquant cannot quantize it") from None
         q.shared = shared if len(names) > 1 else None
@@ -112,7 +117,7 @@ def _padded_hessian(stats, k_padded: int) -> torch.Tensor:
 def _plan_and_transform(qcfg, stats, k_padded, s, fmt, linears, rotate):
     """-> (plan, SmoothQuant scales or None, calibration max |x| of what is 4-bit quantized)."""
     smooth = None
-    if qcfg.method in ("arc", "arc+hadamard", "arc+gptq"):
+    if qcfg.method in ("arc", "arc+hadamard", "arc+gptq", "arc+wres", "arc+gptq+wres"):
         plan = arc.make_plan(stats, k_padded, s, qcfg.order, fmt.block, _col_norm2(linears))
     elif qcfg.method == "atom":                                    # outliers by max, last s
         plan = arc.make_plan(stats, k_padded, s, "sorted", fmt.block)

@@ -52,6 +52,8 @@ BASELINES = {
     "arc int4, budget 5.5": dict(method="arc", fmt="int4", s_multiple=128),
     "arc+hadamard b16, budget 5.5": dict(method="arc+hadamard", rotate=16),
     "gptq nvfp4": dict(method="gptq"), "arc+gptq nvfp4, budget 5.5": dict(method="arc+gptq"),
+    "arc+wres nvfp4, budget 5.5": dict(method="arc+wres"),
+    "arc+gptq+wres nvfp4, budget 5.5": dict(method="arc+gptq+wres"),
 }
 SETS = {"variants": VARIANTS, "baselines": BASELINES}
 

@@ -90,9 +90,57 @@ def test_atom_with_an_empty_8bit_branch_is_rtn_and_its_branch_is_fp8():
     assert err(atom) < err(_layer("fp4", 0, w, absmax))
 
 
+def test_weight_residual_is_the_depth_k_plus_2s_product():
+    """arc+wres computed directly: X_aug = [Q1, Q2, Q1_tail], W_aug = [Q(W), Q(W)_tail, R_W] with
+    R_W = NVFP4(W_tail - dequant(Q(W)_tail)); one GEMM of depth K+2s."""
+    F = get_format("nvfp4")
+    torch.manual_seed(3)
+    n, k, s = 24, 64, 16
+    w = torch.randn(n, k)
+    absmax = torch.rand(k) + torch.arange(k).eq(7) * 20                   # one outlier channel
+    plan = arc.make_plan(_stats(absmax), k, s, "sorted", 16)
+    lin = torch.nn.Linear(k, n, bias=True)
+    lin.weight.data = w
+    gs = F.global_scale(w.abs().max())
+    q = QuantLinear.from_linear(lin, "nvfp4", "fp4", "token", plan, gs, weight_residual=True)
+    x = torch.randn(5, k) * (1 + torch.arange(k).eq(7) * 20)
+    gsx = F.global_scale(x.abs().amax(-1, keepdim=True))
+    xa = F.dequantize(*arc.quantize_activation(x, plan, F, gsx), gsx)               # [Q1 | Q2] (M, K+s)
+    codes, scales = F.quantize(w[:, plan.perm], gs)                                  # Q(W) in plan order
+    wq = F.dequantize(codes, scales, gs)
+    r = F.dequantize(*F.quantize(w[:, plan.tail] - wq[:, k - s:], gs), gs)          # R_W (N, s)
+    x3 = torch.cat([xa, xa[:, k - s: k]], 1)                                         # (M, K+2s)
+    w3 = torch.cat([wq, wq[:, k - s:], r], 1)                                        # (N, K+2s)
+    ref = x3.double() @ w3.double().t() + lin.bias.double()
+    assert ((q(x).double() - ref).norm() / ref.norm()).item() < 1e-6
+    tail_err = lambda extra: (w[:, plan.tail] - wq[:, k - s:] - extra).norm().item()
+    assert tail_err(r) < 0.3 * tail_err(0)                                           # ~8-bit tail weights
+    assert q.weight_residual and q.avg_bits == 4.5 * (k + 2 * s) / k
+    plain = QuantLinear.from_linear(lin, "nvfp4", "fp4", "token", plan, gs)
+    exact = x @ w.t() + lin.bias
+    assert (q(x) - exact).norm() < (plain(x) - exact).norm()
+
+
+def test_weight_residual_budget_counts_both_tails(tokenizer):
+    """arc+wres at a 5.5-bit budget picks the s of arc at 5.0 bits (each s costs 2 columns) and
+    its layers carry 4.5 (K+2s)/K bits."""
+    reports = {}
+    for method, bits in (("arc+wres", 5.5), ("arc", 5.0)):
+        model = tiny_llama(hidden=64, inter=128)
+        with torch.no_grad():
+            model.model.embed_tokens.weight[:, 5] *= 30.0
+        reports[method] = quantize_model(model, tokenizer, QuantConfig(method=method, target_bits=bits), CAL,
+                                         progress=False)
+    wres, plain = reports["arc+wres"]["layers"], reports["arc"]["layers"]
+    assert [r["s"] for r in wres] == [r["s"] for r in plain] and any(r["s"] for r in wres)
+    assert all(r["avg_bits"] == 4.5 * (r["in"] + 2 * r["s"]) / r["in"] for r in wres)
+    assert 5.0 < reports["arc+wres"]["avg_bits"] <= 5.5
+
+
 @pytest.mark.parametrize("kw", [dict(method="hadamard"), dict(method="hadamard", rotate=32),
                                 dict(method="smoothquant"), dict(method="atom"),
-                                dict(method="atom", act_scale="static"), dict(method="arc+hadamard")])
+                                dict(method="atom", act_scale="static"), dict(method="arc+hadamard"),
+                                dict(method="arc+wres"), dict(method="arc+gptq+wres")])
 def test_baseline_methods_end_to_end(tokenizer, tmp_path, kw):
     model = tiny_llama(hidden=64, inter=128)
     with torch.no_grad():
@@ -111,6 +159,10 @@ def test_baseline_methods_end_to_end(tokenizer, tmp_path, kw):
         assert all(q.rotate == (qcfg.rotate_block, 0) for q in layers)
     if kw["method"] == "atom":
         assert any(q.s > 0 for q in layers) and all(q.act == "mixed" for q in layers)
+    if "wres" in kw["method"]:                                 # the residual tail is saved and rebuilt
+        assert all(q.weight_residual == (q.s > 0) for q in layers) and any(q.s for q in layers)
+        assert all(meta["layers"][n]["weight_residual"] == (q.s > 0) for n, q in back.named_modules()
+                   if isinstance(q, QuantLinear))
 
 
 def test_baseline_bad_input_names_the_choices():
@@ -122,6 +174,10 @@ def test_baseline_bad_input_names_the_choices():
         QuantConfig(method="rtn", rotate=16)
     with pytest.raises(ValueError, match="rotate=24; valid: 0, 16, 32, 64, 128"):
         QuantConfig(method="hadamard", rotate=24)
+    with pytest.raises(ValueError, match="arc\\+wres adds the rounding error .* got order 'none'"):
+        QuantConfig(method="arc+wres", order="none")
+    with pytest.raises(ValueError, match="residual=False"):
+        QuantConfig(method="arc+wres", residual=False)
     with pytest.raises(ValueError, match="alpha=2"):
         QuantConfig(method="smoothquant", alpha=2)
     assert QuantConfig(method="hadamard").rotate_block == 0 and QuantConfig(method="arc+hadamard").rotate_block == 16

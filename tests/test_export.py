@@ -229,6 +229,10 @@ def test_export_refusals(tokenizer, tmp_path):
     _, a16, _ = _checkpoint(tokenizer, tmp_path, "a16", method="w4a16")
     with pytest.raises(ExportError, match="compressed-tensors"):
         export_checkpoint(a16, "modelopt-nvfp4", tmp_path / "x")
+    _, wres, _ = _checkpoint(tokenizer, tmp_path, "wres", method="arc+wres")
+    for fmt in ("trtllm-arc", "compressed-tensors"):
+        with pytest.raises(ExportError, match="arc\\+wres has a second weight tail"):
+            export_checkpoint(wres, fmt, tmp_path / "x")
     assert not (tmp_path / "x").exists()
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")

@@ -79,6 +79,10 @@ def check_exportable(fmt: str, meta: dict) -> list[str]:
     if qfmt != "nvfp4":
         raise ExportError(f"{method} with {qfmt} cannot be exported to {fmt}: these engines run NVFP4 only; "
                           "quantize with --fmt nvfp4")
+    if method in ("arc+wres", "arc+gptq+wres"):
+        raise ExportError(f"{method} has a second weight tail (the outlier weights' rounding error, GEMM depth "
+                          "K+2s) that no engine format carries (NVFP4_ARC holds one tail, a copy); quantize with "
+                          "--method arc to export")
     if method not in ("w4a16", "w4a8", "rtn", "arc"):
         raise ExportError(f"method {method} needs an online transform (rotation, smoothing or an FP8 branch) "
                           "that these engine formats cannot express; export arc, rtn or w4a16 checkpoints")
