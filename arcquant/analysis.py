@@ -3,7 +3,7 @@
 For every decoder linear layer, on calibration activations captured from the full-precision
 model, the relative output error ||Y_q - Y|| / ||Y|| (Y = X W^T + b, summed over tokens) of:
     rtn    NVFP4 W4A4 round-to-nearest
-    arc    the given ARC configuration (its s and average bits are reported too)
+    arc    the given ARC configuration (arc, arc+gptq, arc+wres, ...; its s and average bits too)
     w4a8   NVFP4 weights, FP8 E4M3 per-token activations
     mxfp8  an 8-bit yardstick: MXFP8-style (E4M3 elements, power-of-two scale per 32) on both
            operands - the paper's "ARC error is comparable to MXFP8" claim, measured
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .config import METHODS as ALL_METHODS
 from .config import CalibConfig, QuantConfig
 from .data import calibration_batches
 from .formats import fp8
@@ -22,6 +23,7 @@ from .modeling import find_decoder_layers, find_linears, load_model
 from .quantize import quantize_model
 
 METHODS = ("rtn", "arc", "w4a8", "mxfp8")
+ARC_FAMILY = tuple(m for m in ALL_METHODS if m.startswith("arc"))      # what the "arc" column may be
 
 
 def _quantized(model_name: str, qcfg: QuantConfig, ccfg: CalibConfig, device) -> tuple[dict, dict]:
@@ -45,8 +47,9 @@ def _mxfp8_output(x, lin):
 def layer_errors(model_name: str, arc_cfg: QuantConfig = QuantConfig(), ccfg: CalibConfig = CalibConfig(),
                  eval_samples: int = 4, device="cpu") -> dict:
     """-> {"layers": [{name, s, avg_bits, rel_err: {method: float}}], settings...}."""
-    if arc_cfg.method != "arc":
-        raise ValueError(f"the report compares an ARC configuration; got method {arc_cfg.method!r}")
+    if arc_cfg.method not in ARC_FAMILY:
+        raise ValueError(f"the report compares an ARC configuration; got method {arc_cfg.method!r}, use one of "
+                         f"{', '.join(ARC_FAMILY)}")
     quantized = {"rtn": _quantized(model_name, QuantConfig(method="rtn", act_scale=arc_cfg.act_scale),
                                    ccfg, device)[0],
                  "w4a8": _quantized(model_name, QuantConfig(method="w4a8"), ccfg, device)[0]}

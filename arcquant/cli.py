@@ -166,7 +166,7 @@ def cmd_zeroshot(a):
 
 def cmd_analyze(a):
     from .analysis import layer_errors, write_report
-    qcfg, ccfg = _configs(a, method="arc")
+    qcfg, ccfg = _configs(a)                       # --method: any ARC variant (default arc)
     rep = layer_errors(a.model, qcfg, ccfg, a.eval_samples, a.device)
     js, png = write_report(rep, Path(a.out))
     print(json.dumps(rep["summary"]))

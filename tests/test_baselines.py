@@ -194,3 +194,5 @@ def test_layer_error_report_orders_the_methods(tokenizer, tmp_path):
     assert rep["summary"]["layers"] == 14 and any(r["s"] > 0 for r in rows)
     js, png = write_report(rep, tmp_path / "report")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "summary" in js.read_text()
+    with pytest.raises(ValueError, match="got method 'rtn', use one of arc, arc\\+hadamard, arc\\+gptq"):
+        layer_errors("unused", QuantConfig(method="rtn"), CAL)
