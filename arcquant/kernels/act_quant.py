@@ -13,6 +13,8 @@ Bit-exact with arcquant.arc.quantize_activation: same operation order (amax/6*gs
 division gs/s_b per block; x*recip; dequant as (code*s_b)/gs). E4M3 rounding is done in
 software (power-of-two quantum and a round-to-nearest-even add), because sm_90 has no
 e2m1 convert and the Triton interpreter's float8 convert is not round-to-nearest-even.
+On a CUDA device, inputs of at least CUDA_MIN_M bf16 / fp16 rows in the whole-block order go
+to the CUDA kernel instead (cuda_act.py, csrc/arc_act.cu: same bits, one thread per 16-block).
 """
 import torch
 import triton
