@@ -117,7 +117,7 @@ def _padded_hessian(stats, k_padded: int) -> torch.Tensor:
 def _plan_and_transform(qcfg, stats, k_padded, s, fmt, linears, rotate):
     """-> (plan, SmoothQuant scales or None, calibration max |x| of what is 4-bit quantized)."""
     smooth = None
-    if qcfg.method in ("arc", "arc+hadamard", "arc+gptq", "arc+wres", "arc+gptq+wres"):
+    if qcfg.method in WITH_S and qcfg.method != "atom":           # the ARC methods
         plan = arc.make_plan(stats, k_padded, s, qcfg.order, fmt.block, _col_norm2(linears))
     elif qcfg.method == "atom":                                    # outliers by max, last s
         plan = arc.make_plan(stats, k_padded, s, "sorted", fmt.block)

@@ -12,6 +12,7 @@
 import torch
 
 from .. import __version__
+from ..config import WEIGHT_RESIDUAL
 from ..formats import nvfp4
 from . import layout
 
@@ -79,7 +80,7 @@ def check_exportable(fmt: str, meta: dict) -> list[str]:
     if qfmt != "nvfp4":
         raise ExportError(f"{method} with {qfmt} cannot be exported to {fmt}: these engines run NVFP4 only; "
                           "quantize with --fmt nvfp4")
-    if method in ("arc+wres", "arc+gptq+wres"):
+    if method in WEIGHT_RESIDUAL:
         raise ExportError(f"{method} has a second weight tail (the outlier weights' rounding error, GEMM depth "
                           "K+2s) that no engine format carries (NVFP4_ARC holds one tail, a copy); quantize with "
                           "--method arc to export")

@@ -28,24 +28,18 @@ from .fp4_jit import e2m1_decode, tail_to_main
 ROW_AMAX_MAX_M, ROW_AMAX_MAX_K = 32, 8192
 # The CUDA kernel (cuda_act.py) for at least CUDA_MIN_M rows: at M = 4096 it takes 0.6-0.8x the
 # Triton time, but at decode sizes (M <= 16) 10.6-17 us against Triton's 7.5-9.5 us (H200,
-# results/act-kernel-h200.json, results/cuda-gemv-act-h200.json). CUDA_KERNEL=False: Triton always.
+# results/act-kernel-h200.json, results/cuda-gemv-cuda-act-h200.json). CUDA_KERNEL=False: Triton always.
 CUDA_KERNEL, CUDA_MIN_M = True, 33
-_CUDA_REASONS: dict = {}
+_DEQUANTIZED_OUT = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def _cuda(x: torch.Tensor, starts) -> bool:
-    """Whether the CUDA activation kernel (cuda_act.py) takes this input; the device's answer is
-    cached, and a device that cannot build it says why once in the log."""
-    if (not CUDA_KERNEL or starts is None or x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16)
-            or x.data_ptr() % 16 or x.shape[0] < CUDA_MIN_M):
+    """Whether the CUDA activation kernel (cuda_act.py) takes this input (a device that cannot
+    build it says why once in the log)."""
+    if not CUDA_KERNEL or x.shape[0] < CUDA_MIN_M:
         return False
-    if x.device not in _CUDA_REASONS:
-        from .cuda_act import cuda_act_reason
-        _CUDA_REASONS[x.device] = cuda_act_reason(x, starts)
-        if _CUDA_REASONS[x.device]:
-            import logging
-            logging.getLogger("arcquant").info("activation kernel: Triton (%s)", _CUDA_REASONS[x.device])
-    return _CUDA_REASONS[x.device] is None
+    from .cuda_act import cuda_act_reason
+    return cuda_act_reason(x, starts) is None
 
 
 @triton.jit
@@ -178,13 +172,6 @@ def arc_quantize_activation(x: torch.Tensor, perm: torch.Tensor, s: int, gs: tor
     operand of the Hopper GEMMs: (codes, scales, xd); packed=False skips codes and scales.
     starts: block_starts(perm) for a whole-block permutation: one index load per 16 channels."""
     _check_act(x, perm, s, starts)
-    if _cuda(x, starts) and packed != (dequantized is not None):   # one output: the CUDA kernel
-        from .cuda_act import arc_act_quant_cuda
-        out = "packed" if packed else str(dequantized).removeprefix("torch.")
-        if out not in ("packed", "float16", "bfloat16"):
-            raise ValueError(f"dequantized={dequantized}: use None, torch.float16 or torch.bfloat16")
-        xq, sc, _ = arc_act_quant_cuda(x, starts, s, gs, out)
-        return (xq, sc) if packed else (None, None, xq)
     m, k = x.shape
     gs = gs.to(torch.float32).reshape(-1).contiguous()
     if gs.numel() not in (1, m):
@@ -194,6 +181,10 @@ def arc_quantize_activation(x: torch.Tensor, perm: torch.Tensor, s: int, gs: tor
     if dequantized not in (None, torch.float16, torch.bfloat16) or (dequantized is None and not packed):
         raise ValueError(f"dequantized={dequantized}: use None, torch.float16 or torch.bfloat16, and ask "
                          "for at least one output")
+    if _cuda(x, starts) and packed != (dequantized is not None):   # one output: the CUDA kernel
+        from .cuda_act import arc_act_quant_cuda
+        xq, sc, _ = arc_act_quant_cuda(x, starts, s, gs, "packed" if packed else _DEQUANTIZED_OUT[dequantized])
+        return (xq, sc) if packed else (None, None, xq)
     rows = m if packed else 1
     codes = torch.empty(rows, (k + s) // 2, dtype=torch.uint8, device=x.device)
     scales = torch.empty(rows, (k + s) // 16, dtype=torch.uint8, device=x.device)
