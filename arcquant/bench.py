@@ -6,6 +6,7 @@ latency of one `prefill`-token prompt, weight bytes, peak GPU memory, and a per-
 one eager decode step (batch 1). Models: a checkpoint (the BF16 side is its source model), or a
 model shape with random weights (arcquant/synth.py) quantized here with a short calibration.
 """
+import gc
 import statistics
 import tempfile
 import time
@@ -70,27 +71,40 @@ def prefill_ms(model, tokens: int, repeats: int, vocab: int) -> float:
     return _time(lambda: e.prefill(ids), repeats)
 
 
-def profile_step(model, vocab: int, top: int = 8) -> list:
-    """Top CUDA ops of one eager decode step at batch 1: [(name, calls, ms)]."""
+def _top_ops(fn, top: int) -> list:
+    """Top CUDA ops of one call of fn (warm): [(name, calls, ms)]."""
     from torch.profiler import ProfilerActivity, profile
-    e = Engine(model, 1, PROMPT + 4, graphs=False)
-    ids = torch.randint(0, vocab, (1, PROMPT), device=e.device)
-    tok = e.prefill(ids).argmax(-1, keepdim=True)
-    e.step(tok, PROMPT)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        e.step(tok, PROMPT + 1)
+        fn()
         torch.cuda.synchronize()
     rows = [(ev.key, ev.count, ev.device_time_total / 1e3) for ev in prof.key_averages()
             if ev.device_time_total > 0]
     return sorted(rows, key=lambda r: -r[2])[:top]
 
 
+def profile_step(model, vocab: int, top: int = 8) -> list:
+    """Top CUDA ops of one eager decode step at batch 1: [(name, calls, ms)]."""
+    e = Engine(model, 1, PROMPT + 4, graphs=False)
+    ids = torch.randint(0, vocab, (1, PROMPT), device=e.device)
+    tok = e.prefill(ids).argmax(-1, keepdim=True)
+    e.step(tok, PROMPT)
+    return _top_ops(lambda: e.step(tok, PROMPT + 1), top)
+
+
+def profile_prefill(model, tokens: int, vocab: int, top: int = 10) -> list:
+    """Top CUDA ops of one `tokens`-token prefill (batch 1, eager): [(name, calls, ms)]."""
+    e = Engine(model, 1, tokens + 1, graphs=False)
+    ids = torch.randint(0, vocab, (1, tokens), device=e.device)
+    e.prefill(ids)
+    return _top_ops(lambda: e.prefill(ids), top)
+
+
 def bench_one(model, label: str, batches, decode: int, prefill: int, repeats: int, compile_batches=()) -> dict:
     vocab = model.config.vocab_size
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    row = {"model": label, **weight_bytes(model)}
+    row = {"model": label, **weight_bytes(model), "gpu_bytes_at_start": torch.cuda.memory_allocated()}
     for b in batches:
         row[f"decode_tok_s_b{b}"] = decode_tokens_per_s(model, b, decode, repeats, vocab)
         print(f"  {label}: batch {b} decode {row[f'decode_tok_s_b{b}']:.1f} tok/s", flush=True)
@@ -103,9 +117,12 @@ def bench_one(model, label: str, batches, decode: int, prefill: int, repeats: in
             row[f"decode_b{b}_compile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             print(f"  {label}: batch {b} torch.compile failed: {row[f'decode_b{b}_compile_error']}", flush=True)
         torch._dynamo.reset()
+    gc.collect()                                   # the decode engines' caches and graphs: freed
+    torch.cuda.empty_cache()                       # before prefill, whatever batches ran first
     row[f"prefill_ms_{prefill}"] = prefill_ms(model, prefill, repeats, vocab)
     row["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     row["profile_b1"] = profile_step(model, vocab)
+    row[f"profile_prefill_{prefill}"] = profile_prefill(model, prefill, vocab)
     return row
 
 
@@ -136,7 +153,9 @@ def run_bench(source, checkpoint, batches=(1, 8, 32), decode: int = 64, prefill:
     model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.bfloat16).cuda().eval()
     rows.append(bench_one(model, "bf16", batches, decode, prefill, repeats, compile_batches))
     del model
+    gc.collect()                                   # engines and graphs form reference cycles
     torch.cuda.empty_cache()
+    rows[-1]["gpu_bytes_left_after_free"] = torch.cuda.memory_allocated()
     model, _, _ = load_quantized(checkpoint, device="cuda", dtype=torch.bfloat16, verify=False)
     rows[-1]["backend"] = "cuBLAS (torch)"
     counts = use_kernels(model)

@@ -41,8 +41,10 @@ def main():
         rows = run_bench(src, ck, a.batches, a.decode, a.prefill, a.repeats, a.compile)
         record["shapes"][shape] = rows
         md += [f"## {shape}", "", table(rows, a.batches, a.prefill), "", "Top CUDA ops of one eager decode step, batch 1:", ""]
-        for r in rows:
-            md.append(f"- {r['model']}: " + "; ".join(f"{n[:60]} x{c} {ms:.3f} ms" for n, c, ms in r["profile_b1"]))
+        ops = lambda prof: "; ".join(f"{n[:60]} x{c} {ms:.3f} ms" for n, c, ms in prof)
+        md += [f"- {r['model']}: {ops(r['profile_b1'])}" for r in rows]
+        md += ["", f"Top CUDA ops of one {a.prefill}-token prefill (eager):", ""]
+        md += [f"- {r['model']}: {ops(r[f'profile_prefill_{a.prefill}'])}" for r in rows]
         md.append("")
         print("\n".join(md), flush=True)
         shutil.rmtree(work, ignore_errors=True)

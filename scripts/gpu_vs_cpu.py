@@ -7,8 +7,8 @@ row scales (both sides use the same dequantized embedding).
 prepare records, per prompt, the CPU reference's 32 greedy tokens (engine, reference backend,
 float32) and the teacher-forced logits at those positions, plus the CPU's own noise floor: the
 same model decoding step by step vs one full forward (W4A4 rounding flips on ulp-level
-differences). check runs the GPU with the Triton kernels (bf16) and with the reference backend
-(float32) and compares greedy tokens and teacher-forced logits with the CPU reference.
+differences). check runs the GPU with the kernels (CUDA where nvcc builds them, else Triton;
+bf16) and with the reference backend (float32) and compares greedy tokens and teacher-forced logits with the CPU reference.
 """
 import argparse
 import json
