@@ -48,14 +48,16 @@ def cuda_gemv_config(m: int, k: int) -> dict:
 
 
 def mma_config(m: int, n: int, k: int) -> dict:
-    """Warps splitting the depth in the tensor-core GEMV (same sweep): many for thin or deep
-    layers, few for wide ones (enough blocks already)."""
+    """Launch settings of the tensor-core GEMV, from the H200 sweeps (results/cuda-gemv-h200.json,
+    results/cuda-gemv-v10-h200.json): kw warps splitting the depth - many for thin or deep
+    layers, few for wide ones (enough blocks already); occ: the register-bounded entry point,
+    which wins for M > 16 (4 token tiles: 150 -> 128 registers, 3 -> 4 blocks per SM)."""
     wide = n * k > 64 * 2 ** 20
     if m <= 8:
-        return dict(kw=4 if wide else 8)
+        return dict(kw=4 if wide else 8, occ=False)
     if m <= 16:
-        return dict(kw=1 if wide else 8 if k >= 8192 or n <= 4096 else 4)
-    return dict(kw=4)
+        return dict(kw=1 if wide else 8 if k >= 8192 or n <= 4096 else 4, occ=False)
+    return dict(kw=8 if n <= 4096 and not wide else 4, occ=True)
 
 
 def kernel_reason(q: QuantLinear) -> str | None:

@@ -90,8 +90,9 @@ def exactness_mma(dev) -> list:
                 ref = fp16_gemm_reference(xd, gs, wc, ws, gsw, s, bias)
                 rel = lambda y, r: ((y.double() - r).norm() / r.norm()).item()
                 row = {"K": k, "s": s, "M": m, "N": n, "act_exact": act_exact}
-                for kw in (1, 3, 8):
-                    row[f"rel_kw{kw}"] = rel(arc_gemm_mma(xd, gs, wc, ws, gsw, s, bias, torch.float32, kw), ref)
+                for kw, occ in ((1, False), (3, True), (8, False), (8, True)):
+                    row[f"rel_kw{kw}_occ{int(occ)}"] = rel(arc_gemm_mma(xd, gs, wc, ws, gsw, s, bias, torch.float32,
+                                                                        kw, occ), ref)
                 out.append(row)
     return out
 
@@ -128,14 +129,17 @@ def speed(dev, models, ms) -> list:
                 xd, _, gs = arc_quantize_activation_gemv(x, perm, s, None, starts, out="float16")
                 row["act_fp16_us"] = bench(graphed(lambda: arc_quantize_activation_gemv(x, perm, s, None, starts,
                                                                                        out="float16")))
-                msweep = {kw: bench(graphed(lambda: arc_gemm_mma(xd, gs, wc, ws, gsw, s, None, torch.bfloat16, kw)))
-                          for kw in MMA_KW}
-                kw = min(msweep, key=msweep.get)
-                row.update(mma_sweep=msweep, mma_us=msweep[kw], mma_kw=kw)
+                msweep = {f"{kw},{int(occ)}": bench(graphed(lambda: arc_gemm_mma(xd, gs, wc, ws, gsw, s, None,
+                                                                                torch.bfloat16, kw, occ)))
+                          for kw in MMA_KW for occ in (False, True)}
+                best = min(msweep, key=msweep.get)
+                kw, occ = int(best.split(",")[0]), best.endswith(",1")
+                row.update(mma_sweep=msweep, mma_us=msweep[best], mma_kw=kw, mma_occ=occ,
+                           mma_unbounded_us=min(v for c, v in msweep.items() if c.endswith(",0")))
 
                 def mma_step():
                     a, _, g = arc_quantize_activation_gemv(x, perm, s, None, starts, out="float16")
-                    return arc_gemm_mma(a, g, wc, ws, gsw, s, None, torch.bfloat16, kw)
+                    return arc_gemm_mma(a, g, wc, ws, gsw, s, None, torch.bfloat16, kw, occ)
                 row["mma_step_us"] = bench(graphed(mma_step))
                 row["step_us"] = min(row["mma_step_us"], row.get("int8_step_us", float("inf")))
                 if m <= 16:

@@ -88,7 +88,7 @@ def test_cuda_kernel_plumbing_equals_reference(quantized, m, path):
         e4m3 = lambda b: b.view(torch.float8_e4m3fn)          # scales cross the ops as their bits
         return int8_gemv_reference(xi, e4m3(xs), gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype)
 
-    def mma(xd, gs, wc, ws, wgs, bias, s, out_dtype, kw):
+    def mma(xd, gs, wc, ws, wgs, bias, s, out_dtype, kw, occ):
         calls.append("mma")
         return fp16_gemm_reference(xd, gs, wc, ws.view(torch.float8_e4m3fn), wgs, s, bias).to(out_dtype)
     fake_ops = SimpleNamespace(quantize_act=act, gemv_int8=int8, gemm_mma=mma)
@@ -115,8 +115,9 @@ def test_cuda_kernel_plumbing_equals_reference(quantized, m, path):
 def test_kernel_launch_settings():
     from arcquant.gpu import cuda_gemv_config, mma_config
     assert cuda_gemv_config(1, 4096) == dict(nr=2, kw=1) and cuda_gemv_config(2, 14336) == dict(nr=4, kw=2)
-    assert mma_config(8, 28672, 4096) == dict(kw=4) and mma_config(8, 4096, 14336) == dict(kw=8)
-    assert mma_config(16, 28672, 4096) == dict(kw=1) and mma_config(32, 4096, 4096) == dict(kw=4)
+    assert mma_config(8, 28672, 4096) == dict(kw=4, occ=False) and mma_config(8, 4096, 14336) == dict(kw=8, occ=False)
+    assert mma_config(16, 28672, 4096) == dict(kw=1, occ=False) and mma_config(32, 4096, 4096) == dict(kw=8, occ=True)
+    assert mma_config(32, 28672, 4096) == dict(kw=4, occ=True) and mma_config(32, 6144, 4096) == dict(kw=4, occ=True)
     assert gemv_config(1, 4096)["fma"] and gemv_config(4, 14336)["block_n"] == 2
     assert not gemv_config(8, 4096)["fma"]
 

@@ -15,7 +15,7 @@ from arcquant.formats import get_format, nvfp4            # noqa: E402
 from arcquant.kernels.act_quant import arc_quantize_activation, block_starts  # noqa: E402
 from arcquant.kernels.arc_gemm import arc_gemm            # noqa: E402
 from arcquant.kernels.decode import arc_gemv              # noqa: E402
-from arcquant.kernels.prefill import arc_matmul_prefill, dequantize_codes  # noqa: E402
+from arcquant.kernels.prefill import arc_matmul_prefill, dequantize_codes, scale_rows  # noqa: E402
 
 F = get_format("nvfp4")
 
@@ -128,6 +128,10 @@ def test_prefill_dequantize_then_matmul(m, n, k, s, mode, bias):
     wd = dequantize_codes(nvfp4.pack(qw.codes), qw.scales, s, torch.float16)
     codes, scales = arc.augmented_weight(qw, plan, 16)
     assert torch.equal(wd.float(), F.dequantize(codes, scales, torch.tensor(1.0)))   # exact
+    with pytest.raises(ValueError, match="CUDA dequantization kernel needs CUDA tensors"):
+        dequantize_codes(nvfp4.pack(qw.codes), qw.scales, s, torch.float16, cuda=True)
+    with pytest.raises(ValueError, match="CUDA epilogue needs a CUDA"):
+        scale_rows(torch.zeros(2, 8, dtype=torch.bfloat16), torch.ones(2), cuda=True)
     _, _, xd = arc_quantize_activation(x, plan.perm.to(torch.int32), s, gsx, dequantized=torch.bfloat16,
                                        packed=False)
     y = arc_matmul_prefill(xd, gsx, nvfp4.pack(qw.codes), qw.scales, gsw, s, bias=b, out_dtype=torch.float32)

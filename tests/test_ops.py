@@ -67,7 +67,7 @@ def test_opcheck_every_op():
     calls = [(OPS.quantize_act.default, (x, perm, None, 32, None, "int8")),
              (OPS.quantize_act.default, (x, perm, None, 32, gs[:1].clone(), "float16")),
              (OPS.gemv_int8.default, (xi, xs, gs, wc, ws, gsw, bias, 32, 2, 1, torch.bfloat16)),
-             (OPS.gemm_mma.default, (xd, gs, wc, ws, gsw, None, 32, 4, torch.float32)),
+             (OPS.gemm_mma.default, (xd, gs, wc, ws, gsw, None, 32, 4, False, torch.float32)),
              (OPS.gemv_triton.default, (xd.bfloat16(), gs, wc, ws, gsw, bias, 32, True, 8, 32, 1, torch.bfloat16)),
              (OPS.prefill.default, (xd.bfloat16(), gs, wc, ws, gsw, None, 32, torch.bfloat16))]
     for op, args in calls:
@@ -79,7 +79,7 @@ def test_torch_compile_traces_the_ops_without_breaks():
 
     def linear(x):
         xd, _, gs = OPS.quantize_act(x, perm, None, 32, None, "float16")
-        return OPS.gemm_mma(xd, gs, wc, ws, gsw, bias, 32, 4, torch.bfloat16)
+        return OPS.gemm_mma(xd, gs, wc, ws, gsw, bias, 32, 4, True, torch.bfloat16)
     torch._dynamo.reset()
     compiled = torch.compile(linear, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(x), linear(x))

@@ -23,15 +23,17 @@ from pathlib import Path
 
 import torch
 
-SRCS = [Path(__file__).parent / "csrc" / f for f in ("arc_gemv.cu", "arc_act.cu")]   # one extension
+SRCS = [Path(__file__).parent / "csrc" / f for f in ("arc_gemv.cu", "arc_act.cu", "arc_dequant.cu")]   # one extension
 MAX_M, MMA_MAX_M = 8, 64
 DECL = ("void arc_gemv_dp4a(torch::Tensor xi, torch::Tensor xs, torch::Tensor xgs, torch::Tensor wc, "
         "torch::Tensor ws, torch::Tensor wgs, c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t s, "
         "int64_t nr, int64_t kw);\n"
         "void arc_gemm_mma(torch::Tensor xd, torch::Tensor xgs, torch::Tensor wc, torch::Tensor ws, "
-        "torch::Tensor wgs, c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t s, int64_t kw);\n"
+        "torch::Tensor wgs, c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t s, int64_t kw, int64_t occ);\n"
         "void arc_act_quant(torch::Tensor x, torch::Tensor starts, torch::Tensor gs, torch::Tensor gs_out, "
-        "torch::Tensor xq, torch::Tensor scales, int64_t s, int64_t out, int64_t ctas);")
+        "torch::Tensor xq, torch::Tensor scales, int64_t s, int64_t out, int64_t ctas);\n"
+        "void arc_dequant(torch::Tensor codes, torch::Tensor scales, torch::Tensor out, int64_t s);\n"
+        "void arc_scale_rows(torch::Tensor y, torch::Tensor inv, c10::optional<torch::Tensor> bias);")
 
 
 @functools.cache
@@ -44,7 +46,7 @@ def _extension(capability: tuple):
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
     try:
         return load_inline(name="arcquant_gemv", cpp_sources=DECL, cuda_sources=[f.read_text() for f in SRCS],
-                           functions=["arc_gemv_dp4a", "arc_gemm_mma", "arc_act_quant"], extra_cuda_cflags=["-O3"],
+                           functions=["arc_gemv_dp4a", "arc_gemm_mma", "arc_act_quant", "arc_dequant", "arc_scale_rows"], extra_cuda_cflags=["-O3"],
                            build_directory=str(build))
     finally:
         if old is None:
@@ -121,9 +123,11 @@ def arc_gemv_int8(xi, xs, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.b
     return y
 
 
-def arc_gemm_mma(xd, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat16, kw: int = 4) -> torch.Tensor:
+def arc_gemm_mma(xd, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat16, kw: int = 4,
+                 occ: bool = False) -> torch.Tensor:
     """y (M, N) = xd @ dequant(W_aug)^T / (xgs * wgs) (+ bias) on tensor cores; M <= 64.
-    xd (M, K+s) float16 = code * block scale; kw: warps splitting the depth."""
+    xd (M, K+s) float16 = code * block scale; kw: warps splitting the depth (1..8); occ: the
+    entry point with a register bound (more resident warps, see the .cu file)."""
     m, n, k = xd.shape[0], wc.shape[0], wc.shape[1] * 2
     if not 1 <= m <= MMA_MAX_M:
         raise ValueError(f"the MMA GEMV handles 1 <= M <= {MMA_MAX_M}, got M={m}")
@@ -133,10 +137,11 @@ def arc_gemm_mma(xd, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat
     _check_weight_and_devices(wc, ws, {"xd": xd, "wc": wc, "ws": ws})
     if xd.data_ptr() % 16 or wc.data_ptr() % 8:
         raise ValueError("xd must start on a 16-byte and wc on an 8-byte boundary (take a fresh, contiguous tensor)")
-    kw = max(1, min(kw, 32 // -(-m // 8)))
+    kw = max(1, min(kw, 8, 32 // -(-m // 8)))
     y, b, ext = _outputs(xd, n, bias, out_dtype)
     ext.arc_gemm_mma(xd, xgs.to(torch.float32).reshape(-1).contiguous(), wc.contiguous(),
-                     ws.view(torch.uint8).contiguous(), wgs.to(torch.float32).reshape(-1).contiguous(), b, y, s, kw)
+                     ws.view(torch.uint8).contiguous(), wgs.to(torch.float32).reshape(-1).contiguous(), b, y, s, kw,
+                     int(occ))
     return y
 
 

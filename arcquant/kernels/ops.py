@@ -120,15 +120,15 @@ def _(xi, xs, xgs, wc, ws, wgs, bias, s, nr, kw, out_dtype):
 
 @custom_op("arcquant::gemm_mma", mutates_args=())
 def gemm_mma(xd: Tensor, xgs: Tensor, wc: Tensor, ws: Tensor, wgs: Tensor, bias: Tensor | None, s: int, kw: int,
-             out_dtype: torch.dtype) -> Tensor:
+             occ: bool, out_dtype: torch.dtype) -> Tensor:
     if xd.device.type == "cpu":
         return _product_reference(xd, None, xgs, wc, ws, wgs, bias, s, out_dtype)
     from .cuda_gemv import arc_gemm_mma
-    return arc_gemm_mma(xd, xgs, wc, _e4m3(ws), wgs, s, bias, out_dtype, kw)
+    return arc_gemm_mma(xd, xgs, wc, _e4m3(ws), wgs, s, bias, out_dtype, kw, occ)
 
 
 @gemm_mma.register_fake
-def _(xd, xgs, wc, ws, wgs, bias, s, kw, out_dtype):
+def _(xd, xgs, wc, ws, wgs, bias, s, kw, occ, out_dtype):
     return _out_fake(xd, wc, out_dtype)
 
 

@@ -2,8 +2,9 @@
 
 For large M the product is compute-bound, and Hopper has no FP4 tensor cores: the exact
 route is BF16 MMA on E2M1 x E4M3 values (spec section 5). Dequantizing each weight element
-once per call (N x (K+s) bf16 written, ~7% of the GEMM time at M = 4096) and handing the
-GEMM to cuBLAS beats re-dequantizing the weight in every output tile of a fused kernel.
+once per call (N x (K+s) bf16 written; in CUDA, csrc/arc_dequant.cu, where it builds, else
+Triton) and handing the GEMM to cuBLAS beats re-dequantizing the weight in every output tile
+of a fused kernel.
 
     wd (N, K+s) bf16 = code * block scale, the tail columns K..K+s-1 copied from K-s..K-1
     y  (M, N)        = (xd @ wd^T in fp32) / (xgs * wgs) (+ bias)
@@ -12,6 +13,9 @@ Every operand value is exact in bf16 (at most 6 significant bits, range [2^-10, 
 the GEMM accumulates in fp32 and returns fp32 (torch.mm out_dtype), the tensor scales are
 applied once in fp32, then one rounding to the output dtype.
 """
+import functools
+import logging
+
 import torch
 import triton
 import triton.language as tl
@@ -34,9 +38,22 @@ def _dequant_kernel(c_ptr, s_ptr, out_ptr, K, S, stride_c, stride_s, stride_o, N
     tl.store(out_ptr + r * stride_o + col, val.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def dequantize_codes(codes, scales, s: int = 0, out_dtype=torch.bfloat16, blocks_per_program: int = 64):
+@functools.cache
+def _cuda_reason(device: torch.device) -> str | None:
+    """Whether the CUDA dequantization kernel (csrc/arc_dequant.cu) builds for `device` (asked
+    once; a reason is logged and the Triton kernel runs)."""
+    from .cuda_gemv import unavailable_reason
+    reason = unavailable_reason(device)
+    if reason:
+        logging.getLogger("arcquant").info("weight dequantization: Triton (%s)", reason)
+    return reason
+
+
+def dequantize_codes(codes, scales, s: int = 0, out_dtype=torch.bfloat16, blocks_per_program: int = 64,
+                     cuda: bool | None = None):
     """codes (R, K/2) u8, scales (R, K/16) e4m3 -> (R, K+s) code * block scale (exact), the last
-    s columns repeating columns K-s..K-1 (the augmented weight)."""
+    s columns repeating columns K-s..K-1 (the augmented weight). cuda: None picks the CUDA
+    kernel for contiguous CUDA inputs where it builds (same bits), False the Triton one."""
     r, k = codes.shape[0], codes.shape[1] * 2
     if scales.shape != (r, k // 16) or codes.dtype != torch.uint8 or scales.dtype != torch.float8_e4m3fn:
         raise ValueError(f"codes must be uint8 ({r}, K/2) and scales float8_e4m3fn ({r}, {k // 16}); "
@@ -44,6 +61,16 @@ def dequantize_codes(codes, scales, s: int = 0, out_dtype=torch.bfloat16, blocks
     if s % 16 or not 0 <= s <= k:
         raise ValueError(f"s={s} must be a multiple of 16 in [0, K={k}]")
     out = torch.empty(r, k + s, dtype=out_dtype, device=codes.device)
+    if cuda is None:
+        cuda = (codes.is_cuda and out_dtype in (torch.bfloat16, torch.float16) and codes.is_contiguous()
+                and scales.is_contiguous() and codes.data_ptr() % 8 == 0 and _cuda_reason(codes.device) is None)
+    if cuda:
+        if not codes.is_cuda or out_dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"the CUDA dequantization kernel needs CUDA tensors and a bfloat16 / float16 output, "
+                             f"got {codes.device} and {out_dtype}; pass cuda=None to choose automatically")
+        from .cuda_gemv import _extension
+        _extension(torch.cuda.get_device_capability(codes.device)).arc_dequant(codes, scales.view(torch.uint8), out, s)
+        return out
     nb = blocks_per_program
     grid = (r, triton.cdiv((k + s) // 16, nb))
     _dequant_kernel[grid](codes, scales.view(torch.uint8), out, k, s, codes.stride(0), scales.stride(0),
@@ -56,8 +83,8 @@ def arc_matmul_prefill(xd, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.
 
     exact=True: the fp32 GEMM result is divided by the tensor scales, then rounded once.
     exact=False (fast): cuBLAS rounds the fp32 accumulator to xd's dtype and the scales are
-    applied to that (a second rounding: at most one more bf16 ulp), saving the fp32 round
-    trip through memory (~25% of the time at M = 4096)."""
+    applied to that (a second rounding: at most one more bf16 ulp; scale_rows), saving the
+    fp32 round trip through memory (~25% of the time at M = 4096)."""
     k = wc.shape[1] * 2
     if xd.shape[1] != k + s:
         raise ValueError(f"xd has {xd.shape[1]} columns, expected K+s = {k + s}")
@@ -67,7 +94,27 @@ def arc_matmul_prefill(xd, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.
         acc = torch.mm(xd, wd.t(), out_dtype=torch.float32) if xd.is_cuda else xd.float() @ wd.float().t()
         y = acc / gs
         return (y if bias is None else y + bias.to(torch.float32)).to(out_dtype)
-    y = torch.mm(xd, wd.t()).mul_(1.0 / gs)                          # (M, N) xd.dtype
-    if bias is not None:
-        y.add_(bias.to(y.dtype))
+    y = torch.mm(xd, wd.t())                                         # (M, N) xd.dtype
+    scale_rows(y, 1.0 / gs, None if bias is None else bias.to(y.dtype))
     return y.to(out_dtype)
+
+
+def scale_rows(y, inv, bias=None, cuda: bool | None = None):
+    """In place: y (M, N) 16-bit = T(T(y * inv[m]) + bias[n]), torch's y.mul_(inv).add_(bias)
+    bit for bit. cuda: None picks the CUDA kernel (csrc/arc_dequant.cu, 16-byte accesses) for
+    N % 8 == 0 on a device where it builds, False torch's elementwise kernels."""
+    inv = inv.to(torch.float32).reshape(-1).contiguous()                       # (M,) or (1,)
+    bias = None if bias is None else bias.contiguous()
+    if cuda is None:
+        cuda = (y.is_cuda and y.dtype in (torch.bfloat16, torch.float16) and y.is_contiguous()
+                and y.shape[1] % 8 == 0 and y.data_ptr() % 16 == 0 and (bias is None or bias.data_ptr() % 16 == 0)
+                and _cuda_reason(y.device) is None)
+    if not cuda:
+        y.mul_(inv.reshape(-1, 1))
+        return y if bias is None else y.add_(bias)
+    if not y.is_cuda or y.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"the CUDA epilogue needs a CUDA bfloat16 / float16 y, got {y.device} {y.dtype}; "
+                         "pass cuda=None to choose automatically")
+    from .cuda_gemv import _extension
+    _extension(torch.cuda.get_device_capability(y.device)).arc_scale_rows(y, inv, bias)
+    return y

@@ -259,10 +259,10 @@ __device__ __forceinline__ WeightStep load_step(const uint8_t* wr0, const uint8_
 }
 
 template <int MT>
-__global__ void arc_gemm_mma_kernel(const __half* __restrict__ xd, const float* __restrict__ xgs, int xgs_per_row,
-                                    const uint8_t* __restrict__ wc, const uint8_t* __restrict__ ws,
-                                    const float* __restrict__ wgs, const float* __restrict__ bias,
-                                    void* __restrict__ y, int out_kind, int mrows, int N, int K, int S) {
+__device__ __forceinline__ void mma_body(const __half* __restrict__ xd, const float* __restrict__ xgs, int xgs_per_row,
+                                         const uint8_t* __restrict__ wc, const uint8_t* __restrict__ ws,
+                                         const float* __restrict__ wgs, const float* __restrict__ bias,
+                                         void* __restrict__ y, int out_kind, int mrows, int N, int K, int S) {
   const int lane = threadIdx.x, warp = threadIdx.y, kw = blockDim.y;
   const int g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * 16;
@@ -338,13 +338,34 @@ __global__ void arc_gemm_mma_kernel(const __half* __restrict__ xd, const float* 
     }
 }
 
+#define MMA_PARAMS                                                                                  \
+  const __half* __restrict__ xd, const float* __restrict__ xgs, int xgs_per_row, const uint8_t* __restrict__ wc, \
+      const uint8_t* __restrict__ ws, const float* __restrict__ wgs, const float* __restrict__ bias,          \
+      void* __restrict__ y, int out_kind, int mrows, int N, int K, int S
+#define MMA_ARGS xd, xgs, xgs_per_row, wc, ws, wgs, bias, y, out_kind, mrows, N, K, S
+
+// Two entry points: the compiler's own register choice (77 / 106 / 150 / 144 registers for MT
+// 1 / 2 / 4 / 8 on sm_90 with nvcc 13.0: 6, 4, 3, 3 blocks of 4 warps per SM), and one bounded
+// to 64 / 80 / 128 / 128 (8, 6, 4, 4 blocks of 4 warps; MT = 1 spills 4 bytes; at most 8 warps
+// per block) - more warps in flight for the latency-bound weight stream.
+constexpr int mma_min_blocks(int mt) { return mt == 1 ? 4 : mt == 2 ? 3 : 2; }
+
+template <int MT>
+__global__ void arc_gemm_mma_kernel(MMA_PARAMS) { mma_body<MT>(MMA_ARGS); }
+
+template <int MT>
+__global__ void __launch_bounds__(256, mma_min_blocks(MT)) arc_gemm_mma_bounded(MMA_PARAMS) {
+  mma_body<MT>(MMA_ARGS);
+}
+
 template <int MT>
 void launch_mma(const torch::Tensor& xd, const torch::Tensor& xgs, const torch::Tensor& wc, const torch::Tensor& ws,
-                const torch::Tensor& wgs, const float* bias, torch::Tensor& y, int out_kind, int kw, int s) {
+                const torch::Tensor& wgs, const float* bias, torch::Tensor& y, int out_kind, int kw, int s, bool occ) {
   const int n = wc.size(0), k = wc.size(1) * 2, mrows = xd.size(0);
   dim3 grid((n + 15) / 16), block(32, kw);
   const size_t smem = sizeof(float) * kw * MT * 4 * 32;
-  arc_gemm_mma_kernel<MT><<<grid, block, smem, at::cuda::getCurrentCUDAStream()>>>(
+  auto kernel = occ ? arc_gemm_mma_bounded<MT> : arc_gemm_mma_kernel<MT>;
+  kernel<<<grid, block, smem, at::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const __half*>(xd.data_ptr<at::Half>()), xgs.data_ptr<float>(), xgs.numel() > 1 ? 1 : 0,
       wc.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), wgs.data_ptr<float>(), bias, y.data_ptr(), out_kind, mrows, n,
       k, s);
@@ -385,7 +406,7 @@ void arc_gemv_dp4a(torch::Tensor xi, torch::Tensor xs, torch::Tensor xgs, torch:
 }
 
 void arc_gemm_mma(torch::Tensor xd, torch::Tensor xgs, torch::Tensor wc, torch::Tensor ws, torch::Tensor wgs,
-                  c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t s, int64_t kw) {
+                  c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t s, int64_t kw, int64_t occ) {
   const at::cuda::CUDAGuard guard(xd.device());
   const int64_t m = xd.size(0), n = wc.size(0), k = wc.size(1) * 2;
   TORCH_CHECK(xd.is_cuda() && wc.is_cuda() && ws.is_cuda() && y.is_cuda(), "CUDA tensors expected");
@@ -398,7 +419,7 @@ void arc_gemm_mma(torch::Tensor xd, torch::Tensor xgs, torch::Tensor wc, torch::
   TORCH_CHECK(xd.size(1) == k + s && ws.size(0) == n && ws.size(1) == k / 16 && y.size(0) == m && y.size(1) == n,
               "shape mismatch");
   TORCH_CHECK(xgs.numel() == 1 || xgs.numel() == m, "xgs must hold 1 or M values");
-  TORCH_CHECK(kw >= 1 && kw <= 16 && kw * ((m + 7) / 8) <= 32, "kw in 1..16 and kw * ceil(M / 8) <= 32 (shared memory)");
+  TORCH_CHECK(kw >= 1 && kw <= 8 && kw * ((m + 7) / 8) <= 32, "kw in 1..8 and kw * ceil(M / 8) <= 32 (shared memory)");
   const float* b = nullptr;
   if (bias.has_value()) {
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n && bias->is_cuda(), "bias: float32 (N,)");
@@ -406,8 +427,8 @@ void arc_gemm_mma(torch::Tensor xd, torch::Tensor xgs, torch::Tensor wc, torch::
   }
   const int out_kind = y.scalar_type() == at::kBFloat16 ? 0 : y.scalar_type() == at::kHalf ? 1 : 2;
   TORCH_CHECK(out_kind < 2 || y.scalar_type() == at::kFloat, "y: bfloat16, float16 or float32");
-  if (m <= 8) launch_mma<1>(xd, xgs, wc, ws, wgs, b, y, out_kind, kw, s);
-  else if (m <= 16) launch_mma<2>(xd, xgs, wc, ws, wgs, b, y, out_kind, kw, s);
-  else if (m <= 32) launch_mma<4>(xd, xgs, wc, ws, wgs, b, y, out_kind, kw, s);
-  else launch_mma<8>(xd, xgs, wc, ws, wgs, b, y, out_kind, kw, s);
+  if (m <= 8) launch_mma<1>(xd, xgs, wc, ws, wgs, b, y, out_kind, kw, s, occ != 0);
+  else if (m <= 16) launch_mma<2>(xd, xgs, wc, ws, wgs, b, y, out_kind, kw, s, occ != 0);
+  else if (m <= 32) launch_mma<4>(xd, xgs, wc, ws, wgs, b, y, out_kind, kw, s, occ != 0);
+  else launch_mma<8>(xd, xgs, wc, ws, wgs, b, y, out_kind, kw, s, occ != 0);
 }

@@ -1,0 +1,149 @@
+// The prefill GEMM's helpers (kernels/prefill.py).
+// 1. Weight dequantization: packed NVFP4 codes and E4M3 block scales -> the augmented weight in
+// bf16 / fp16, code * block scale (exact: at most 6 significant bits, within [2^-10, 2688]),
+// the tail columns K..K+s-1 repeating K-s..K-1.
+//
+//   codes (R, K/2) uint8, element 2i in the low nibble; scales (R, K/16) E4M3 bits
+//   out   (R, K+s) bf16 / fp16
+// One thread per augmented 16-block: one 8-byte code load, one scale byte, two 16-byte stores.
+// Why CUDA: the Triton kernel (prefill._dequant_kernel) loads one byte per element and ran at
+// ~1 TB/s in the Llama-3.1-8B prefill profile (18 of 120 ms).
+#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_fp8.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <type_traits>
+
+namespace {
+
+__device__ __forceinline__ float e2m1_value(uint32_t c) {       // 4-bit code -> signed value
+  const uint32_t m = c & 7u;
+  const float v = m < 4 ? 0.5f * m : m < 6 ? float(m - 2) : m == 6 ? 4.f : 6.f;
+  return (c & 8u) ? -v : v;
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float a, float b) {   // both exact in T
+  T h[2];
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) { h[0] = __float2bfloat16_rn(a); h[1] = __float2bfloat16_rn(b); }
+  else { h[0] = __float2half_rn(a); h[1] = __float2half_rn(b); }
+  return *reinterpret_cast<uint32_t*>(h);
+}
+
+template <typename T>
+__global__ void arc_dequant_kernel(const uint8_t* __restrict__ codes, const uint8_t* __restrict__ scales,
+                                   T* __restrict__ out, long long total, int K, int S) {
+  const long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+  const int nb = (K + S) / 16, kb = K / 16;
+  if (idx >= total) return;
+  const long long r = idx / nb;
+  const int b = (int)(idx - r * nb), src = b < kb ? b : b - S / 16;   // tail blocks: main block src
+  const uint2 c = *reinterpret_cast<const uint2*>(codes + r * (K / 2) + 8 * src);
+  const float s = __half2float(__half(__nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)scales[r * kb + src], __NV_E4M3)));
+  uint32_t w[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const uint32_t byte = ((j < 4 ? c.x : c.y) >> (8 * (j & 3))) & 0xFFu;
+    w[j] = pack2<T>(e2m1_value(byte & 0xFu) * s, e2m1_value(byte >> 4) * s);
+  }
+  uint4* o = reinterpret_cast<uint4*>(out + r * (long long)(K + S) + 16 * b);
+  o[0] = make_uint4(w[0], w[1], w[2], w[3]);
+  o[1] = make_uint4(w[4], w[5], w[6], w[7]);
+}
+
+// 2. The epilogue after cuBLAS: y (M, N) 16-bit in place, y = T(T(y * inv[m]) + bias[n]) - the
+// same two roundings as torch's y.mul_(inv).add_(bias) (fp32 arithmetic, RNE to T after each),
+// 8 elements per thread with 16-byte loads and stores (torch's broadcasting mixed-dtype kernel
+// moved ~0.45 TB/s in the Llama-3.1-8B prefill profile: 12 of 110 ms).
+template <typename T>
+__device__ __forceinline__ float to_f(T v) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) return __bfloat162float(v);
+  else return __half2float(v);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_f(float v) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) return __float2bfloat16_rn(v);
+  else return __float2half_rn(v);
+}
+
+template <typename T>
+__global__ void arc_scale_rows_kernel(T* __restrict__ y, const float* __restrict__ inv, int inv_per_row,
+                                      const T* __restrict__ bias, long long total8, int n8) {
+  const long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+  if (idx >= total8) return;
+  const long long r = idx / n8;
+  const int c8 = (int)(idx - r * n8);
+  const float sc = inv[inv_per_row ? r : 0];
+  uint4 v = reinterpret_cast<uint4*>(y)[idx];
+  T* h = reinterpret_cast<T*>(&v);
+  uint4 bv = make_uint4(0, 0, 0, 0);
+  if (bias != nullptr) bv = reinterpret_cast<const uint4*>(bias)[c8];
+  const T* bh = reinterpret_cast<const T*>(&bv);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    T t = from_f<T>(__fmul_rn(to_f(h[j]), sc));
+    if (bias != nullptr) t = from_f<T>(__fadd_rn(to_f(t), to_f(bh[j])));
+    h[j] = t;
+  }
+  reinterpret_cast<uint4*>(y)[idx] = v;
+}
+
+}  // namespace
+
+void arc_scale_rows(torch::Tensor y, torch::Tensor inv, c10::optional<torch::Tensor> bias) {
+  const at::cuda::CUDAGuard guard(y.device());
+  const int64_t m = y.size(0), n = y.size(1);
+  TORCH_CHECK(y.is_cuda() && inv.is_cuda() && y.is_contiguous() && inv.is_contiguous(), "contiguous CUDA tensors expected");
+  TORCH_CHECK(inv.scalar_type() == at::kFloat && (inv.numel() == 1 || inv.numel() == m), "inv: float32, 1 or M values");
+  TORCH_CHECK(n % 8 == 0 && reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 == 0, "N % 8 == 0 and a 16-byte aligned y");
+  const void* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->is_cuda() && bias->is_contiguous() && bias->numel() == n && bias->scalar_type() == y.scalar_type() &&
+                reinterpret_cast<uintptr_t>(bias->data_ptr()) % 16 == 0, "bias: contiguous (N,) of y's dtype, aligned");
+    b = bias->data_ptr();
+  }
+  const long long total8 = m * (n / 8);
+  if (total8 == 0) return;
+  const unsigned blocks = (unsigned)((total8 + 255) / 256);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int per_row = inv.numel() > 1 ? 1 : 0;
+  if (y.scalar_type() == at::kBFloat16)
+    arc_scale_rows_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(reinterpret_cast<__nv_bfloat16*>(y.data_ptr()),
+        inv.data_ptr<float>(), per_row, reinterpret_cast<const __nv_bfloat16*>(b), total8, (int)(n / 8));
+  else if (y.scalar_type() == at::kHalf)
+    arc_scale_rows_kernel<__half><<<blocks, 256, 0, stream>>>(reinterpret_cast<__half*>(y.data_ptr()),
+        inv.data_ptr<float>(), per_row, reinterpret_cast<const __half*>(b), total8, (int)(n / 8));
+  else
+    TORCH_CHECK(false, "y: bfloat16 or float16");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Shapes and dtypes are checked in arcquant/kernels/prefill.py; these checks guard memory.
+void arc_dequant(torch::Tensor codes, torch::Tensor scales, torch::Tensor out, int64_t s) {
+  const at::cuda::CUDAGuard guard(codes.device());
+  const int64_t r = codes.size(0), k = codes.size(1) * 2;
+  TORCH_CHECK(codes.is_cuda() && scales.is_cuda() && out.is_cuda(), "CUDA tensors expected");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && scales.scalar_type() == at::kByte, "codes / scales: uint8");
+  TORCH_CHECK(codes.is_contiguous() && scales.is_contiguous() && out.is_contiguous(), "contiguous tensors expected");
+  TORCH_CHECK(k % 16 == 0 && s % 16 == 0 && s >= 0 && s <= k && scales.size(0) == r && scales.size(1) == k / 16 &&
+              out.size(0) == r && out.size(1) == k + s, "shape mismatch");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(codes.data_ptr()) % 8 == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0,
+              "codes must start on an 8-byte and out on a 16-byte boundary");
+  const long long total = r * ((k + s) / 16);
+  if (total == 0) return;
+  const int threads = 256;
+  const unsigned blocks = (unsigned)((total + threads - 1) / threads);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (out.scalar_type() == at::kBFloat16)
+    arc_dequant_kernel<__nv_bfloat16><<<blocks, threads, 0, stream>>>(codes.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(),
+        reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), total, (int)k, (int)s);
+  else if (out.scalar_type() == at::kHalf)
+    arc_dequant_kernel<__half><<<blocks, threads, 0, stream>>>(codes.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(),
+        reinterpret_cast<__half*>(out.data_ptr()), total, (int)k, (int)s);
+  else
+    TORCH_CHECK(false, "out: bfloat16 or float16");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
