@@ -32,6 +32,18 @@ def _done(path: Path) -> dict:
     return rows
 
 
+def _append_line(path: Path, line: str) -> None:
+    """Append one line; after a last line cut by an interruption, start a new line first (else
+    the new cell would be glued to the fragment and lost on the next read)."""
+    cut = False
+    if path.exists() and path.stat().st_size:
+        with path.open("rb") as f:
+            f.seek(-1, 2)
+            cut = f.read(1) != b"\n"
+    with path.open("a") as f:
+        f.write(("\n" if cut else "") + line + "\n")
+
+
 def run_comparison(model: str, configs: dict, ccfg: CalibConfig, out: Path | None, text="wiki-test",
                    seqlen=512, tokens=65536, tasks=(), limit=None, device="cpu", log=print) -> list[dict]:
     """configs: {label: QuantConfig}. -> rows (finished cells, in the order of `configs`)."""
@@ -58,8 +70,7 @@ def run_comparison(model: str, configs: dict, ccfg: CalibConfig, out: Path | Non
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         if path is not None:
-            with path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            _append_line(path, json.dumps(row))
         log(f"  {label:24s} ppl {row['ppl']:8.3f}  avg bits {row['avg_bits']:.3f}"
             + (f"  zero-shot avg acc {row['average_acc']:.4f}" if tasks else ""))
     return rows
@@ -85,8 +96,33 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _same_comparison(a: dict, b: dict) -> bool:
+    """Two cells of one table: same model, evaluation text and size, calibration, tasks and
+    limit (a line written before the limit was stored matches any limit)."""
+    fields = ("model", "text", "seqlen", "tokens", "calibration")
+    return (all(a.get(f) == b.get(f) for f in fields) and a.get("limit", b.get("limit")) == b.get("limit")
+            and set(a.get("zeroshot", {})) == set(b.get("zeroshot", {})))
+
+
+def all_rows(rows: list[dict], out: Path) -> list[dict]:
+    """rows plus the finished cells of earlier runs into the same OUT that belong to the same
+    comparison (a later run with other methods adds to the table instead of replacing it); one
+    row per label - this run's, else the latest - in the order labels were first run."""
+    if not rows:
+        return rows
+    limit = rows[0].get("limit")
+    earlier = [{**r, "limit": limit} for r in _done(Path(out) / "results.jsonl").values()
+               if _same_comparison(r, rows[0])]
+    by_label = {r["label"]: r for r in earlier}
+    by_label.update({r["label"]: r for r in rows})
+    return list(by_label.values())
+
+
 def write_outputs(rows: list[dict], out: Path) -> None:
+    """OUT/table.md, results.json and plot.png: this run's rows and the earlier cells of the same
+    comparison in OUT (all_rows)."""
     out = Path(out)
+    rows = all_rows(rows, out)
     (out / "table.md").write_text(table(rows))
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     try:

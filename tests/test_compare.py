@@ -30,3 +30,14 @@ def test_comparison_resumes_and_renders(tokenizer, tmp_path):
     assert "| arc |" in md and "piqa" in md and "first 2 documents" in md
     assert len(json.loads((out / "results.json").read_text())) == 3
     assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    # a later run with one more method adds its row to the table; the earlier cells stay
+    more = run_comparison(str(tmp_path / "tiny"), {"w4a8": QuantConfig(method="w4a8")}, CAL, out, **kw)
+    write_outputs(more, out)
+    labels = [r["label"] for r in json.loads((out / "results.json").read_text())]
+    assert labels == ["rtn", "arc", "atom", "w4a8"]
+    # another comparison (other evaluation size) in the same folder is not mixed in
+    other = run_comparison(str(tmp_path / "tiny"), {"rtn": QuantConfig(method="rtn")}, CAL, out,
+                           **{**kw, "tokens": 128})
+    write_outputs(other, out)
+    assert [r["label"] for r in json.loads((out / "results.json").read_text())] == ["rtn"]
+
