@@ -75,14 +75,24 @@ def num_augmented(outliers: int, tokens: int, k: int, multiple: int) -> int:
     return min(k, -(-outliers // (tokens * multiple)) * multiple)
 
 
+def channel_errors(stats: ChannelStats, k_padded: int, weight_col_norm2: torch.Tensor,
+                   weight_err2: torch.Tensor | None = None) -> torch.Tensor:
+    """(K_padded,) output error a residual channel removes (diagonal approximation):
+    sqerr_c |W_c|^2, the activation rounding error; with a weight residual (arc+wres) also
+    sumsq_c |W_c - Q(W_c)|^2, the weight rounding error the residual weight removes."""
+    err = pad_k(stats.sqerr, k_padded) * pad_k(weight_col_norm2.double(), k_padded)
+    if weight_err2 is not None:
+        err = err + pad_k(stats.sumsq, k_padded) * pad_k(weight_err2.double(), k_padded)
+    return err
+
+
 def block_gains(stats: ChannelStats, k_padded: int, order: str, block: int,
-                weight_col_norm2: torch.Tensor) -> torch.Tensor:
+                weight_col_norm2: torch.Tensor, weight_err2: torch.Tensor | None = None) -> torch.Tensor:
     """(K/block,) estimated output-error reduction of each further residual block, descending,
-    relative to the layer's output energy (diagonal approximations: sum_c err_c |W_c|^2 over
-    sum_c x_c^2 |W_c|^2). Whole original blocks for "blocks", best channels otherwise."""
-    w2 = pad_k(weight_col_norm2.double(), k_padded)
-    err = pad_k(stats.sqerr, k_padded) * w2
-    energy = float((pad_k(stats.sumsq, k_padded) * w2).sum()) or 1.0
+    relative to the layer's output energy (sum_c x_c^2 |W_c|^2); channel_errors summed over
+    whole original blocks for "blocks", over the best channels otherwise."""
+    err = channel_errors(stats, k_padded, weight_col_norm2, weight_err2)
+    energy = float((pad_k(stats.sumsq, k_padded) * pad_k(weight_col_norm2.double(), k_padded)).sum()) or 1.0
     if order == "blocks":
         gains = err.view(-1, block).sum(1)
     else:
@@ -140,8 +150,9 @@ class ArcPlan:
 
 
 def make_plan(stats: ChannelStats, k_padded: int, s: int, order: str, block: int,
-              weight_col_norm2: torch.Tensor | None = None) -> ArcPlan:
-    """Build the plan for one group of layers sharing an input (K padded to the block)."""
+              weight_col_norm2: torch.Tensor | None = None, weight_err2: torch.Tensor | None = None) -> ArcPlan:
+    """Build the plan for one group of layers sharing an input (K padded to the block);
+    weight_err2 (arc+wres): the blocks order also ranks by the weight error the residual removes."""
     absmax = pad_k(stats.absmax, k_padded)                               # padding: stat 0
     if s % block or s > k_padded:
         raise ValueError(f"s={s} must be a multiple of the block {block} and at most K={k_padded}")
@@ -152,9 +163,10 @@ def make_plan(stats: ChannelStats, k_padded: int, s: int, order: str, block: int
         top = torch.sort(absmax, stable=True).indices[k_padded - s:]
         return ArcPlan(torch.arange(k_padded), top.clone())
     if order == "blocks":                                                # ours: keep 16-blocks intact
-        err = pad_k(stats.sqerr, k_padded)
         if weight_col_norm2 is not None:
-            err = err * pad_k(weight_col_norm2.double(), k_padded)
+            err = channel_errors(stats, k_padded, weight_col_norm2, weight_err2)
+        else:
+            err = pad_k(stats.sqerr, k_padded)
         score = err.view(-1, block).sum(1)                               # (K/block,)
         border = torch.sort(score, stable=True).indices                  # worst blocks last
         perm = (border[:, None] * block + torch.arange(block)).flatten()

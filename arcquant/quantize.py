@@ -24,6 +24,15 @@ def _col_norm2(linears: list) -> torch.Tensor:
     return sum(lin.weight.detach().float().pow(2).sum(0).cpu() for lin in linears)
 
 
+def _col_werr2(linears: list, fmt) -> torch.Tensor:
+    """(K,) sum over the group's weights of each input column's squared rounding error
+    |W_c - Q(W_c)|^2, quantized as the layers will be (one tensor scale for the group)."""
+    ws = [arc.pad_k(lin.weight.detach().float(), fmt.block) for lin in linears]     # (N, K_padded)
+    gs = fmt.global_scale(torch.stack([w.abs().amax() for w in ws]).amax())
+    err = sum(((w - fmt.dequantize(*fmt.quantize(w, gs), gs)) ** 2).sum(0) for w in ws)
+    return err[: linears[0].in_features].cpu()
+
+
 def _pad_multiple(fmt, rotate_block: int | None) -> int:
     """K is padded to the format block, and to the rotation block for block-wise rotations."""
     return math.lcm(fmt.block, rotate_block) if rotate_block else fmt.block
@@ -55,11 +64,13 @@ class GroupInfo:
     k_padded: int
     col_norm2: torch.Tensor         # (K,) sum over the group of each input column's |W|^2
     stats: object = None            # arc.ChannelStats of the leader's input, or None
+    col_werr2: torch.Tensor | None = None   # (K,) |W_c - Q(W_c)|^2 summed over the group (arc+wres)
 
 
-def group_info(layer, names: list, stats, fmt, rotate_block) -> GroupInfo:
+def group_info(layer, names: list, stats, fmt, rotate_block, weight_errors: bool = False) -> GroupInfo:
     linears = [layer.get_submodule(n) for n in names]
-    return GroupInfo(list(names), _k_padded(linears[0], fmt, rotate_block), _col_norm2(linears), stats)
+    return GroupInfo(list(names), _k_padded(linears[0], fmt, rotate_block), _col_norm2(linears), stats,
+                     _col_werr2(linears, fmt) if weight_errors else None)
 
 
 def choose_s(qcfg: QuantConfig, groups: list) -> list[int]:
@@ -70,9 +81,11 @@ def choose_s(qcfg: QuantConfig, groups: list) -> list[int]:
     if qcfg.target_bits is None:
         return [arc.num_augmented(g.stats.outliers, g.stats.tokens, g.k_padded, qcfg.s_multiple)
                 for g in groups]
-    gains = [arc.block_gains(g.stats, g.k_padded, qcfg.order, fmt.block, g.col_norm2) for g in groups]
+    wres = qcfg.method in WEIGHT_RESIDUAL
+    gains = [arc.block_gains(g.stats, g.k_padded, qcfg.order, fmt.block, g.col_norm2, g.col_werr2 if wres else None)
+             for g in groups]
     target, base = qcfg.target_bits, fmt.bits_per_element
-    if qcfg.method in WEIGHT_RESIDUAL:              # each tail channel costs 2 columns (K+2s): half the s
+    if wres:                                        # each tail channel costs 2 columns (K+2s): half the s
         target = base + (target - base) / 2
     return arc.allocate_budget(gains, [g.k_padded for g in groups], [len(g.names) for g in groups],
                                target, base, fmt.block)
@@ -118,7 +131,8 @@ def _plan_and_transform(qcfg, stats, k_padded, s, fmt, linears, rotate):
     """-> (plan, SmoothQuant scales or None, calibration max |x| of what is 4-bit quantized)."""
     smooth = None
     if qcfg.method in WITH_S and qcfg.method != "atom":           # the ARC methods
-        plan = arc.make_plan(stats, k_padded, s, qcfg.order, fmt.block, _col_norm2(linears))
+        werr = _col_werr2(linears, fmt) if qcfg.method in WEIGHT_RESIDUAL else None
+        plan = arc.make_plan(stats, k_padded, s, qcfg.order, fmt.block, _col_norm2(linears), werr)
     elif qcfg.method == "atom":                                    # outliers by max, last s
         plan = arc.make_plan(stats, k_padded, s, "sorted", fmt.block)
     else:
@@ -221,7 +235,8 @@ def calibrate_layers(model, tokenizer, qcfg, ccfg, store, device, batch_size, pr
         if done:
             layer_infos, rows = store.load_stats(i)
         else:
-            layer_infos = [group_info(layer, g, stats.get(g[0]), fmt, qcfg.rotate_block) for g in groups]
+            layer_infos = [group_info(layer, g, stats.get(g[0]), fmt, qcfg.rotate_block,
+                                      qcfg.method in WEIGHT_RESIDUAL) for g in groups]
         infos.append(layer_infos)
         moe_rows += rows
         store.release(i)

@@ -177,6 +177,8 @@ class DiskStore:
             tensors = {}
             for j, g in enumerate(infos):
                 tensors[f"{j}.col_norm2"] = g.col_norm2.contiguous()
+                if g.col_werr2 is not None:
+                    tensors[f"{j}.col_werr2"] = g.col_werr2.contiguous()
                 if g.stats is not None:
                     tensors.update({f"{j}.{f}": getattr(g.stats, f).contiguous() for f in STATS_FIELDS})
                     if g.stats.xtx is not None:
@@ -204,7 +206,7 @@ class DiskStore:
                     setattr(st, f, t[f"{j}.{f}"])
                 st.outliers, st.tokens = g["outliers"], g["tokens"]
                 st.xtx = t.get(f"{j}.xtx")
-            infos.append(GroupInfo(g["names"], g["k_padded"], t[f"{j}.col_norm2"], st))
+            infos.append(GroupInfo(g["names"], g["k_padded"], t[f"{j}.col_norm2"], st, t.get(f"{j}.col_werr2")))
         return infos, e["moe"]
 
     def snapshot(self):

@@ -184,3 +184,22 @@ def test_block_gains_descending_and_relative():
     # relative to the output energy: the sum is the relative squared error of plain NVFP4
     rel = (st.sqerr.sum() / st.sumsq.sum()).item()
     assert g.sum().item() == pytest.approx(rel, rel=1e-6)
+
+
+def test_weight_residual_gain_counts_the_weight_error():
+    """arc+wres: a residual channel also removes its weight rounding error, E[x_c^2] |W_c - Q(W_c)|^2.
+    The gain is the direct sum of both terms, and a block whose weights round badly (but whose
+    activations quantize well) moves into the tail."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 128)
+    st = stats_of(x)
+    w2 = torch.ones(128)
+    werr = torch.zeros(128)
+    werr[32:48] = 50.0                                           # block 2: large weight error only
+    direct = st.sqerr * w2 + st.sumsq * werr                     # float64 (K,)
+    assert torch.allclose(arc.channel_errors(st, 128, w2, werr), direct)
+    g = arc.block_gains(st, 128, "blocks", 16, w2, werr)
+    energy = (st.sumsq * w2).sum()
+    assert g[0].item() == pytest.approx((direct[32:48].sum() / energy).item(), rel=1e-9)
+    assert not torch.equal(arc.make_plan(st, 128, 16, "blocks", 16, w2).tail, torch.arange(32, 48))
+    assert torch.equal(arc.make_plan(st, 128, 16, "blocks", 16, w2, werr).tail, torch.arange(32, 48))

@@ -169,3 +169,25 @@ def test_two_processes_write_the_single_process_checkpoint(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "same_checkpoint.py"), str(one), str(two)],
                          capture_output=True, text=True)
     assert res.returncode == 0 and "0 differ" in res.stdout
+
+
+def test_resume_keeps_the_weight_error_of_arc_wres(tmp_path):
+    """The statistics a resumed run reloads carry arc+wres's per-column weight error (its budget
+    and tail choice use it), equal to what was saved; groups without it stay without."""
+    from conftest import tiny_llama
+    from arcquant.arc import ChannelStats
+    from arcquant.formats import get_format
+    from arcquant.quantize import GroupInfo
+    from arcquant.stream import DiskStore
+    model = tiny_llama()
+    qcfg = QuantConfig(method="arc+wres")
+    st = ChannelStats(48, qcfg.threshold, get_format("nvfp4"))
+    st.update(torch.randn(16, 48))
+    infos = [GroupInfo(["self_attn.q_proj"], 48, torch.rand(48), st, torch.rand(48)),
+             GroupInfo(["mlp.down_proj"], 80, torch.rand(80), None)]
+    store = DiskStore(tmp_path / "work", model, "model.layers", None, qcfg, {"k": 1}, log=lambda m: None)
+    store.save_stats(0, infos, [], [torch.zeros(1)])
+    again = DiskStore(tmp_path / "work", model, "model.layers", None, qcfg, {"k": 1}, log=lambda m: None)
+    got, _ = again.load_stats(0)
+    assert torch.equal(got[0].col_werr2, infos[0].col_werr2) and torch.equal(got[0].col_norm2, infos[0].col_norm2)
+    assert got[1].col_werr2 is None and torch.equal(got[0].stats.sqerr, st.sqerr)
