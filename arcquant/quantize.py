@@ -91,13 +91,15 @@ def choose_s(qcfg: QuantConfig, groups: list) -> list[int]:
                                target, base, fmt.block)
 
 
-def quantize_layer_group(qcfg: QuantConfig, layer, names: list, stats, layer_name: str, s: int) -> list[dict]:
-    """Replace the linears `names` of `layer` (which share one input) by QuantLinear."""
+def quantize_layer_group(qcfg: QuantConfig, layer, names: list, stats, layer_name: str, s: int,
+                         col_werr2: torch.Tensor | None = None) -> list[dict]:
+    """Replace the linears `names` of `layer` (which share one input) by QuantLinear.
+    col_werr2: the group's weight error from calibration (GroupInfo), for arc+wres's tail."""
     fmt = get_format(qcfg.fmt)
     linears = [layer.get_submodule(n) for n in names]
     k_padded = _k_padded(linears[0], fmt, qcfg.rotate_block)
     rotate = _rotation(qcfg)
-    plan, smooth, amax = _plan_and_transform(qcfg, stats, k_padded, s, fmt, linears, rotate)
+    plan, smooth, amax = _plan_and_transform(qcfg, stats, k_padded, s, fmt, linears, rotate, col_werr2)
     w_amax = torch.stack([_weight_amax(lin, k_padded, rotate, smooth) for lin in linears]).max()
     weight_gs = fmt.global_scale(w_amax)                           # shared: engines fuse the group
     act = ACT_OF_METHOD[qcfg.method]
@@ -127,11 +129,13 @@ def _padded_hessian(stats, k_padded: int) -> torch.Tensor:
     return torch.nn.functional.pad(h, (0, extra, 0, extra)) if extra else h
 
 
-def _plan_and_transform(qcfg, stats, k_padded, s, fmt, linears, rotate):
+def _plan_and_transform(qcfg, stats, k_padded, s, fmt, linears, rotate, col_werr2=None):
     """-> (plan, SmoothQuant scales or None, calibration max |x| of what is 4-bit quantized)."""
     smooth = None
     if qcfg.method in WITH_S and qcfg.method != "atom":           # the ARC methods
-        werr = _col_werr2(linears, fmt) if qcfg.method in WEIGHT_RESIDUAL else None
+        werr = None
+        if qcfg.method in WEIGHT_RESIDUAL:                         # computed at calibration, else here
+            werr = _col_werr2(linears, fmt) if col_werr2 is None else col_werr2
         plan = arc.make_plan(stats, k_padded, s, qcfg.order, fmt.block, _col_norm2(linears), werr)
     elif qcfg.method == "atom":                                    # outliers by max, last s
         plan = arc.make_plan(stats, k_padded, s, "sorted", fmt.block)
@@ -274,7 +278,7 @@ def quantize_model(model, tokenizer, qcfg: QuantConfig, ccfg: CalibConfig = Cali
             continue
         layer, layer_rows = store.materialize(i, device), []
         for g, s in zip(infos[i], s_of[i]):
-            layer_rows += quantize_layer_group(qcfg, layer, g.names, g.stats, f"{lname}.{i}", s)
+            layer_rows += quantize_layer_group(qcfg, layer, g.names, g.stats, f"{lname}.{i}", s, g.col_werr2)
         store.save_layer(i, layer_rows)
         store.release(i)
         rows_of[i] = layer_rows

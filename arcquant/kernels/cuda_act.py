@@ -10,12 +10,9 @@ gs=None: the per-token scale 448*6/max|x[m]| is computed in the kernel and retur
 Why CUDA: the Triton kernel is instruction-bound (~220 instructions per element, see the .cu
 file); here a thread owns its block and moves it with 16-byte loads and stores.
 """
-import functools
-import logging
-
 import torch
 
-from .cuda_gemv import _extension, unavailable_reason
+from .cuda_gemv import _extension, logged_reason
 
 OUTS = {"int8": (0, torch.int8), "float16": (1, torch.float16), "bfloat16": (2, torch.bfloat16),
         "packed": (3, torch.uint8)}
@@ -32,16 +29,7 @@ def cuda_act_reason(x: torch.Tensor, starts: torch.Tensor | None) -> str | None:
         return f"the CUDA activation kernel reads bfloat16 / float16, got {x.dtype}"
     if x.data_ptr() % 16:
         return "x does not start on a 16-byte boundary"
-    return _device_reason(x.device)
-
-
-@functools.cache
-def _device_reason(device: torch.device) -> str | None:
-    """Whether the extension builds for `device`, asked once per device; a reason is logged."""
-    reason = unavailable_reason(device)
-    if reason:
-        logging.getLogger("arcquant").info("activation kernel: Triton (%s)", reason)
-    return reason
+    return logged_reason(x.device, "activation kernel")
 
 
 def ctas_per_row(m: int, nblk: int) -> int:

@@ -18,6 +18,7 @@ over the whole depth (no per-block epilogue): from M of about 3 it beats the int
 whose cost grows with M.
 """
 import functools
+import logging
 import os
 from pathlib import Path
 
@@ -70,6 +71,16 @@ def unavailable_reason(device: torch.device) -> str | None:
     except Exception as e:                                    # a failed build: say why, use Triton
         return f"building the CUDA GEMV failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     return None
+
+
+@functools.cache
+def logged_reason(device: torch.device, kernel: str) -> str | None:
+    """unavailable_reason, asked once per device and kernel; a reason is logged once as
+    "<kernel>: Triton (<reason>)" (that kernel's Triton twin runs instead)."""
+    reason = unavailable_reason(device)
+    if reason:
+        logging.getLogger("arcquant").info("%s: Triton (%s)", kernel, reason)
+    return reason
 
 
 def gemv_shape_reason(k: int, s: int, m: int | None = None) -> str | None:

@@ -13,9 +13,6 @@ Every operand value is exact in bf16 (at most 6 significant bits, range [2^-10, 
 the GEMM accumulates in fp32 and returns fp32 (torch.mm out_dtype), the tensor scales are
 applied once in fp32, then one rounding to the output dtype.
 """
-import functools
-import logging
-
 import torch
 import triton
 import triton.language as tl
@@ -38,15 +35,10 @@ def _dequant_kernel(c_ptr, s_ptr, out_ptr, K, S, stride_c, stride_s, stride_o, N
     tl.store(out_ptr + r * stride_o + col, val.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@functools.cache
 def _cuda_reason(device: torch.device) -> str | None:
-    """Whether the CUDA dequantization kernel (csrc/arc_dequant.cu) builds for `device` (asked
-    once; a reason is logged and the Triton kernel runs)."""
-    from .cuda_gemv import unavailable_reason
-    reason = unavailable_reason(device)
-    if reason:
-        logging.getLogger("arcquant").info("weight dequantization: Triton (%s)", reason)
-    return reason
+    """Why csrc/arc_dequant.cu cannot run on `device` (asked once; logged; Triton runs then)."""
+    from .cuda_gemv import logged_reason
+    return logged_reason(device, "weight dequantization")
 
 
 def dequantize_codes(codes, scales, s: int = 0, out_dtype=torch.bfloat16, blocks_per_program: int = 64,
