@@ -64,11 +64,18 @@ def decode_tokens_per_s(model, batch: int, decode: int, repeats: int, vocab: int
     return batch * decode / (_time(run, repeats) / 1e3)
 
 
-def prefill_ms(model, tokens: int, repeats: int, vocab: int) -> float:
-    e = Engine(model, 1, tokens + 1, graphs=False)
+def prefill_ms(model, tokens: int, repeats: int, vocab: int, graph: bool = False) -> tuple:
+    """-> (median ms of one `tokens`-token prefill at batch 1, the engine's prefill mode, the
+    largest |logit| difference of the graph's prefill from an eager one (0.0 when eager));
+    graph=True replays a CUDA graph captured for that prompt length."""
+    e = Engine(model, 1, tokens + 1, graphs=False, prefill_graphs=graph)
     ids = torch.randint(0, vocab, (1, tokens), device=e.device)
-    e.prefill(ids)
-    return _time(lambda: e.prefill(ids), repeats)
+    first = e.prefill(ids).float().clone()
+    ms = _time(lambda: e.prefill(ids), repeats)
+    e.cache.reset()
+    with torch.no_grad():
+        eager = e._forward(ids, torch.arange(tokens, device=e.device)).float()
+    return ms, e.prefill_mode, (first - eager).abs().max().item()
 
 
 def _top_ops(fn, top: int) -> list:
@@ -119,7 +126,14 @@ def bench_one(model, label: str, batches, decode: int, prefill: int, repeats: in
         torch._dynamo.reset()
     gc.collect()                                   # the decode engines' caches and graphs: freed
     torch.cuda.empty_cache()                       # before prefill, whatever batches ran first
-    row[f"prefill_ms_{prefill}"] = prefill_ms(model, prefill, repeats, vocab)
+    row[f"prefill_ms_{prefill}"], _, _ = prefill_ms(model, prefill, repeats, vocab)
+    gc.collect()
+    torch.cuda.empty_cache()
+    row[f"prefill_ms_{prefill}_graph"], row["prefill_graph_mode"], row["prefill_graph_vs_eager_max_abs"] = \
+        prefill_ms(model, prefill, repeats, vocab, True)
+    print(f"  {label}: prefill {prefill} eager {row[f'prefill_ms_{prefill}']:.1f} ms, "
+          f"{row['prefill_graph_mode']} {row[f'prefill_ms_{prefill}_graph']:.1f} ms (logits vs eager: max "
+          f"|diff| {row['prefill_graph_vs_eager_max_abs']:.3g})", flush=True)
     row["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     row["profile_b1"] = profile_step(model, vocab)
     row[f"profile_prefill_{prefill}"] = profile_prefill(model, prefill, vocab)
@@ -168,7 +182,9 @@ def run_bench(source, checkpoint, batches=(1, 8, 32), decode: int = 64, prefill:
 
 def table(rows: list, batches, prefill: int) -> str:
     gib = lambda b: f"{b / 2**30:.2f}"
-    head = ["model"] + [f"decode b{b} tok/s" for b in batches] + [f"prefill {prefill} ms", "linear weights GiB",
+    graphed = all(f"prefill_ms_{prefill}_graph" in r for r in rows)
+    head = ["model"] + [f"decode b{b} tok/s" for b in batches] + [f"prefill {prefill} ms"] + \
+        ([f"prefill {prefill} ms, graph"] if graphed else []) + ["linear weights GiB",
                                                                   "all weights GiB", "peak GPU GiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = rows[0]
@@ -177,8 +193,9 @@ def table(rows: list, batches, prefill: int) -> str:
         for b in batches:
             v = r[f"decode_tok_s_b{b}"]
             cells.append(f"{v:.1f}" + ("" if r is base else f" ({v / base[f'decode_tok_s_b{b}']:.2f}x)"))
-        p = r[f"prefill_ms_{prefill}"]
-        cells.append(f"{p:.1f}" + ("" if r is base else f" ({p / base[f'prefill_ms_{prefill}']:.2f}x)"))
+        for key in [f"prefill_ms_{prefill}"] + ([f"prefill_ms_{prefill}_graph"] if graphed else []):
+            p = r[key]
+            cells.append(f"{p:.1f}" + ("" if r is base else f" ({p / base[key]:.2f}x)"))
         cells += [gib(r["linear_bytes"]) + ("" if r is base else f" ({base['linear_bytes'] / r['linear_bytes']:.2f}x smaller)"),
                   gib(r["total_bytes"]), gib(r["peak_gpu_bytes"])]
         lines.append("| " + " | ".join(cells) + " |")

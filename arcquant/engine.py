@@ -4,9 +4,16 @@ The same engine runs a BF16 model and a quantized one, so their speed is compare
 terms. The KV cache is transformers' StaticCache (BF16); the attention mask is passed as a
 4-D boolean tensor built on the device from the position, so a decode step does no host
 synchronisation and is captured once in a CUDA graph (graphs=True, CUDA only) and replayed
-for every token. Prefill runs eagerly.
+for every token. Prefill runs eagerly, or (prefill_graphs=True) from a CUDA graph captured once
+per prompt shape (B, T), as a server bucketing prompt lengths would: that removes the host time
+of a few hundred eager kernel launches, which a quantized model (several kernels per linear)
+pays more than a BF16 one. A capture that fails falls back to eager, with the reason logged.
 """
+import logging
+
 import torch
+
+log = logging.getLogger("arcquant")
 
 
 def kv_bytes(config, batch: int, max_len: int, dtype) -> int:
@@ -30,7 +37,8 @@ def check_fits(config, batch: int, max_len: int, dtype, device) -> None:
 
 
 class Engine:
-    def __init__(self, model, batch: int, max_len: int, graphs: bool = True, compile: bool = False):
+    def __init__(self, model, batch: int, max_len: int, graphs: bool = True, compile: bool = False,
+                 prefill_graphs: bool = False):
         from transformers import StaticCache
         self.model, self.batch, self.max_len = model, batch, max_len
         self.device = next(model.parameters()).device
@@ -41,6 +49,9 @@ class Engine:
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=self.device)   # graph inputs
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.graph, self.logits = None, None
+        self.prefill_graphs = prefill_graphs and self.device.type == "cuda"
+        self._prefills = {}                                 # (B, T) -> (graph, ids, positions, logits)
+        self.prefill_mode = "graph" if self.prefill_graphs else "eager"
         # compile=True (experimental, see docs/e2e.md): the decode step goes through torch.compile (inductor fuses norms, rotary,
         # residual adds; the arcquant kernels are custom ops, traced as single nodes), then is
         # captured in the CUDA graph like the eager one. Prefill stays eager.
@@ -68,7 +79,38 @@ class Engine:
         if ids.shape[1] >= self.max_len:
             raise ValueError(f"prompt of {ids.shape[1]} tokens does not fit max_len={self.max_len}")
         self.cache.reset()
-        return self._forward(ids.to(self.device), torch.arange(ids.shape[1], device=self.device))
+        ids = ids.to(self.device)
+        if self.prefill_graphs:
+            entry = self._prefills.get(tuple(ids.shape)) or self._capture_prefill(ids)
+            if entry is not None:
+                graph, static_ids, _, logits = entry
+                static_ids.copy_(ids)
+                graph.replay()
+                return logits
+        return self._forward(ids, torch.arange(ids.shape[1], device=self.device))
+
+    def _capture_prefill(self, ids: torch.Tensor):
+        """Capture the prefill of prompts shaped like ids; None (and eager from now on) if it fails."""
+        static_ids = ids.clone()
+        positions = torch.arange(ids.shape[1], device=self.device)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):                             # warm-up: allocations, lazy builds
+                self._forward(static_ids, positions)
+            torch.cuda.current_stream().wait_stream(side)
+            self.cache.reset()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = self._forward(static_ids, positions)
+        except RuntimeError as e:
+            log.warning("prefill graph capture failed (%s); prefill runs eagerly", str(e).splitlines()[0][:200])
+            self.prefill_graphs, self.prefill_mode = False, f"eager (capture failed: {str(e)[:120]})"
+            torch.cuda.synchronize()
+            self.cache.reset()
+            return None
+        self._prefills[tuple(ids.shape)] = (graph, static_ids, positions, logits)   # inputs kept alive
+        return self._prefills[tuple(ids.shape)]
 
     @torch.no_grad()
     def step(self, tok: torch.Tensor, pos: int) -> torch.Tensor:

@@ -51,19 +51,31 @@ def exact_triton(mod, x, perm, s, gs, starts) -> bool:
             and torch.equal(xd.float(), F.dequantize(codes, scales, torch.tensor(1.0, device=x.device))))
 
 
-def exact_cuda(x, perm, s, gs, starts) -> bool:
-    """Every output of the CUDA kernel, the given per-token scale and the one it computes."""
+def exact_cuda(x, perm, s, gs, starts, token: bool = True) -> bool:
+    """Every output of the CUDA kernel, the given per-token scale and (token) the one it computes."""
     codes, scales = ref(x, perm, s, gs)
     sb = scales.view(torch.uint8)
     c, sc, _ = arc_act_quant_cuda(x, starts, s, gs, "packed")
     xd, _, _ = arc_act_quant_cuda(x, starts, s, gs, "bfloat16")
     xh, _, _ = arc_act_quant_cuda(x, starts, s, gs, "float16")
-    xi, xs, g = arc_act_quant_cuda(x, starts, s, None, "int8")
+    xi, xs, g = arc_act_quant_cuda(x, starts, s, None if token else gs, "int8")
     deq = F.dequantize(codes, scales, torch.tensor(1.0, device=x.device))
     return (torch.equal(c, F.module.pack(codes)) and torch.equal(sc.view(torch.uint8), sb)
             and torch.equal(xd.float(), deq) and torch.equal(xh.float(), deq)
             and torch.equal(xi.float(), 2 * e2m1.e2m1_decode(codes)) and torch.equal(xs.view(torch.uint8), sb)
             and torch.equal(g, gs.reshape(-1)))
+
+
+def exact_cuda_ties(dev) -> bool:
+    """Every E2M1 rounding tie, -0, saturation and an all-negative tiny block (block scale 1, so
+    x / scale = x exactly): the CUDA kernel's outputs against the reference."""
+    x = torch.zeros(3, 32, device=dev, dtype=torch.bfloat16)
+    x[0, :16] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, -0.0, -0.25, -5.0, -1.75, 0.5, 3.0, -2.5, 6.0])
+    x[1, 16:] = -1e-3
+    x[2] = torch.linspace(-7, 7, 32)
+    perm = torch.arange(32, device=dev, dtype=torch.int32)
+    return all(exact_cuda(x, perm, s, torch.ones(3, 1, device=dev), act_quant.block_starts(perm), token=False)
+               for s in (0, 16))
 
 
 def timed(fn, xs, gs):
@@ -87,6 +99,7 @@ def main():
     del buf
     head = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "copy_GBps": copy, "M": m}
+    head["ties_bit_exact"] = exact_cuda_ties(dev)
     print(json.dumps(head), flush=True)
     tritons = {"triton": act_quant} | ({"prev": importlib.import_module(a.prev)} if a.prev else {})
     act_quant.CUDA_KERNEL = False                                      # the Triton rows run Triton

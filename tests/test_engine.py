@@ -23,7 +23,8 @@ def test_engine_greedy_equals_transformers_generate(fresh_smollm):
         ref = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)
         got = Engine(model, 1, ids.shape[1] + 13, graphs=False).generate(ids, 12)
         assert got[0].tolist() == ref[0, ids.shape[1]:].tolist()
-    e = Engine(model, 1, 64, graphs=False)
+    e = Engine(model, 1, 64, graphs=False, prefill_graphs=True)
+    assert e.prefill_mode == "eager"                          # CUDA graphs only on a CUDA device
     with torch.no_grad():
         torch.testing.assert_close(e.prefill(ids), model(ids).logits[:, -1], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="built for batch 1, got 2"):
@@ -158,3 +159,18 @@ def test_compiled_decode_step_equals_eager():
         torch._dynamo.reset()
     assert ((lc - le).norm() / le.norm()) < 1e-4
     assert len(layers) == 14
+
+
+def test_bench_table_ratios_and_graph_prefill_column():
+    """arcquant bench's table: ratios to the first (BF16) row, the graph prefill column only when
+    every row has it."""
+    from arcquant.bench import table
+    base = {"model": "bf16", "decode_tok_s_b1": 100.0, "prefill_ms_2048": 80.0, "prefill_ms_2048_graph": 75.0,
+            "linear_bytes": 13 * 2**30, "total_bytes": 15 * 2**30, "peak_gpu_bytes": 17 * 2**30}
+    arc = dict(base, model="arc", decode_tok_s_b1=150.0, prefill_ms_2048=120.0, prefill_ms_2048_graph=97.5,
+               linear_bytes=3.25 * 2**30)
+    head, _, _, row = table([base, arc], [1], 2048).splitlines()
+    assert "prefill 2048 ms, graph" in head
+    assert row.split(" | ")[1:5] == ["150.0 (1.50x)", "120.0 (1.50x)", "97.5 (1.30x)", "3.25 (4.00x smaller)"]
+    del arc["prefill_ms_2048_graph"]
+    assert "graph" not in table([base, arc], [1], 2048).splitlines()[0]

@@ -81,6 +81,27 @@ def test_e2m1_matches_slow_reference_on_random_and_grid_points():
     assert fast == [slow_e2m1(v) for v in x.tolist()]
 
 
+def test_e2m1_by_one_rint_equals_the_thresholds():
+    """The CUDA activation kernel's E2M1 rounding (csrc/arc_act.cu e2m1_mag / e2m1_code: |q| scaled
+    by 2, 1 or 1/2, one round-to-nearest-even, scaled back, clamped at 6; the code from 2|v|'s
+    exponent and top mantissa bit), written in torch float32, against e2m1_round on every tie,
+    its float32 neighbours, a fine grid, saturation and -0."""
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.0, 2.5, 3.5, 4.0, 5.0, 6.0, 7.0, 1e30, float("inf"), 0.0])
+    a = torch.cat([ties, torch.linspace(0, 9, 200_001)])
+    a = torch.cat([a, torch.nextafter(a, torch.full_like(a, 1e38)), torch.nextafter(a, torch.zeros_like(a))])
+    q = torch.cat([a, -a, torch.tensor([-0.0])])
+    a = q.abs()
+    f = torch.where(a < 2, 2.0, torch.where(a < 4, 1.0, 0.5))
+    inv = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0))
+    mag = torch.clamp_max(torch.round(a * f) * inv, 6.0)                  # torch.round: ties to even
+    v2 = 2 * mag
+    code = torch.where(v2 < 2, v2.to(torch.int32), (v2.view(torch.int32) >> 22) - 254)
+    code = code | (torch.signbit(q).to(torch.int32) << 3)
+    ref = e2m1_round(q)
+    assert torch.equal(code, ref.to(torch.int32))
+    assert torch.equal(torch.copysign(mag, q), e2m1_decode(ref))
+
+
 def test_pack_unpack_roundtrip_and_nibble_order():
     codes = torch.randint(0, 16, (5, 64), dtype=torch.uint8)
     packed = pack_nibbles(codes)

@@ -43,7 +43,25 @@ __device__ __forceinline__ float e4m3_rne(float v, uint32_t& bits) {   // v >= 0
   return __half2float(__half(__nv_cvt_fp8_to_halfraw(b, __NV_E4M3)));
 }
 
-// 16 values -> E2M1 values (signed), codes (nibbles) and the block scale.
+// |q| -> E2M1 magnitude, round to nearest, ties to even code, saturating at 6, NaN -> 0: the
+// grid has step 0.5 below 2, 1 below 4, 2 above, so one rint of |q| scaled by a power of two
+// (exact) does it - the same decisions as the 7 thresholds of formats/e2m1.py (checked on every
+// tie and its neighbours): 0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4.
+__device__ __forceinline__ float e2m1_mag(float a) {
+  const float f = a < 2.f ? 2.f : a < 4.f ? 1.f : 0.5f;
+  const float inv = a < 2.f ? 0.5f : a < 4.f ? 1.f : 2.f;
+  const float r = fminf(__fmul_rn(rintf(__fmul_rn(a, f)), inv), 6.f);
+  return a == a ? r : 0.f;
+}
+
+// E2M1 magnitude -> its 3-bit code: 2v < 2 -> 2v (0, 1), else 2 * exponent + mantissa bit of 2v.
+__device__ __forceinline__ uint32_t e2m1_code(float v) {
+  const float v2 = __fmul_rn(v, 2.f);
+  return v2 < 2.f ? (uint32_t)v2 : (__float_as_uint(v2) >> 22) - 254u;
+}
+
+// 16 values -> E2M1 values (signed), codes (nibbles, when CODES) and the block scale.
+template <bool CODES>
 __device__ __forceinline__ void quant16(const float* x, float gs, float* val, uint32_t* code, float& s,
                                         uint32_t& sbits) {
   float amax = 0.f;
@@ -53,13 +71,10 @@ __device__ __forceinline__ void quant16(const float* x, float gs, float* val, ui
   const float recip = s > 0.f ? __fdiv_rn(gs, s) : 0.f;
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
-    const float q = __fmul_rn(x[j], recip), a = fabsf(q);
-    const uint32_t mag = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f) +
-                         (a > 5.0f);                               // round to nearest, ties to even
-    const uint32_t neg = __float_as_uint(q) >> 31;
-    const float m = mag < 4 ? 0.5f * mag : mag < 6 ? float(mag - 2) : mag == 6 ? 4.f : 6.f;
-    val[j] = neg ? -m : m;
-    code[j] = mag | (neg << 3);
+    const float q = __fmul_rn(x[j], recip);
+    const float m = e2m1_mag(fabsf(q));
+    val[j] = copysignf(m, q);                                      // -0 keeps its sign, as the reference
+    if (CODES) code[j] = e2m1_code(m) | ((__float_as_uint(q) >> 31) << 3);
   }
 }
 
@@ -110,11 +125,11 @@ __global__ void arc_act_kernel(const T* __restrict__ x, const int* __restrict__ 
     uint32_t code[16], sbits;
     unpack8<T>(*reinterpret_cast<const uint4*>(src), v);
     unpack8<T>(*reinterpret_cast<const uint4*>(src + 8), v + 8);
-    quant16(v, gs, val, code, s, sbits);
+    quant16<OUT == 3>(v, gs, val, code, s, sbits);
     if (tail) {                                                  // residual against the rounded scale
 #pragma unroll
       for (int j = 0; j < 16; ++j) v[j] = __fsub_rn(v[j], __fdiv_rn(val[j] * s, gs));
-      quant16(v, gs, val, code, s, sbits);
+      quant16<OUT == 3>(v, gs, val, code, s, sbits);
     }
     const size_t o = (size_t)m * nblk + b;                       // block index in the output
     if (OUT == 0) {
