@@ -13,6 +13,11 @@ keep the reference product, and the reason is logged. Per forward on the kernel 
          without them, M <= 16: arc_gemv (Triton; the packed weight streamed once, split-K)
       -> larger M: arc_matmul_prefill (weight dequantized to bf16, cuBLAS, scales after)
 
+With fuse_norms (use_kernels does it), a decode-sized RMSNorm in front of q/k/v and gate/up
+runs as one CUDA kernel with the activation quantization (FusedNormQuant): the normalized rows
+and the group's quantized operand in one pass, the operand handed to the layers through their
+SharedInput cache.
+
 No host synchronisation on this path, so a decode step can be captured in a CUDA graph.
 """
 import logging
@@ -145,6 +150,75 @@ def _cuda_gemv_reason(q: QuantLinear) -> str | None:
     return unavailable_reason(q.weight_packed.device)
 
 
+NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm", "Qwen2MoeRMSNorm", "Qwen3RMSNorm",
+         "Qwen3MoeRMSNorm"}                                    # weight * T(x * rsqrt(mean(x^2) + eps))
+NORM_CONSUMERS = {"input_layernorm": ("self_attn", "q_proj"), "post_attention_layernorm": ("mlp", "gate_proj")}
+
+
+class FusedNormQuant(torch.nn.Module):
+    """An RMSNorm that, for decode-sized inputs (the consumer's CUDA GEMV paths), also quantizes
+    its output for the layers reading it, in one kernel (torch.ops.arcquant.rmsnorm_quantize_act),
+    and leaves the operand in their SharedInput cache; other inputs: the norm as it was."""
+
+    def __init__(self, norm: torch.nn.Module, consumer: QuantLinear):
+        super().__init__()
+        self.norm, self._consumer = norm, (consumer,)                  # a tuple: not a submodule
+        self.eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self._consumer[0]
+        kp = q.kernel
+        if kp is None or torch.compiler.is_compiling() or x.dtype != self.norm.weight.dtype:
+            return self.norm(x)
+        kind = kp.path(x.numel() // x.shape[-1])
+        if kind == "bfloat16":                                         # prefill: norm, then the act kernel
+            return self.norm(x)
+        gs = None if q.act_scale == "token" else q.input_global_scale
+        y, xq, xs, g = kp.ops.rmsnorm_quantize_act(x.reshape(-1, x.shape[-1]).contiguous(), self.norm.weight,
+                                                   self.eps, kp.perm, kp.starts, kp.s, gs, kind)
+        y = y.reshape(x.shape)
+        q.shared.x, q.shared.version, q.shared.value = y, y._version, (kind, xq, xs, g)
+        return y
+
+
+def _fusable(q, group: list) -> str | None:
+    """Why the norm in front of q's group cannot be fused (None: it can)."""
+    from .kernels.cuda_act import NORM_MAX_K
+    if q.shared is None or any(m.kernel is None or m.kernel.cuda_reason is not None for m in group):
+        return "a layer of the group is not on the CUDA kernels"
+    if q.kernel.starts is None or q.kernel.pad or q.in_features > NORM_MAX_K:
+        return "no whole-block order, padded input or K > %d" % NORM_MAX_K
+    if q.act_scale not in ("token", "static"):
+        return f"activation scale {q.act_scale!r} needs the whole batch's amax"
+    return None
+
+
+def fuse_norms(model, enable: bool = True) -> dict:
+    """Swap each decoder layer's RMSNorm in front of a kernel-path q/k/v or gate/up group for a
+    FusedNormQuant (enable=False: back). -> {"fused": n, "reasons": {reason: count}}."""
+    groups = {}
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear) and mod.shared is not None:
+            groups.setdefault(id(mod.shared), []).append(mod)
+    counts = {"fused": 0, "reasons": {}}
+    for layer in model.modules():
+        for name, (parent, child) in NORM_CONSUMERS.items():
+            norm, q = getattr(layer, name, None), getattr(getattr(layer, parent, None), child, None)
+            if isinstance(norm, FusedNormQuant):
+                norm = norm.norm
+                setattr(layer, name, norm)
+            if norm is None or not isinstance(q, QuantLinear) or not enable:
+                continue
+            reason = _fusable(q, groups.get(id(q.shared), [q])) if type(norm).__name__ in NORMS else \
+                f"{type(norm).__name__} is not a Llama-style RMSNorm"
+            if reason is None and q.kernel is not None and q.weight_packed.is_cuda:
+                setattr(layer, name, FusedNormQuant(norm, q))
+                counts["fused"] += 1
+            else:
+                counts["reasons"][reason] = counts["reasons"].get(reason, 0) + 1
+    return counts
+
+
 def use_kernels(model, enable: bool = True) -> dict:
     """Switch every QuantLinear the kernels can run to them (enable=False: back to the reference).
     -> {"kernels": n, "reference": n, "reasons": {reason: count}}; the split is logged."""
@@ -164,7 +238,10 @@ def use_kernels(model, enable: bool = True) -> dict:
         else:
             counts["reference"] += 1
             counts["reasons"][reason] = counts["reasons"].get(reason, 0) + 1
-    log.info("arcquant backend: kernels for %d layers (decode GEMV in CUDA for %d%s), reference for %d %s",
+    norms = fuse_norms(model, enable and counts["cuda_gemv"] > 0)
+    counts["fused_norms"] = norms["fused"]
+    log.info("arcquant backend: kernels for %d layers (decode GEMV in CUDA for %d%s), reference for %d %s; "
+             "RMSNorm fused with the activation kernel for %d groups %s",
              counts["kernels"], counts["cuda_gemv"], f"; Triton for the rest: {sorted(slow)}" if slow else "",
-             counts["reference"], counts["reasons"] or "")
+             counts["reference"], counts["reasons"] or "", norms["fused"], norms["reasons"] or "")
     return counts

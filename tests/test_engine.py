@@ -113,6 +113,52 @@ def test_cuda_kernel_plumbing_equals_reference(quantized, m, path):
         assert ((g.float() - r).norm() / r.norm()) < 4e-3
 
 
+@pytest.mark.parametrize("m,path", [(1, "int8"), (8, "mma")])
+def test_fused_rmsnorm_hands_its_operand_to_the_group(quantized, m, path):
+    """gpu.FusedNormQuant: the layer's RMSNorm output is transformers' (bit for bit, the op's CPU
+    reference), and q/k/v take the quantized operand it left in their SharedInput instead of
+    quantizing again (CUDA GEMVs replaced by their oracles, as above). The CUDA kernel itself is
+    checked on the GPU by scripts/check_norm_kernel.py."""
+    from types import SimpleNamespace
+
+    from arcquant.gpu import FusedNormQuant, fuse_norms
+    from arcquant.kernels.cuda_gemv import fp16_gemm_reference, int8_gemv_reference
+    from arcquant.kernels.ops import OPS
+    layer = quantized.model.layers[2]
+    norm, attn = layer.input_layernorm, layer.self_attn
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    x = (torch.randn(1, m, norm.weight.numel(), generator=torch.Generator().manual_seed(m)) * 3).bfloat16()
+    calls = []
+    e4m3 = lambda b: b.view(torch.float8_e4m3fn)
+    fake_ops = SimpleNamespace(
+        quantize_act=lambda *a: calls.append("act") or OPS.quantize_act(*a),
+        rmsnorm_quantize_act=lambda *a: calls.append("norm+act") or OPS.rmsnorm_quantize_act(*a),
+        gemv_int8=lambda xi, xs, gs, wc, ws, wgs, bias, s, out_dtype, nr, kw: calls.append("int8") or
+        int8_gemv_reference(xi, e4m3(xs), gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype),
+        gemm_mma=lambda xd, gs, wc, ws, wgs, bias, s, out_dtype, kw, occ: calls.append("mma") or
+        fp16_gemm_reference(xd, gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype))
+    norm_b = norm.to(torch.bfloat16)
+    with torch.no_grad():
+        want_y = norm_b(x)
+        refs = [p(want_y.float()) for p in projs]
+        assert fuse_norms(quantized)["fused"] == 0                    # CPU layers: nothing swapped
+        for p in projs:
+            p.kernel = KernelPath(p)
+            p.kernel.cuda_reason, p.kernel.int8_max_m, p.kernel.ops = None, 2, fake_ops
+        try:
+            fused = FusedNormQuant(norm_b, attn.q_proj)
+            y = fused(x)
+            got = [p(y) for p in projs]
+        finally:
+            for p in projs:
+                p.kernel = None
+            norm.float()
+    assert torch.equal(y, want_y)
+    assert calls == ["norm+act"] + [path] * 3                       # no second activation quantization
+    for g, r in zip(got, refs):
+        assert ((g.float() - r).norm() / r.norm()) < 4e-3
+
+
 def test_kernel_launch_settings():
     from arcquant.gpu import cuda_gemv_config, mma_config
     assert cuda_gemv_config(1, 4096) == dict(nr=2, kw=1) and cuda_gemv_config(2, 14336) == dict(nr=4, kw=2)

@@ -62,3 +62,46 @@ def arc_act_quant_cuda(x: torch.Tensor, starts: torch.Tensor, s: int, gs: torch.
     ext = _extension(torch.cuda.get_device_capability(x.device))
     ext.arc_act_quant(x, starts, g, g_out, xq, scales if scales is not None else xq, s, kind, ctas_per_row(m, nblk))
     return xq, None if scales is None else scales.view(torch.float8_e4m3fn), g_out
+
+
+NORM_MAX_K = 12288                                                  # the row's floats in shared memory
+
+
+def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama / Qwen2 RMSNorm: fp32 statistics, rounded to x's dtype, times weight."""
+    xf = x.float()
+    h = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return weight * h
+
+
+def arc_rmsnorm_act_cuda(x: torch.Tensor, weight: torch.Tensor, eps: float, starts: torch.Tensor, s: int,
+                         gs: torch.Tensor | None = None, out: str = "int8") -> tuple:
+    """RMSNorm fused in front of the activation kernel (decode inputs of q/k/v and gate/up):
+    x (M, K) -> (y (M, K) = rmsnorm_reference(x) up to one ulp where the sum of squares' order
+    matters, then xq, scales or None, gs exactly as arc_act_quant_cuda(y, ...))."""
+    if out not in OUTS:
+        raise ValueError(f"out={out!r}: use one of {', '.join(OUTS)}")
+    reason = cuda_act_reason(x, starts)
+    if reason:
+        raise ValueError(reason)
+    m, k = x.shape
+    if not x.is_contiguous() or k % 16 or s % 16 or not 0 <= s <= k or k > NORM_MAX_K:
+        raise ValueError(f"x must be contiguous with K={k} <= {NORM_MAX_K} and s={s} multiples of 16, 0 <= s <= K")
+    if weight.shape != (k,) or weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(f"weight must be ({k},) {x.dtype} on {x.device}, got {tuple(weight.shape)} {weight.dtype}")
+    if starts.shape != (k // 16,) or starts.dtype != torch.int32 or starts.device != x.device:
+        raise ValueError(f"starts must be int32 ({k // 16},) on {x.device} (act_quant.block_starts(perm))")
+    kind, dtype = OUTS[out]
+    nblk = (k + s) // 16
+    y = torch.empty_like(x)
+    xq = torch.empty(m, (k + s) // 2 if out == "packed" else k + s, dtype=dtype, device=x.device)
+    scales = torch.empty(m, nblk, dtype=torch.uint8, device=x.device) if kind in (0, 3) else None
+    g = torch.empty(0, dtype=torch.float32, device=x.device) if gs is None else \
+        gs.to(device=x.device, dtype=torch.float32).reshape(-1).contiguous()
+    if g.numel() not in (0, 1, m):
+        raise ValueError(f"gs must hold 1 or M={m} values, got {g.numel()}")
+    g_out = torch.empty(m, dtype=torch.float32, device=x.device) if gs is None else g
+    ext = _extension(torch.cuda.get_device_capability(x.device))
+    ext.arc_rmsnorm_act(x, weight.contiguous(), float(eps), starts, g, g_out, y, xq,
+                        scales if scales is not None else xq, s, kind)
+    return y, xq, None if scales is None else scales.view(torch.float8_e4m3fn), g_out

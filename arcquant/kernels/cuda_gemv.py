@@ -34,7 +34,9 @@ DECL = ("void arc_gemv_dp4a(torch::Tensor xi, torch::Tensor xs, torch::Tensor xg
         "void arc_act_quant(torch::Tensor x, torch::Tensor starts, torch::Tensor gs, torch::Tensor gs_out, "
         "torch::Tensor xq, torch::Tensor scales, int64_t s, int64_t out, int64_t ctas);\n"
         "void arc_dequant(torch::Tensor codes, torch::Tensor scales, torch::Tensor out, int64_t s);\n"
-        "void arc_scale_rows(torch::Tensor y, torch::Tensor inv, c10::optional<torch::Tensor> bias);")
+        "void arc_scale_rows(torch::Tensor y, torch::Tensor inv, c10::optional<torch::Tensor> bias);\n"
+        "void arc_rmsnorm_act(torch::Tensor x, torch::Tensor w, double eps, torch::Tensor starts, torch::Tensor gs, "
+        "torch::Tensor gs_out, torch::Tensor y, torch::Tensor xq, torch::Tensor scales, int64_t s, int64_t out);")
 
 
 @functools.cache
@@ -47,7 +49,8 @@ def _extension(capability: tuple):
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
     try:
         return load_inline(name="arcquant_gemv", cpp_sources=DECL, cuda_sources=[f.read_text() for f in SRCS],
-                           functions=["arc_gemv_dp4a", "arc_gemm_mma", "arc_act_quant", "arc_dequant", "arc_scale_rows"], extra_cuda_cflags=["-O3"],
+                           functions=["arc_gemv_dp4a", "arc_gemm_mma", "arc_act_quant", "arc_dequant", "arc_scale_rows",
+                                      "arc_rmsnorm_act"], extra_cuda_cflags=["-O3"],
                            build_directory=str(build))
     finally:
         if old is None:

@@ -2,6 +2,7 @@
 and CUDA graphs capture them, with a backend choice per device.
 
     torch.ops.arcquant.quantize_act(x, perm, starts, s, gs, out) -> (xq, scales, gs)
+    torch.ops.arcquant.rmsnorm_quantize_act(x, weight, eps, perm, starts, s, gs, out) -> (y, xq, scales, gs)
     torch.ops.arcquant.gemv_int8(xi, xs, xgs, wc, ws, wgs, bias, s, nr, kw, out_dtype)
     torch.ops.arcquant.gemm_mma(xd, xgs, wc, ws, wgs, bias, s, kw, out_dtype)
     torch.ops.arcquant.gemv_triton(xd, xgs, wc, ws, wgs, bias, s, fma, block_n, block_k, split_k, out_dtype)
@@ -67,6 +68,10 @@ def quantize_act(x: Tensor, perm: Tensor, starts: Tensor | None, s: int, gs: Ten
 
 @quantize_act.register_fake
 def _(x, perm, starts, s, gs, out):
+    return _quantize_act_fake(x, s, gs, out)
+
+
+def _quantize_act_fake(x, s, gs, out):
     m, k = x.shape
     xq = x.new_empty(m, k + s, dtype=XQ_DTYPES[out])
     scales = x.new_empty(m if out == "int8" else 0, (k + s) // 16 if out == "int8" else 0, dtype=torch.uint8)
@@ -85,6 +90,26 @@ def _quantize_act_reference(x, perm, s, gs, out):
         return (2 * e2m1.e2m1_decode(codes)).to(torch.int8), scales.view(torch.uint8), g
     xq = fmt.dequantize(codes, scales, torch.tensor(1.0)).to(XQ_DTYPES[out])      # code * block scale
     return xq, x.new_empty(0, 0, dtype=torch.uint8), g
+
+
+@custom_op("arcquant::rmsnorm_quantize_act", mutates_args=())
+def rmsnorm_quantize_act(x: Tensor, weight: Tensor, eps: float, perm: Tensor, starts: Tensor | None, s: int,
+                         gs: Tensor | None, out: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """RMSNorm then quantize_act: x (M, K) -> (y (M, K) normalized, xq, scales, gs) - the CUDA
+    kernel on CUDA tensors (cuda_act.arc_rmsnorm_act_cuda), the reference on CPU."""
+    from .cuda_act import arc_rmsnorm_act_cuda, rmsnorm_reference
+    if x.device.type == "cpu":
+        y = rmsnorm_reference(x, weight, eps)
+        return (y,) + tuple(_quantize_act_reference(y, perm, s, gs, out))
+    cout = {"float16": "float16", "bfloat16": "bfloat16", "int8": "int8"}[out]
+    y, xq, scales, g = arc_rmsnorm_act_cuda(x, weight, eps, starts, s, gs, cout)
+    g = g if gs is None else g.clone()
+    return y, xq, (scales.view(torch.uint8) if scales is not None else x.new_empty(0, 0, dtype=torch.uint8)), g
+
+
+@rmsnorm_quantize_act.register_fake
+def _(x, weight, eps, perm, starts, s, gs, out):
+    return (torch.empty_like(x),) + _quantize_act_fake(x, s, gs, out)
 
 
 # ---- products ------------------------------------------------------------------------------

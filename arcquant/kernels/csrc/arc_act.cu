@@ -23,6 +23,7 @@
 #include <cuda_fp8.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include <algorithm>
 #include <type_traits>
 
 namespace {
@@ -35,6 +36,18 @@ __device__ __forceinline__ void unpack8(uint4 v, float* f) {
     if constexpr (std::is_same<T, __nv_bfloat16>::value) f[j] = __bfloat162float(h[j]);
     else f[j] = __half2float(h[j]);
   }
+}
+
+template <typename T>
+__device__ __forceinline__ float act_to_f(T v) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) return __bfloat162float(v);
+  else return __half2float(v);
+}
+
+template <typename T>
+__device__ __forceinline__ T act_from_f(float v) {                    // round to nearest even
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) return __float2bfloat16_rn(v);
+  else return __float2half_rn(v);
 }
 
 __device__ __forceinline__ float e4m3_rne(float v, uint32_t& bits) {   // v >= 0
@@ -76,6 +89,52 @@ __device__ __forceinline__ void quant16(const float* x, float gs, float* val, ui
     val[j] = copysignf(m, q);                                      // -0 keeps its sign, as the reference
     if (CODES) code[j] = e2m1_code(m) | ((__float_as_uint(q) >> 31) << 3);
   }
+}
+
+// One augmented 16-block v (the residual taken here when tail) -> output block o of xq / scales.
+template <int OUT>
+__device__ __forceinline__ void emit_block(float* v, bool tail, float gs, size_t o, void* __restrict__ xq,
+                                           uint8_t* __restrict__ scales) {
+  float val[16], s;
+  uint32_t code[16], sbits;
+  quant16<OUT == 3>(v, gs, val, code, s, sbits);
+  if (tail) {                                                    // residual against the rounded scale
+#pragma unroll
+    for (int j = 0; j < 16; ++j) v[j] = __fsub_rn(v[j], __fdiv_rn(val[j] * s, gs));
+    quant16<OUT == 3>(v, gs, val, code, s, sbits);
+  }
+  if (OUT == 0) {
+    uint4 w;
+    uint32_t* wb = reinterpret_cast<uint32_t*>(&w);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      uint32_t word = 0;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) word |= (uint32_t)(uint8_t)(int8_t)(2.f * val[4 * q + j]) << (8 * j);
+      wb[q] = word;
+    }
+    reinterpret_cast<uint4*>(xq)[o] = w;
+  } else if (OUT == 1 || OUT == 2) {                            // the output's own 16-bit type
+    using O = typename std::conditional<OUT == 2, __nv_bfloat16, __half>::type;
+    uint4 w[2];
+    O* h = reinterpret_cast<O*>(w);
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      if constexpr (OUT == 2) h[j] = __float2bfloat16(val[j] * s);
+      else h[j] = __float2half(val[j] * s);
+    }
+    reinterpret_cast<uint4*>(xq)[2 * o] = w[0];
+    reinterpret_cast<uint4*>(xq)[2 * o + 1] = w[1];
+  } else {
+    uint32_t lo = 0, hi = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      lo |= code[j] << (4 * j);
+      hi |= code[8 + j] << (4 * j);
+    }
+    reinterpret_cast<uint2*>(xq)[o] = make_uint2(lo, hi);
+  }
+  if (OUT == 0 || OUT == 3) scales[o] = (uint8_t)sbits;
 }
 
 template <typename T>
@@ -121,49 +180,86 @@ __global__ void arc_act_kernel(const T* __restrict__ x, const int* __restrict__ 
   for (int b = blockIdx.y * blockDim.x + threadIdx.x; b < nblk; b += gridDim.y * blockDim.x) {
     const bool tail = b >= kb;
     const T* src = row + starts[tail ? b - sb : b];
-    float v[16], val[16], s;
-    uint32_t code[16], sbits;
+    float v[16];
     unpack8<T>(*reinterpret_cast<const uint4*>(src), v);
     unpack8<T>(*reinterpret_cast<const uint4*>(src + 8), v + 8);
-    quant16<OUT == 3>(v, gs, val, code, s, sbits);
-    if (tail) {                                                  // residual against the rounded scale
+    emit_block<OUT>(v, tail, gs, (size_t)m * nblk + b, xq, scales);
+  }
+}
+
+
+// RMSNorm fused in front (decode: the input of q/k/v and gate/up). One CTA per row:
+//   y = T(w * T(x * rsqrt(mean(x^2) + eps)))   (the transformers Llama / Qwen2 RMSNorm order:
+//   fp32 statistics, rounded to T, times the T weight, rounded again), written out (M, K);
+//   then y is quantized exactly as arc_act_kernel does with x (gs_mode 2: 2688 / max|y[m]|).
+// The sum of squares is a CTA tree, so y can differ from torch's (another order) by one ulp of
+// T where rsqrt lands near a rounding boundary; the quantized operand is exact for the y written.
+__device__ __forceinline__ float block_reduce(float a, bool is_max, float* red) {
 #pragma unroll
-      for (int j = 0; j < 16; ++j) v[j] = __fsub_rn(v[j], __fdiv_rn(val[j] * s, gs));
-      quant16<OUT == 3>(v, gs, val, code, s, sbits);
+  for (int off = 16; off > 0; off >>= 1) {
+    const float o = __shfl_xor_sync(0xffffffffu, a, off);
+    a = is_max ? fmaxf(a, o) : __fadd_rn(a, o);
+  }
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = a;
+  __syncthreads();
+  a = 0.f;
+  for (int w = 0; w < (int)(blockDim.x >> 5); ++w) a = is_max ? fmaxf(a, red[w]) : __fadd_rn(a, red[w]);
+  __syncthreads();                                              // red is reused
+  return a;
+}
+
+template <typename T, int OUT>
+__global__ void arc_rmsnorm_act_kernel(const T* __restrict__ x, const T* __restrict__ w, float eps,
+                                       const int* __restrict__ starts, const float* __restrict__ gs_in, int gs_mode,
+                                       float* __restrict__ gs_out, T* __restrict__ y, void* __restrict__ xq,
+                                       uint8_t* __restrict__ scales, int K, int S) {
+  extern __shared__ __align__(16) float ys[];                   // (K,) the row, then its normalized values
+  __shared__ float red[32];
+  const int m = blockIdx.x, nblk = (K + S) / 16, kb = K / 16, sb = S / 16;
+  const T* row = x + (size_t)m * K;
+  float ss = 0.f, f[8];
+  for (int i = threadIdx.x; i < K / 8; i += blockDim.x) {
+    unpack8<T>(*reinterpret_cast<const uint4*>(row + 8 * i), f);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      ys[8 * i + j] = f[j];
+      ss = __fadd_rn(ss, __fmul_rn(f[j], f[j]));
     }
-    const size_t o = (size_t)m * nblk + b;                       // block index in the output
-    if (OUT == 0) {
-      uint4 w;
-      uint32_t* wb = reinterpret_cast<uint32_t*>(&w);
+  }
+  ss = block_reduce(ss, false, red);
+  const float rstd = rsqrtf(__fadd_rn(__fmul_rn(ss, 1.f / K), eps));
+  float amax = 0.f;
+  for (int i = threadIdx.x; i < K / 8; i += blockDim.x) {
+    unpack8<T>(*reinterpret_cast<const uint4*>(w + 8 * i), f);
+    uint4 o;
+    T* h = reinterpret_cast<T*>(&o);
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        uint32_t word = 0;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) word |= (uint32_t)(uint8_t)(int8_t)(2.f * val[4 * q + j]) << (8 * j);
-        wb[q] = word;
-      }
-      reinterpret_cast<uint4*>(xq)[o] = w;
-    } else if (OUT == 1 || OUT == 2) {                          // the output's own 16-bit type
-      using O = typename std::conditional<OUT == 2, __nv_bfloat16, __half>::type;
-      uint4 w[2];
-      O* h = reinterpret_cast<O*>(w);
-#pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        if constexpr (OUT == 2) h[j] = __float2bfloat16(val[j] * s);
-        else h[j] = __float2half(val[j] * s);
-      }
-      reinterpret_cast<uint4*>(xq)[2 * o] = w[0];
-      reinterpret_cast<uint4*>(xq)[2 * o + 1] = w[1];
-    } else {
-      uint32_t lo = 0, hi = 0;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        lo |= code[j] << (4 * j);
-        hi |= code[8 + j] << (4 * j);
-      }
-      reinterpret_cast<uint2*>(xq)[o] = make_uint2(lo, hi);
+    for (int j = 0; j < 8; ++j) {
+      const float n = act_to_f<T>(act_from_f<T>(__fmul_rn(ys[8 * i + j], rstd)));
+      h[j] = act_from_f<T>(__fmul_rn(f[j], n));
+      ys[8 * i + j] = act_to_f<T>(h[j]);
+      amax = fmaxf(amax, fabsf(ys[8 * i + j]));
     }
-    if (OUT == 0 || OUT == 3) scales[o] = (uint8_t)sbits;
+    reinterpret_cast<uint4*>(y + (size_t)m * K)[i] = o;
+  }
+  amax = block_reduce(amax, true, red);                         // also: every ys written
+  float gs;
+  if (gs_mode == 2) {
+    gs = __fdiv_rn(2688.f, fmaxf(amax, 1e-30f));
+    if (threadIdx.x == 0) gs_out[m] = gs;
+  } else {
+    gs = gs_in[gs_mode == 1 ? m : 0];
+  }
+  for (int b = threadIdx.x; b < nblk; b += blockDim.x) {
+    const bool tail = b >= kb;
+    const float4* src = reinterpret_cast<const float4*>(ys + starts[tail ? b - sb : b]);   // 64-byte aligned
+    float v[16];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const float4 t = src[q];
+      v[4 * q] = t.x; v[4 * q + 1] = t.y; v[4 * q + 2] = t.z; v[4 * q + 3] = t.w;
+    }
+    emit_block<OUT>(v, tail, gs, (size_t)m * nblk + b, xq, scales);
   }
 }
 
@@ -216,4 +312,50 @@ void arc_act_quant(torch::Tensor x, torch::Tensor starts, torch::Tensor gs, torc
     launch_act<__nv_bfloat16>(x, starts, gp, gs_mode, go, xq, sp, (int)s, (int)out, (int)ctas);
   else
     launch_act<__half>(x, starts, gp, gs_mode, go, xq, sp, (int)s, (int)out, (int)ctas);
+}
+
+// RMSNorm + quantization (decode): x (M, K), w (K,) of x's dtype -> y (M, K) and the outputs of
+// arc_act_quant (out 0 int8, 1 fp16, 2 bf16, 3 packed).
+void arc_rmsnorm_act(torch::Tensor x, torch::Tensor w, double eps, torch::Tensor starts, torch::Tensor gs,
+                     torch::Tensor gs_out, torch::Tensor y, torch::Tensor xq, torch::Tensor scales, int64_t s,
+                     int64_t out) {
+  const at::cuda::CUDAGuard guard(x.device());
+  const int64_t m = x.size(0), k = x.size(1);
+  TORCH_CHECK(x.is_cuda() && w.is_cuda() && y.is_cuda() && xq.is_cuda() && scales.is_cuda(), "CUDA tensors expected");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, "x: bfloat16 or float16");
+  TORCH_CHECK(w.scalar_type() == x.scalar_type() && y.scalar_type() == x.scalar_type() && w.numel() == k &&
+              y.numel() == m * k && w.is_contiguous() && y.is_contiguous(), "w (K,) and y (M, K) of x's dtype");
+  TORCH_CHECK(x.is_contiguous() && x.dim() == 2 && k % 16 == 0 && k <= 12288 && s % 16 == 0 && s >= 0 && s <= k,
+              "x contiguous (M, K), K % 16 == 0, K <= 12288, s a multiple of 16 in [0, K]");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0 &&
+              reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 == 0, "x, w, y 16-byte aligned");
+  TORCH_CHECK(starts.scalar_type() == at::kInt && starts.numel() == k / 16, "starts: int32 (K/16,)");
+  TORCH_CHECK(gs.scalar_type() == at::kFloat && (gs.numel() <= 1 || gs.numel() == m), "gs: float32, 0, 1 or M values");
+  TORCH_CHECK(gs.numel() > 0 || (gs_out.scalar_type() == at::kFloat && gs_out.numel() == m), "gs_out: float32 (M,)");
+  const int64_t nblk = (k + s) / 16, bytes = out == 0 ? 16 : out < 3 ? 32 : 8;
+  TORCH_CHECK(out >= 0 && out <= 3 && xq.is_contiguous() && xq.numel() * xq.element_size() == m * nblk * bytes &&
+              reinterpret_cast<uintptr_t>(xq.data_ptr()) % 16 == 0, "xq: contiguous, aligned, M x (K+s) values");
+  TORCH_CHECK(!(out == 0 || out == 3) || (scales.scalar_type() == at::kByte && scales.numel() == m * nblk),
+              "scales: uint8 (M, (K+s)/16)");
+  if (m == 0) return;
+  const int gs_mode = gs.numel() == 0 ? 2 : gs.numel() > 1 ? 1 : 0;
+  const float* gp = gs.numel() ? gs.data_ptr<float>() : nullptr;
+  float* go = gs_mode == 2 ? gs_out.data_ptr<float>() : nullptr;
+  uint8_t* sp = (out == 0 || out == 3) ? scales.data_ptr<uint8_t>() : nullptr;
+  const int threads = (int)std::min<int64_t>(512, std::max<int64_t>(64, (k / 8 + 31) / 32 * 32));
+  const size_t smem = (size_t)k * sizeof(float);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  void* q = xq.data_ptr();
+#define ARC_NORM_LAUNCH(T, O) arc_rmsnorm_act_kernel<T, O><<<(unsigned)m, threads, smem, stream>>>( \
+      reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(w.data_ptr()), (float)eps, \
+      starts.data_ptr<int>(), gp, gs_mode, go, reinterpret_cast<T*>(y.data_ptr()), q, sp, (int)k, (int)s)
+  if (x.scalar_type() == at::kBFloat16) {
+    if (out == 0) ARC_NORM_LAUNCH(__nv_bfloat16, 0); else if (out == 1) ARC_NORM_LAUNCH(__nv_bfloat16, 1);
+    else if (out == 2) ARC_NORM_LAUNCH(__nv_bfloat16, 2); else ARC_NORM_LAUNCH(__nv_bfloat16, 3);
+  } else {
+    if (out == 0) ARC_NORM_LAUNCH(__half, 0); else if (out == 1) ARC_NORM_LAUNCH(__half, 1);
+    else if (out == 2) ARC_NORM_LAUNCH(__half, 2); else ARC_NORM_LAUNCH(__half, 3);
+  }
+#undef ARC_NORM_LAUNCH
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
