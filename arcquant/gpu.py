@@ -162,19 +162,24 @@ class FusedNormQuant(torch.nn.Module):
 
     def __init__(self, norm: torch.nn.Module, consumer: QuantLinear):
         super().__init__()
-        self.norm, self._consumer = norm, (consumer,)                  # a tuple: not a submodule
+        self.weight = norm.weight                                      # same parameter, same state-dict key
+        self._norm, self._consumer = (norm,), (consumer,)             # tuples: not submodules
         self.eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+    @property
+    def norm(self) -> torch.nn.Module:
+        return self._norm[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self._consumer[0]
         kp = q.kernel
-        if kp is None or torch.compiler.is_compiling() or x.dtype != self.norm.weight.dtype:
+        if kp is None or torch.compiler.is_compiling() or x.dtype != self.weight.dtype:
             return self.norm(x)
         kind = kp.path(x.numel() // x.shape[-1])
         if kind == "bfloat16":                                         # prefill: norm, then the act kernel
             return self.norm(x)
         gs = None if q.act_scale == "token" else q.input_global_scale
-        y, xq, xs, g = kp.ops.rmsnorm_quantize_act(x.reshape(-1, x.shape[-1]).contiguous(), self.norm.weight,
+        y, xq, xs, g = kp.ops.rmsnorm_quantize_act(x.reshape(-1, x.shape[-1]).contiguous(), self.weight,
                                                    self.eps, kp.perm, kp.starts, kp.s, gs, kind)
         y = y.reshape(x.shape)
         q.shared.x, q.shared.version, q.shared.value = y, y._version, (kind, xq, xs, g)

@@ -147,6 +147,7 @@ def test_fused_rmsnorm_hands_its_operand_to_the_group(quantized, m, path):
             p.kernel.cuda_reason, p.kernel.int8_max_m, p.kernel.ops = None, 2, fake_ops
         try:
             fused = FusedNormQuant(norm_b, attn.q_proj)
+            assert list(fused.state_dict()) == list(norm_b.state_dict())   # checkpoints keep their keys
             y = fused(x)
             got = [p(y) for p in projs]
         finally:
