@@ -72,6 +72,8 @@ def prefill_ms(model, tokens: int, repeats: int, vocab: int, graph: bool = False
     ids = torch.randint(0, vocab, (1, tokens), device=e.device)
     first = e.prefill(ids).float().clone()
     ms = _time(lambda: e.prefill(ids), repeats)
+    if not e.prefill_graphs:                                   # eager (or the capture failed): nothing to compare
+        return ms, e.prefill_mode, 0.0
     e.cache.reset()
     with torch.no_grad():
         eager = e._forward(ids, torch.arange(tokens, device=e.device)).float()

@@ -216,7 +216,7 @@ def fuse_norms(model, enable: bool = True) -> dict:
                 continue
             reason = _fusable(q, groups.get(id(q.shared), [q])) if type(norm).__name__ in NORMS else \
                 f"{type(norm).__name__} is not a Llama-style RMSNorm"
-            if reason is None and q.kernel is not None and q.weight_packed.is_cuda:
+            if reason is None:                                         # implies a CUDA kernel path
                 setattr(layer, name, FusedNormQuant(norm, q))
                 counts["fused"] += 1
             else:

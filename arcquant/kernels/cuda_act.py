@@ -37,17 +37,19 @@ def ctas_per_row(m: int, nblk: int) -> int:
     return max(1, min(-(-TARGET_CTAS // m), -(-nblk // THREADS)))
 
 
-def arc_act_quant_cuda(x: torch.Tensor, starts: torch.Tensor, s: int, gs: torch.Tensor | None = None,
-                       out: str = "int8") -> tuple:
-    """x (M, K) -> (xq, scales or None, gs (M,) or as given); see the module docstring."""
+def _outputs(x: torch.Tensor, starts: torch.Tensor, s: int, gs: torch.Tensor | None, out: str,
+             max_k: int | None = None) -> tuple:
+    """The activation kernels' shared input checks and outputs: -> (kind, nblk, xq, scales or
+    None, gs as the kernel reads it (empty: computed per row), gs (M,) the kernel fills or as given)."""
     if out not in OUTS:
         raise ValueError(f"out={out!r}: use one of {', '.join(OUTS)}")
     reason = cuda_act_reason(x, starts)
     if reason:
         raise ValueError(reason)
     m, k = x.shape
-    if not x.is_contiguous() or k % 16 or s % 16 or not 0 <= s <= k:
-        raise ValueError(f"x must be contiguous with K={k} and s={s} multiples of 16, 0 <= s <= K")
+    if not x.is_contiguous() or k % 16 or s % 16 or not 0 <= s <= k or (max_k is not None and k > max_k):
+        bound = "" if max_k is None else f" <= {max_k}"
+        raise ValueError(f"x must be contiguous with K={k}{bound} and s={s} multiples of 16, 0 <= s <= K")
     if starts.shape != (k // 16,) or starts.dtype != torch.int32 or starts.device != x.device:
         raise ValueError(f"starts must be int32 ({k // 16},) on {x.device} (act_quant.block_starts(perm))")
     kind, dtype = OUTS[out]
@@ -59,8 +61,16 @@ def arc_act_quant_cuda(x: torch.Tensor, starts: torch.Tensor, s: int, gs: torch.
     if g.numel() not in (0, 1, m):
         raise ValueError(f"gs must hold 1 or M={m} values, got {g.numel()}")
     g_out = torch.empty(m, dtype=torch.float32, device=x.device) if gs is None else g
+    return kind, nblk, xq, scales, g, g_out
+
+
+def arc_act_quant_cuda(x: torch.Tensor, starts: torch.Tensor, s: int, gs: torch.Tensor | None = None,
+                       out: str = "int8") -> tuple:
+    """x (M, K) -> (xq, scales or None, gs (M,) or as given); see the module docstring."""
+    kind, nblk, xq, scales, g, g_out = _outputs(x, starts, s, gs, out)
     ext = _extension(torch.cuda.get_device_capability(x.device))
-    ext.arc_act_quant(x, starts, g, g_out, xq, scales if scales is not None else xq, s, kind, ctas_per_row(m, nblk))
+    ext.arc_act_quant(x, starts, g, g_out, xq, scales if scales is not None else xq, s, kind,
+                      ctas_per_row(x.shape[0], nblk))
     return xq, None if scales is None else scales.view(torch.float8_e4m3fn), g_out
 
 
@@ -79,28 +89,11 @@ def arc_rmsnorm_act_cuda(x: torch.Tensor, weight: torch.Tensor, eps: float, star
     """RMSNorm fused in front of the activation kernel (decode inputs of q/k/v and gate/up):
     x (M, K) -> (y (M, K) = rmsnorm_reference(x) up to one ulp where the sum of squares' order
     matters, then xq, scales or None, gs exactly as arc_act_quant_cuda(y, ...))."""
-    if out not in OUTS:
-        raise ValueError(f"out={out!r}: use one of {', '.join(OUTS)}")
-    reason = cuda_act_reason(x, starts)
-    if reason:
-        raise ValueError(reason)
-    m, k = x.shape
-    if not x.is_contiguous() or k % 16 or s % 16 or not 0 <= s <= k or k > NORM_MAX_K:
-        raise ValueError(f"x must be contiguous with K={k} <= {NORM_MAX_K} and s={s} multiples of 16, 0 <= s <= K")
+    kind, _, xq, scales, g, g_out = _outputs(x, starts, s, gs, out, NORM_MAX_K)
+    k = x.shape[1]
     if weight.shape != (k,) or weight.dtype != x.dtype or weight.device != x.device:
         raise ValueError(f"weight must be ({k},) {x.dtype} on {x.device}, got {tuple(weight.shape)} {weight.dtype}")
-    if starts.shape != (k // 16,) or starts.dtype != torch.int32 or starts.device != x.device:
-        raise ValueError(f"starts must be int32 ({k // 16},) on {x.device} (act_quant.block_starts(perm))")
-    kind, dtype = OUTS[out]
-    nblk = (k + s) // 16
     y = torch.empty_like(x)
-    xq = torch.empty(m, (k + s) // 2 if out == "packed" else k + s, dtype=dtype, device=x.device)
-    scales = torch.empty(m, nblk, dtype=torch.uint8, device=x.device) if kind in (0, 3) else None
-    g = torch.empty(0, dtype=torch.float32, device=x.device) if gs is None else \
-        gs.to(device=x.device, dtype=torch.float32).reshape(-1).contiguous()
-    if g.numel() not in (0, 1, m):
-        raise ValueError(f"gs must hold 1 or M={m} values, got {g.numel()}")
-    g_out = torch.empty(m, dtype=torch.float32, device=x.device) if gs is None else g
     ext = _extension(torch.cuda.get_device_capability(x.device))
     ext.arc_rmsnorm_act(x, weight.contiguous(), float(eps), starts, g, g_out, y, xq,
                         scales if scales is not None else xq, s, kind)

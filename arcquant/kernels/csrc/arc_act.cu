@@ -282,21 +282,30 @@ void launch_act(const torch::Tensor& x, const torch::Tensor& starts, const float
 }  // namespace
 
 // gs: (0,) -> computed per row into gs_out; (1,) or (M,) given. out: 0 int8, 1 fp16, 2 bf16, 3 packed.
-void arc_act_quant(torch::Tensor x, torch::Tensor starts, torch::Tensor gs, torch::Tensor gs_out, torch::Tensor xq,
-                   torch::Tensor scales, int64_t s, int64_t out, int64_t ctas) {
-  const at::cuda::CUDAGuard guard(x.device());
-  const int64_t m = x.size(0), k = x.size(1);
+// The activation kernels' shared checks of x, starts, gs and the outputs; -> the kernel's gs mode
+// (0 one value, 1 per row, 2 computed per row into gs_out) and raw pointers.
+struct ActIO {
+  int gs_mode;
+  const float* gp;
+  float* go;
+  uint8_t* sp;
+};
+
+static ActIO check_act_io(const torch::Tensor& x, const torch::Tensor& starts, const torch::Tensor& gs,
+                          const torch::Tensor& gs_out, const torch::Tensor& xq, const torch::Tensor& scales, int64_t s,
+                          int64_t out) {
   TORCH_CHECK(x.is_cuda() && starts.is_cuda() && gs.is_cuda() && xq.is_cuda() && scales.is_cuda() && gs_out.is_cuda(),
               "CUDA tensors expected");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, "x: bfloat16 or float16");
   TORCH_CHECK(x.is_contiguous() && x.dim() == 2 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
               "x: contiguous 2-D, 16-byte aligned");
+  const int64_t m = x.size(0), k = x.size(1);
   TORCH_CHECK(k % 16 == 0 && s % 16 == 0 && s >= 0 && s <= k, "K and s multiples of 16, 0 <= s <= K");
   TORCH_CHECK(starts.scalar_type() == at::kInt && starts.numel() == k / 16, "starts: int32 (K/16,)");
   TORCH_CHECK(gs.scalar_type() == at::kFloat && (gs.numel() == 0 || gs.numel() == 1 || gs.numel() == m),
               "gs: float32 with 0, 1 or M values");
   TORCH_CHECK(gs.numel() > 0 || (gs_out.scalar_type() == at::kFloat && gs_out.numel() == m), "gs_out: float32 (M,)");
-  TORCH_CHECK(out >= 0 && out <= 3 && ctas >= 1, "out in 0..3, ctas >= 1");
+  TORCH_CHECK(out >= 0 && out <= 3, "out in 0..3");
   const int64_t nblk = (k + s) / 16, bytes = out == 0 ? 16 : out < 3 ? 32 : 8;
   TORCH_CHECK(xq.is_contiguous() && xq.numel() * xq.element_size() == m * nblk * bytes &&
               reinterpret_cast<uintptr_t>(xq.data_ptr()) % 16 == 0, "xq: contiguous, 16-byte aligned, M x (K+s) values");
@@ -305,13 +314,19 @@ void arc_act_quant(torch::Tensor x, torch::Tensor starts, torch::Tensor gs, torc
   TORCH_CHECK(!(out == 0 || out == 3) || (scales.scalar_type() == at::kByte && scales.numel() == m * nblk &&
               scales.is_contiguous()), "scales: uint8 (M, (K+s)/16)");
   const int gs_mode = gs.numel() == 0 ? 2 : gs.numel() > 1 ? 1 : 0;
-  const float* gp = gs.numel() ? gs.data_ptr<float>() : nullptr;
-  float* go = gs_mode == 2 ? gs_out.data_ptr<float>() : nullptr;
-  uint8_t* sp = (out == 0 || out == 3) ? scales.data_ptr<uint8_t>() : nullptr;
+  return {gs_mode, gs.numel() ? gs.data_ptr<float>() : nullptr, gs_mode == 2 ? gs_out.data_ptr<float>() : nullptr,
+          (out == 0 || out == 3) ? scales.data_ptr<uint8_t>() : nullptr};
+}
+
+void arc_act_quant(torch::Tensor x, torch::Tensor starts, torch::Tensor gs, torch::Tensor gs_out, torch::Tensor xq,
+                   torch::Tensor scales, int64_t s, int64_t out, int64_t ctas) {
+  const at::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(ctas >= 1, "ctas >= 1");
+  const ActIO io = check_act_io(x, starts, gs, gs_out, xq, scales, s, out);
   if (x.scalar_type() == at::kBFloat16)
-    launch_act<__nv_bfloat16>(x, starts, gp, gs_mode, go, xq, sp, (int)s, (int)out, (int)ctas);
+    launch_act<__nv_bfloat16>(x, starts, io.gp, io.gs_mode, io.go, xq, io.sp, (int)s, (int)out, (int)ctas);
   else
-    launch_act<__half>(x, starts, gp, gs_mode, go, xq, sp, (int)s, (int)out, (int)ctas);
+    launch_act<__half>(x, starts, io.gp, io.gs_mode, io.go, xq, io.sp, (int)s, (int)out, (int)ctas);
 }
 
 // RMSNorm + quantization (decode): x (M, K), w (K,) of x's dtype -> y (M, K) and the outputs of
@@ -320,35 +335,21 @@ void arc_rmsnorm_act(torch::Tensor x, torch::Tensor w, double eps, torch::Tensor
                      torch::Tensor gs_out, torch::Tensor y, torch::Tensor xq, torch::Tensor scales, int64_t s,
                      int64_t out) {
   const at::cuda::CUDAGuard guard(x.device());
+  const ActIO io = check_act_io(x, starts, gs, gs_out, xq, scales, s, out);
   const int64_t m = x.size(0), k = x.size(1);
-  TORCH_CHECK(x.is_cuda() && w.is_cuda() && y.is_cuda() && xq.is_cuda() && scales.is_cuda(), "CUDA tensors expected");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, "x: bfloat16 or float16");
-  TORCH_CHECK(w.scalar_type() == x.scalar_type() && y.scalar_type() == x.scalar_type() && w.numel() == k &&
-              y.numel() == m * k && w.is_contiguous() && y.is_contiguous(), "w (K,) and y (M, K) of x's dtype");
-  TORCH_CHECK(x.is_contiguous() && x.dim() == 2 && k % 16 == 0 && k <= 12288 && s % 16 == 0 && s >= 0 && s <= k,
-              "x contiguous (M, K), K % 16 == 0, K <= 12288, s a multiple of 16 in [0, K]");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0 &&
-              reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 == 0, "x, w, y 16-byte aligned");
-  TORCH_CHECK(starts.scalar_type() == at::kInt && starts.numel() == k / 16, "starts: int32 (K/16,)");
-  TORCH_CHECK(gs.scalar_type() == at::kFloat && (gs.numel() <= 1 || gs.numel() == m), "gs: float32, 0, 1 or M values");
-  TORCH_CHECK(gs.numel() > 0 || (gs_out.scalar_type() == at::kFloat && gs_out.numel() == m), "gs_out: float32 (M,)");
-  const int64_t nblk = (k + s) / 16, bytes = out == 0 ? 16 : out < 3 ? 32 : 8;
-  TORCH_CHECK(out >= 0 && out <= 3 && xq.is_contiguous() && xq.numel() * xq.element_size() == m * nblk * bytes &&
-              reinterpret_cast<uintptr_t>(xq.data_ptr()) % 16 == 0, "xq: contiguous, aligned, M x (K+s) values");
-  TORCH_CHECK(!(out == 0 || out == 3) || (scales.scalar_type() == at::kByte && scales.numel() == m * nblk),
-              "scales: uint8 (M, (K+s)/16)");
+  TORCH_CHECK(k <= 12288, "K <= 12288 (the row in shared memory)");
+  TORCH_CHECK(w.is_cuda() && y.is_cuda() && w.scalar_type() == x.scalar_type() && y.scalar_type() == x.scalar_type() &&
+              w.numel() == k && y.numel() == m * k && w.is_contiguous() && y.is_contiguous() &&
+              reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 == 0,
+              "w (K,) and y (M, K): CUDA, x's dtype, contiguous, 16-byte aligned");
   if (m == 0) return;
-  const int gs_mode = gs.numel() == 0 ? 2 : gs.numel() > 1 ? 1 : 0;
-  const float* gp = gs.numel() ? gs.data_ptr<float>() : nullptr;
-  float* go = gs_mode == 2 ? gs_out.data_ptr<float>() : nullptr;
-  uint8_t* sp = (out == 0 || out == 3) ? scales.data_ptr<uint8_t>() : nullptr;
   const int threads = (int)std::min<int64_t>(512, std::max<int64_t>(64, (k / 8 + 31) / 32 * 32));
   const size_t smem = (size_t)k * sizeof(float);
   auto stream = at::cuda::getCurrentCUDAStream();
   void* q = xq.data_ptr();
 #define ARC_NORM_LAUNCH(T, O) arc_rmsnorm_act_kernel<T, O><<<(unsigned)m, threads, smem, stream>>>( \
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(w.data_ptr()), (float)eps, \
-      starts.data_ptr<int>(), gp, gs_mode, go, reinterpret_cast<T*>(y.data_ptr()), q, sp, (int)k, (int)s)
+      starts.data_ptr<int>(), io.gp, io.gs_mode, io.go, reinterpret_cast<T*>(y.data_ptr()), q, io.sp, (int)k, (int)s)
   if (x.scalar_type() == at::kBFloat16) {
     if (out == 0) ARC_NORM_LAUNCH(__nv_bfloat16, 0); else if (out == 1) ARC_NORM_LAUNCH(__nv_bfloat16, 1);
     else if (out == 2) ARC_NORM_LAUNCH(__nv_bfloat16, 2); else ARC_NORM_LAUNCH(__nv_bfloat16, 3);
