@@ -101,8 +101,9 @@ def rmsnorm_quantize_act(x: Tensor, weight: Tensor, eps: float, perm: Tensor, st
     if x.device.type == "cpu":
         y = rmsnorm_reference(x, weight, eps)
         return (y,) + tuple(_quantize_act_reference(y, perm, s, gs, out))
-    cout = {"float16": "float16", "bfloat16": "bfloat16", "int8": "int8"}[out]
-    y, xq, scales, g = arc_rmsnorm_act_cuda(x, weight, eps, starts, s, gs, cout)
+    if out not in XQ_DTYPES:                                      # the op's outputs; "packed" is not one
+        raise ValueError(f"out={out!r}: use one of {', '.join(XQ_DTYPES)}")
+    y, xq, scales, g = arc_rmsnorm_act_cuda(x, weight, eps, starts, s, gs, out)
     g = g if gs is None else g.clone()
     return y, xq, (scales.view(torch.uint8) if scales is not None else x.new_empty(0, 0, dtype=torch.uint8)), g
 
