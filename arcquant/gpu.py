@@ -13,7 +13,9 @@ keep the reference product, and the reason is logged. Per forward on the kernel 
          without them, M <= 16: arc_gemv (Triton; the packed weight streamed once, split-K)
       -> larger M: arc_matmul_prefill (weight dequantized to bf16, cuBLAS, scales after)
 
-With fuse_norms (use_kernels does it), a decode-sized RMSNorm in front of q/k/v and gate/up
+With stack_groups (use_kernels does it), the layers of a q/k/v or gate/up group share one
+stacked weight for the decode GEMVs: one launch per group (StackedGroup).
+With fuse_norms (use_kernels does it too), a decode-sized RMSNorm in front of q/k/v and gate/up
 runs as one CUDA kernel with the activation quantization (FusedNormQuant): the normalized rows
 and the group's quantized operand in one pass, the operand handed to the layers through their
 SharedInput cache.
@@ -98,6 +100,7 @@ class KernelPath:
         self.weight = (q.weight_packed, q.weight_scale.view(torch.uint8), q.weight_global_scale)   # scales as bits
         self.cuda_reason = _cuda_gemv_reason(q)
         self.int8_max_m = INT8_MAX_M if gemv_shape_reason(q.k_padded, q.s) is None else 0   # needs K % 32
+        self.group: StackedGroup | None = None                                # stack_groups
 
     def global_scale(self, q: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         if q.act_scale == "static":
@@ -128,19 +131,61 @@ class KernelPath:
         if value[0] != kind:                                                  # cached for another path
             value = quant(x)
         _, xq, xs, gs = value
-        w = self.weight
-        if kind == "int8":
-            y = self.ops.gemv_int8(xq, xs, gs, *w, self.bias32, self.s, out_dtype=out_dtype,
-                                   **cuda_gemv_config(m, q.k_padded))
-        elif kind == "float16":
-            y = self.ops.gemm_mma(xq, gs, *w, self.bias32, self.s, out_dtype=out_dtype,
-                                  **mma_config(m, q.out_features, q.k_padded))
-        elif m <= GEMV_MAX_M:
-            y = self.ops.gemv_triton(xq, gs, *w, self.bias32, self.s, out_dtype=out_dtype,
-                                     **gemv_config(m, q.k_padded))
-        else:
-            y = self.ops.prefill(xq, gs, *w, self.bias32, self.s, out_dtype=out_dtype)
+        if self.group is not None and kind != "bfloat16" and not torch.compiler.is_compiling():
+            y = self.group.output(self, m, value, out_dtype, q.k_padded)        # the group's (M, sum N)
+            y = y[:, self.group.offsets[id(q)]:self.group.offsets[id(q)] + q.out_features]
+            return y.to(x.dtype).reshape(*x.shape[:-1], q.out_features)
+        y = self.product(kind, m, xq, xs, gs, self.weight, self.bias32, q.out_features, q.k_padded, out_dtype)
         return y.to(x.dtype).reshape(*x.shape[:-1], q.out_features)
+
+    def product(self, kind, m, xq, xs, gs, w, bias, n, k, out_dtype):
+        """One kernel launch: the quantized operand times the packed weight w (N rows)."""
+        if kind == "int8":
+            return self.ops.gemv_int8(xq, xs, gs, *w, bias, self.s, out_dtype=out_dtype, **cuda_gemv_config(m, k))
+        if kind == "float16":
+            return self.ops.gemm_mma(xq, gs, *w, bias, self.s, out_dtype=out_dtype, **mma_config(m, n, k))
+        if m <= GEMV_MAX_M:
+            return self.ops.gemv_triton(xq, gs, *w, bias, self.s, out_dtype=out_dtype, **gemv_config(m, k))
+        return self.ops.prefill(xq, gs, *w, bias, self.s, out_dtype=out_dtype)
+
+
+class StackedGroup:
+    """The layers of one SharedInput group (q/k/v, gate/up) as one weight for the decode GEMVs:
+    their packed codes and block scales stacked row-wise in one tensor (each layer's buffers
+    become row views of it - no copy kept, state-dict keys unchanged), the tensor scales as one
+    value per row, the biases concatenated; one kernel launch computes the whole group, each layer
+    returns its columns. Outputs equal the per-layer launches' (same per-row arithmetic; the
+    tensor-core GEMV's depth split may differ with the stacked N)."""
+
+    def __init__(self, layers: list):
+        self.layers = layers
+        wc = torch.cat([q.weight_packed for q in layers])                      # (sum N, K/2)
+        ws = torch.cat([q.weight_scale for q in layers])                       # (sum N, K/16)
+        wgs = torch.cat([q.weight_global_scale.reshape(1).expand(q.out_features) for q in layers])
+        self.offsets, off = {}, 0
+        for q in layers:
+            n = q.out_features
+            q.weight_packed, q.weight_scale = wc[off:off + n], ws[off:off + n]   # buffers -> views
+            q.kernel.weight = (q.weight_packed, q.weight_scale.view(torch.uint8), q.weight_global_scale)
+            self.offsets[id(q)], off = off, off + n
+        self.weight = (wc, ws.view(torch.uint8), wgs.contiguous())
+        self.bias = None if all(q.bias is None for q in layers) else torch.cat(
+            [q.kernel.bias32 if q.bias is not None else wc.new_zeros(q.out_features, dtype=torch.float32)
+             for q in layers])
+        self._last = (None, None)                                             # (operand, output)
+
+    def output(self, kp: KernelPath, m: int, value: tuple, out_dtype, k: int) -> torch.Tensor:
+        """(M, sum N) for this quantized operand, computed once per group and input."""
+        if self._last[0] is not value[1]:
+            kind, xq, xs, gs = value
+            y = kp.product(kind, m, xq, xs, gs, self.weight, self.bias, self.weight[0].shape[0], k, out_dtype)
+            self._last = (xq, y)
+        return self._last[1]
+
+    def unstack(self) -> None:
+        """Give each layer its own storage back (use_kernels(enable=False))."""
+        for q in self.layers:
+            q.weight_packed, q.weight_scale = q.weight_packed.clone(), q.weight_scale.clone()
 
 
 def _cuda_gemv_reason(q: QuantLinear) -> str | None:
@@ -224,11 +269,52 @@ def fuse_norms(model, enable: bool = True) -> dict:
     return counts
 
 
+def _stackable(group: list) -> str | None:
+    """Why a SharedInput group cannot run as one stacked GEMV (None: it can)."""
+    q0 = group[0]
+    if len(group) < 2 or any(q.kernel is None or q.kernel.cuda_reason is not None for q in group):
+        return "a layer of the group is not on the CUDA GEMVs"
+    if q0.k_padded % 32:
+        return f"K = {q0.k_padded} is not a multiple of 32 (row views would lose 16-byte alignment)"
+    if any(q.s != q0.s or q.k_padded != q0.k_padded or q.act_scale != q0.act_scale
+           or not torch.equal(q.perm, q0.perm) for q in group[1:]):
+        return "the layers' plans or activation scales differ"
+    return None
+
+
+def stack_groups(model, enable: bool = True) -> dict:
+    """Give each q/k/v and gate/up group on the CUDA GEMVs one stacked weight (StackedGroup):
+    one decode launch per group instead of one per layer. enable=False: back to per-layer
+    storage. -> {"stacked": n, "reasons": {reason: count}}."""
+    groups = {}
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear) and mod.shared is not None:
+            groups.setdefault(id(mod.shared), []).append(mod)
+    counts = {"stacked": 0, "reasons": {}}
+    for group in groups.values():
+        old = next((q.kernel.group for q in group if q.kernel is not None and q.kernel.group is not None), None)
+        if old is not None:
+            old.unstack()
+            for q in group:
+                if q.kernel is not None:
+                    q.kernel = KernelPath(q)                                 # its own storage again
+        reason = _stackable(group) if enable else "disabled"
+        if reason is None:
+            stacked = StackedGroup(group)
+            for q in group:
+                q.kernel.group = stacked
+            counts["stacked"] += 1
+        elif enable:
+            counts["reasons"][reason] = counts["reasons"].get(reason, 0) + 1
+    return counts
+
+
 def use_kernels(model, enable: bool = True) -> dict:
     """Switch every QuantLinear the kernels can run to them (enable=False: back to the reference).
     -> {"kernels": n, "reference": n, "reasons": {reason: count}}; the split is logged."""
     counts = {"kernels": 0, "reference": 0, "reasons": {}, "cuda_gemv": 0}
     slow = set()                                                      # why some kernel layers lack the CUDA GEMVs
+    stack_groups(model, enable=False)                                 # per-layer storage before rebuilding
     for mod in model.modules():
         if not isinstance(mod, QuantLinear):
             continue
@@ -245,8 +331,11 @@ def use_kernels(model, enable: bool = True) -> dict:
             counts["reasons"][reason] = counts["reasons"].get(reason, 0) + 1
     norms = fuse_norms(model, enable and counts["cuda_gemv"] > 0)
     counts["fused_norms"] = norms["fused"]
+    stacks = stack_groups(model, enable and counts["cuda_gemv"] > 0)
+    counts["stacked_groups"] = stacks["stacked"]
     log.info("arcquant backend: kernels for %d layers (decode GEMV in CUDA for %d%s), reference for %d %s; "
-             "RMSNorm fused with the activation kernel for %d groups %s",
+             "RMSNorm fused with the activation kernel for %d groups %s; %d groups stacked into one GEMV %s",
              counts["kernels"], counts["cuda_gemv"], f"; Triton for the rest: {sorted(slow)}" if slow else "",
-             counts["reference"], counts["reasons"] or "", norms["fused"], norms["reasons"] or "")
+             counts["reference"], counts["reasons"] or "", norms["fused"], norms["reasons"] or "",
+             stacks["stacked"], stacks["reasons"] or "")
     return counts

@@ -160,6 +160,54 @@ def test_fused_rmsnorm_hands_its_operand_to_the_group(quantized, m, path):
         assert ((g.float() - r).norm() / r.norm()) < 4e-3
 
 
+@pytest.mark.parametrize("m,path", [(1, "int8"), (8, "mma")])
+def test_stacked_group_is_one_launch_with_the_same_outputs(quantized, m, path):
+    """gpu.stack_groups: q/k/v as one stacked weight (row views, per-row tensor scales, biases
+    concatenated with zeros where a layer has none) - one GEMV launch for the group, each layer's
+    output equal to its own launch's; state-dict values unchanged; enable=False gives each layer
+    its own storage back. CUDA GEMVs replaced by their float64 oracles, as above."""
+    from types import SimpleNamespace
+
+    from arcquant.gpu import stack_groups
+    from arcquant.kernels.cuda_gemv import fp16_gemm_reference, int8_gemv_reference
+    from arcquant.kernels.ops import OPS
+    attn = quantized.model.layers[3].self_attn
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    calls, e4m3 = [], lambda b: b.view(torch.float8_e4m3fn)
+    fake_ops = SimpleNamespace(
+        quantize_act=OPS.quantize_act,
+        gemv_int8=lambda xi, xs, gs, wc, ws, wgs, bias, s, out_dtype, nr, kw: calls.append(wc.shape[0]) or
+        int8_gemv_reference(xi, e4m3(xs), gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype),
+        gemm_mma=lambda xd, gs, wc, ws, wgs, bias, s, out_dtype, kw, occ: calls.append(wc.shape[0]) or
+        fp16_gemm_reference(xd, gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype))
+    x = (torch.randn(1, m, attn.q_proj.in_features, generator=torch.Generator().manual_seed(m)) * 3).bfloat16()
+    before = {k: v.clone() for k, v in attn.state_dict().items()}
+    attn.k_proj.bias = torch.nn.Parameter(torch.randn(attn.k_proj.out_features), requires_grad=False)
+    try:
+        with torch.no_grad():
+            for p in projs:
+                p.kernel = KernelPath(p)
+                p.kernel.cuda_reason, p.kernel.int8_max_m, p.kernel.ops = None, 2, fake_ops
+            alone = [p(x) for p in projs]
+            assert stack_groups(quantized)["stacked"] == 1
+            assert len({p.weight_packed.untyped_storage().data_ptr() for p in projs}) == 1   # row views
+            calls.clear()
+            stacked = [p(x) for p in projs]
+            assert calls == [sum(p.out_features for p in projs)]         # one launch for q, k and v
+            for a, b in zip(alone, stacked):
+                assert torch.equal(a, b)
+            attn.k_proj.bias = None
+            state = attn.state_dict()
+            assert all(torch.equal(state[k], v) for k, v in before.items())
+            stack_groups(quantized, enable=False)
+            assert len({p.weight_packed.untyped_storage().data_ptr() for p in projs}) == 3
+    finally:
+        attn.k_proj.bias = None
+        stack_groups(quantized, enable=False)
+        for p in projs:
+            p.kernel = None
+
+
 def test_kernel_launch_settings():
     from arcquant.gpu import cuda_gemv_config, mma_config
     assert cuda_gemv_config(1, 4096) == dict(nr=2, kw=1) and cuda_gemv_config(2, 14336) == dict(nr=4, kw=2)

@@ -105,6 +105,15 @@ def _check_weight_and_devices(wc, ws, tensors: dict) -> None:
         raise ValueError(f"all operands must be on one CUDA device: {', '.join(wrong)}")
 
 
+def tensor_scales(wgs, n: int) -> torch.Tensor:
+    """The weight tensor scale as the kernels take it: float32, one value or one per output row
+    (layers stacked into one launch, e.g. q/k/v)."""
+    w = wgs.to(torch.float32).reshape(-1).contiguous()
+    if w.numel() not in (1, n):
+        raise ValueError(f"wgs holds {w.numel()} values: give one tensor scale or one per output row (N = {n})")
+    return w
+
+
 def _outputs(x, n: int, bias, out_dtype):
     """-> (y (M, N) out_dtype, bias as float32 or None, the built extension)."""
     if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -116,7 +125,7 @@ def _outputs(x, n: int, bias, out_dtype):
 
 def arc_gemv_int8(xi, xs, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat16, nr: int = 2,
                   kw: int = 4) -> torch.Tensor:
-    """y (M, N) = 0.25 * sum_b isum_b * ws * xs / (xgs * wgs) (+ bias); M <= 8.
+    """y (M, N) = 0.25 * sum_b isum_b * ws * xs / (xgs * wgs) (+ bias); M <= 8; wgs () or (N,).
     nr: output rows per thread block (1, 2, 4); kw: warps splitting the depth."""
     m, n, k = xi.shape[0], wc.shape[0], wc.shape[1] * 2
     reason = gemv_shape_reason(k, s, m)
@@ -132,14 +141,14 @@ def arc_gemv_int8(xi, xs, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.b
         raise ValueError("xi and wc must start on a 16-byte boundary (take a fresh, contiguous tensor)")
     y, b, ext = _outputs(xi, n, bias, out_dtype)
     ext.arc_gemv_dp4a(xi, xs.view(torch.uint8), xgs.to(torch.float32).reshape(-1).contiguous(), wc.contiguous(),
-                      ws.view(torch.uint8).contiguous(), wgs.to(torch.float32).reshape(-1).contiguous(), b, y, s,
+                      ws.view(torch.uint8).contiguous(), tensor_scales(wgs, n), b, y, s,
                       nr, kw)
     return y
 
 
 def arc_gemm_mma(xd, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat16, kw: int = 4,
                  occ: bool = False) -> torch.Tensor:
-    """y (M, N) = xd @ dequant(W_aug)^T / (xgs * wgs) (+ bias) on tensor cores; M <= 64.
+    """y (M, N) = xd @ dequant(W_aug)^T / (xgs * wgs) (+ bias) on tensor cores; M <= 64; wgs () or (N,).
     xd (M, K+s) float16 = code * block scale; kw: warps splitting the depth (1..8); occ: the
     entry point with a register bound (more resident warps, see the .cu file)."""
     m, n, k = xd.shape[0], wc.shape[0], wc.shape[1] * 2
@@ -154,7 +163,7 @@ def arc_gemm_mma(xd, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat
     kw = max(1, min(kw, 8, 32 // -(-m // 8)))
     y, b, ext = _outputs(xd, n, bias, out_dtype)
     ext.arc_gemm_mma(xd, xgs.to(torch.float32).reshape(-1).contiguous(), wc.contiguous(),
-                     ws.view(torch.uint8).contiguous(), wgs.to(torch.float32).reshape(-1).contiguous(), b, y, s, kw,
+                     ws.view(torch.uint8).contiguous(), tensor_scales(wgs, n), b, y, s, kw,
                      int(occ))
     return y
 
@@ -164,7 +173,7 @@ def fp16_gemm_reference(xd, xgs, wc, ws, wgs, s: int, bias=None) -> torch.Tensor
     from ..formats import nvfp4
     k = wc.shape[1] * 2
     w = nvfp4.dequantize(nvfp4.unpack(wc), ws, torch.tensor(1.0)).double()        # (N, K) code * scale
-    y = xd.double() @ torch.cat([w, w[:, k - s:]], 1).T / (xgs.double().reshape(-1, 1) * wgs.double())
+    y = xd.double() @ torch.cat([w, w[:, k - s:]], 1).T / (xgs.double().reshape(-1, 1) * wgs.double().reshape(-1))
     return y if bias is None else y + bias.double()
 
 
@@ -175,7 +184,7 @@ def int8_gemv_reference(xi, xs, xgs, wc, ws, wgs, s: int, bias=None) -> torch.Te
     w = nvfp4.dequantize(nvfp4.unpack(wc), ws, torch.tensor(1.0)).double()        # (N, K) code * scale
     w_aug = torch.cat([w, w[:, k - s:]], 1)                                       # (N, K+s)
     x = (xi.double() / 2).unflatten(-1, (-1, 16)) * xs.double().unsqueeze(-1)     # (M, (K+s)/16, 16)
-    y = x.flatten(-2) @ w_aug.T / (xgs.double().reshape(-1, 1) * wgs.double())
+    y = x.flatten(-2) @ w_aug.T / (xgs.double().reshape(-1, 1) * wgs.double().reshape(-1))
     return y if bias is None else y + bias.double()
 
 

@@ -1,7 +1,8 @@
 // Decode-shaped ARC product on CUDA cores with integer dot products (sm_80+; E4M3 scale
 // converts in hardware on sm_89+).
 //
-//   y (M, N) = 0.25 * sum_b [ isum(b) * ws(n, b) * xs(m, b) ] / (xgs(m) * wgs) (+ bias)
+//   y (M, N) = 0.25 * sum_b [ isum(b) * ws(n, b) * xs(m, b) ] / (xgs(m) * wgs(n)) (+ bias)
+// wgs: one tensor scale, or one per output row (several layers' weights stacked: q/k/v in one launch).
 //
 // Operands:
 //   xi  (M, K+s) int8   2 * E2M1 value of the augmented activation (-12..12), from the
@@ -85,7 +86,7 @@ template <int M, int NR>
 __global__ void arc_gemv_kernel(const int8_t* __restrict__ xi, const uint8_t* __restrict__ xs,
                                 const float* __restrict__ xgs, int xgs_per_row,
                                 const uint8_t* __restrict__ wc, const uint8_t* __restrict__ ws,
-                                const float* __restrict__ wgs, const float* __restrict__ bias,
+                                const float* __restrict__ wgs, int wgs_per_row, const float* __restrict__ bias,
                                 void* __restrict__ y, int out_kind, int mrows, int N, int K, int S) {
   constexpr bool SPLIT = M <= 2;
   const int lane = threadIdx.x, warp = threadIdx.y, kw = blockDim.y;
@@ -168,7 +169,7 @@ __global__ void arc_gemv_kernel(const int8_t* __restrict__ xi, const uint8_t* __
     if (n < N && m < mrows) {
       float v = 0.f;
       for (int q = 0; q < kw; ++q) v += red[q * NR * M + t];
-      v = v * 0.25f / ((xgs_per_row ? xgs[m] : xgs[0]) * wgs[0]);
+      v = v * 0.25f / ((xgs_per_row ? xgs[m] : xgs[0]) * wgs[wgs_per_row ? n : 0]);
       if (bias != nullptr) v += bias[n];
       const size_t o = (size_t)m * N + n;
       if (out_kind == 0) reinterpret_cast<__nv_bfloat16*>(y)[o] = __float2bfloat16(v);
@@ -187,7 +188,7 @@ void launch(const torch::Tensor& xi, const torch::Tensor& xs, const torch::Tenso
   const size_t smem = sizeof(float) * kw * NR * M;
   arc_gemv_kernel<M, NR><<<grid, block, smem, at::cuda::getCurrentCUDAStream()>>>(
       xi.data_ptr<int8_t>(), xs.data_ptr<uint8_t>(), xgs.data_ptr<float>(), xgs.numel() > 1 ? 1 : 0,
-      wc.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), wgs.data_ptr<float>(), bias, y.data_ptr(), out_kind,
+      wc.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), wgs.data_ptr<float>(), wgs.numel() > 1 ? 1 : 0, bias, y.data_ptr(), out_kind,
       mrows, n, k, s);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -210,7 +211,7 @@ void launch_nr(int nr, const torch::Tensor& xi, const torch::Tensor& xs, const t
 // no per-block epilogue. The depth order inside an MMA is free (the dot product does not care),
 // so lane (g, t) of a warp reads 16 contiguous codes of 2 blocks per row - coalesced 8-byte
 // loads - and the activation half of the same 32 depth positions.
-//   y = acc / (xgs * wgs) (+ bias)
+//   y = acc / (xgs(m) * wgs(n)) (+ bias); wgs one value or one per row, as above
 // Decode of 4 codes (16 bits c) -> 2 half2: PRMT of the magnitudes' fp16 high bytes (c & 0x7777
 // as selector), PRMT of 0x80 bytes with c (sign-replicate: 0xFF where the code is negative)
 // shifted onto bit 7, both merged by one LOP3; two PRMTs interleave zero low bytes.
@@ -261,7 +262,7 @@ __device__ __forceinline__ WeightStep load_step(const uint8_t* wr0, const uint8_
 template <int MT>
 __device__ __forceinline__ void mma_body(const __half* __restrict__ xd, const float* __restrict__ xgs, int xgs_per_row,
                                          const uint8_t* __restrict__ wc, const uint8_t* __restrict__ ws,
-                                         const float* __restrict__ wgs, const float* __restrict__ bias,
+                                         const float* __restrict__ wgs, int wgs_per_row, const float* __restrict__ bias,
                                          void* __restrict__ y, int out_kind, int mrows, int N, int K, int S) {
   const int lane = threadIdx.x, warp = threadIdx.y, kw = blockDim.y;
   const int g = lane >> 2, t = lane & 3;
@@ -319,7 +320,6 @@ __device__ __forceinline__ void mma_body(const __half* __restrict__ xd, const fl
     for (int e = 0; e < 4; ++e) red[(warp * MT * 4 + mt * 4 + e) * 32 + lane] = acc[mt][e];
   __syncthreads();
   if (warp != 0) return;
-  const float wg = wgs[0];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -328,7 +328,7 @@ __device__ __forceinline__ void mma_body(const __half* __restrict__ xd, const fl
       for (int q = 0; q < kw; ++q) v += red[(q * MT * 4 + mt * 4 + e) * 32 + lane];
       const int n = n0 + g + (e >= 2 ? 8 : 0), m = mt * 8 + 2 * t + (e & 1);
       if (n < N && m < mrows) {
-        v = v / ((xgs_per_row ? xgs[m] : xgs[0]) * wg);
+        v = v / ((xgs_per_row ? xgs[m] : xgs[0]) * wgs[wgs_per_row ? n : 0]);
         if (bias != nullptr) v += bias[n];
         const size_t o = (size_t)m * N + n;
         if (out_kind == 0) reinterpret_cast<__nv_bfloat16*>(y)[o] = __float2bfloat16(v);
@@ -340,9 +340,9 @@ __device__ __forceinline__ void mma_body(const __half* __restrict__ xd, const fl
 
 #define MMA_PARAMS                                                                                  \
   const __half* __restrict__ xd, const float* __restrict__ xgs, int xgs_per_row, const uint8_t* __restrict__ wc, \
-      const uint8_t* __restrict__ ws, const float* __restrict__ wgs, const float* __restrict__ bias,          \
+      const uint8_t* __restrict__ ws, const float* __restrict__ wgs, int wgs_per_row, const float* __restrict__ bias,          \
       void* __restrict__ y, int out_kind, int mrows, int N, int K, int S
-#define MMA_ARGS xd, xgs, xgs_per_row, wc, ws, wgs, bias, y, out_kind, mrows, N, K, S
+#define MMA_ARGS xd, xgs, xgs_per_row, wc, ws, wgs, wgs_per_row, bias, y, out_kind, mrows, N, K, S
 
 // Two entry points: the compiler's own register choice (77 / 106 / 150 / 144 registers for MT
 // 1 / 2 / 4 / 8 on sm_90 with nvcc 13.0: 6, 4, 3, 3 blocks of 4 warps per SM), and one bounded
@@ -367,7 +367,7 @@ void launch_mma(const torch::Tensor& xd, const torch::Tensor& xgs, const torch::
   auto kernel = occ ? arc_gemm_mma_bounded<MT> : arc_gemm_mma_kernel<MT>;
   kernel<<<grid, block, smem, at::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const __half*>(xd.data_ptr<at::Half>()), xgs.data_ptr<float>(), xgs.numel() > 1 ? 1 : 0,
-      wc.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), wgs.data_ptr<float>(), bias, y.data_ptr(), out_kind, mrows, n,
+      wc.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), wgs.data_ptr<float>(), wgs.numel() > 1 ? 1 : 0, bias, y.data_ptr(), out_kind, mrows, n,
       k, s);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -391,6 +391,7 @@ void arc_gemv_dp4a(torch::Tensor xi, torch::Tensor xs, torch::Tensor xgs, torch:
   TORCH_CHECK(xi.size(1) == k + s && xs.size(0) == m && xs.size(1) == (k + s) / 16 && ws.size(0) == n &&
               ws.size(1) == k / 16 && y.size(0) == m && y.size(1) == n, "shape mismatch");
   TORCH_CHECK(xgs.numel() == 1 || xgs.numel() == m, "xgs must hold 1 or M values");
+  TORCH_CHECK(wgs.is_contiguous() && (wgs.numel() == 1 || wgs.numel() == n), "wgs must hold 1 or N values");
   TORCH_CHECK(kw >= 1 && kw <= 32 && (nr == 1 || nr == 2 || nr == 4), "kw in 1..32, nr in {1, 2, 4}");
   const float* b = nullptr;
   if (bias.has_value()) {
@@ -419,6 +420,7 @@ void arc_gemm_mma(torch::Tensor xd, torch::Tensor xgs, torch::Tensor wc, torch::
   TORCH_CHECK(xd.size(1) == k + s && ws.size(0) == n && ws.size(1) == k / 16 && y.size(0) == m && y.size(1) == n,
               "shape mismatch");
   TORCH_CHECK(xgs.numel() == 1 || xgs.numel() == m, "xgs must hold 1 or M values");
+  TORCH_CHECK(wgs.is_contiguous() && (wgs.numel() == 1 || wgs.numel() == n), "wgs must hold 1 or N values");
   TORCH_CHECK(kw >= 1 && kw <= 8 && kw * ((m + 7) / 8) <= 32, "kw in 1..8 and kw * ceil(M / 8) <= 32 (shared memory)");
   const float* b = nullptr;
   if (bias.has_value()) {
