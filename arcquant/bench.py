@@ -16,6 +16,7 @@ import torch
 
 from .engine import Engine
 from .qlinear import QuantLinear
+from .stacking import StackedLinear
 
 PROMPT = 128
 
@@ -28,7 +29,7 @@ def weight_bytes(model) -> dict:
     for mod in layers.modules():
         if isinstance(mod, QuantLinear):
             lin += sum(t.numel() * t.element_size() for t in mod.buffers())
-        elif isinstance(mod, torch.nn.Linear):
+        elif isinstance(mod, (torch.nn.Linear, StackedLinear)):
             lin += mod.weight.numel() * mod.weight.element_size()
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
@@ -157,8 +158,10 @@ def quantized_shape(shape: str, work: Path, calib_source: str, tokenizer_dir=Non
 
 
 def run_bench(source, checkpoint, batches=(1, 8, 32), decode: int = 64, prefill: int = 2048,
-              repeats: int = 5, compile_batches=()) -> list:
-    """BF16 `source` folder vs the arcquant `checkpoint`, one after the other on one GPU."""
+              repeats: int = 5, compile_batches=(), bf16_stacked: bool = True) -> list:
+    """BF16 `source` folder vs the arcquant `checkpoint`, one after the other on one GPU.
+    bf16_stacked: also time the BF16 model with q/k/v and gate/up stacked (stacking.py), as the
+    quantized model's GEMVs are (gpu.stack_groups) - the fair baseline for them."""
     from transformers import AutoModelForCausalLM
     from .checkpoint import load_quantized
     from .gpu import use_kernels
@@ -168,12 +171,17 @@ def run_bench(source, checkpoint, batches=(1, 8, 32), decode: int = 64, prefill:
     rows = []
     model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.bfloat16).cuda().eval()
     rows.append(bench_one(model, "bf16", batches, decode, prefill, repeats, compile_batches))
+    rows[-1]["backend"] = "cuBLAS (torch)"
+    if bf16_stacked:
+        from .stacking import stack_linears
+        groups = stack_linears(model)
+        rows.append(bench_one(model, "bf16-stacked", batches, decode, prefill, repeats, compile_batches))
+        rows[-1]["backend"] = f"cuBLAS (torch), q/k/v and gate/up stacked in {groups} groups"
     del model
     gc.collect()                                   # engines and graphs form reference cycles
     torch.cuda.empty_cache()
     rows[-1]["gpu_bytes_left_after_free"] = torch.cuda.memory_allocated()
     model, _, _ = load_quantized(checkpoint, device="cuda", dtype=torch.bfloat16, verify=False)
-    rows[-1]["backend"] = "cuBLAS (torch)"
     counts = use_kernels(model)
     row = bench_one(model, "arc", batches, decode, prefill, repeats, compile_batches)
     row["backend"] = (f"kernels for {counts['kernels']} layers (CUDA GEMVs for {counts['cuda_gemv']}), "
@@ -201,6 +209,14 @@ def table(rows: list, batches, prefill: int) -> str:
         cells += [gib(r["linear_bytes"]) + ("" if r is base else f" ({base['linear_bytes'] / r['linear_bytes']:.2f}x smaller)"),
                   gib(r["total_bytes"]), gib(r["peak_gpu_bytes"])]
         lines.append("| " + " | ".join(cells) + " |")
+    stacked = next((r for r in rows if r["model"] == "bf16-stacked"), None)
+    if stacked is not None:                                             # the fair baseline for stacked GEMVs
+        for r in rows:
+            if r["model"] not in ("bf16", "bf16-stacked"):
+                ratios = [f"decode b{b} {r[f'decode_tok_s_b{b}'] / stacked[f'decode_tok_s_b{b}']:.2f}x" for b in batches]
+                key = f"prefill_ms_{prefill}" + ("_graph" if graphed else "")
+                lines += ["", f"{r['model']} vs bf16-stacked: " + ", ".join(ratios) +
+                          f", prefill {prefill}{' graph' if graphed else ''} {r[key] / stacked[key]:.2f}x the latency"]
     compiled = sorted({int(k[len("decode_tok_s_b"):-len("_compiled")]) for r in rows for k in r
                        if k.startswith("decode_tok_s_b") and k.endswith("_compiled")})
     if compiled:                                                        # torch.compile'd decode steps

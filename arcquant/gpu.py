@@ -132,8 +132,7 @@ class KernelPath:
             value = quant(x)
         _, xq, xs, gs = value
         if self.group is not None and kind != "bfloat16" and not torch.compiler.is_compiling():
-            y = self.group.output(self, m, value, out_dtype, q.k_padded)        # the group's (M, sum N)
-            y = y[:, self.group.offsets[id(q)]:self.group.offsets[id(q)] + q.out_features]
+            y = self.group.output(self, q, m, value, out_dtype, q.k_padded)     # q's columns
             return y.to(x.dtype).reshape(*x.shape[:-1], q.out_features)
         y = self.product(kind, m, xq, xs, gs, self.weight, self.bias32, q.out_features, q.k_padded, out_dtype)
         return y.to(x.dtype).reshape(*x.shape[:-1], q.out_features)
@@ -172,15 +171,21 @@ class StackedGroup:
         self.bias = None if all(q.bias is None for q in layers) else torch.cat(
             [q.kernel.bias32 if q.bias is not None else wc.new_zeros(q.out_features, dtype=torch.float32)
              for q in layers])
-        self._last = (None, None)                                             # (operand, output)
+        self._last, self._taken = (None, None), set()                         # (operand, output), layers served
 
-    def output(self, kp: KernelPath, m: int, value: tuple, out_dtype, k: int) -> torch.Tensor:
-        """(M, sum N) for this quantized operand, computed once per group and input."""
-        if self._last[0] is not value[1]:
-            kind, xq, xs, gs = value
+    def output(self, kp: KernelPath, q: QuantLinear, m: int, value: tuple, out_dtype, k: int) -> torch.Tensor:
+        """q's columns of the group's (M, sum N) product for this quantized operand, computed once
+        for the group and let go when every layer has taken its columns."""
+        xq = value[1]
+        if self._last[0] is not xq or id(q) in self._taken:
+            kind, _, xs, gs = value
             y = kp.product(kind, m, xq, xs, gs, self.weight, self.bias, self.weight[0].shape[0], k, out_dtype)
-            self._last = (xq, y)
-        return self._last[1]
+            self._last, self._taken = (xq, y), set()
+        y = self._last[1]
+        self._taken.add(id(q))
+        if len(self._taken) == len(self.layers):
+            self._last, self._taken = (None, None), set()
+        return y[:, self.offsets[id(q)]:self.offsets[id(q)] + q.out_features]
 
     def unstack(self) -> None:
         """Give each layer its own storage back (use_kernels(enable=False))."""

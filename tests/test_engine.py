@@ -194,6 +194,7 @@ def test_stacked_group_is_one_launch_with_the_same_outputs(quantized, m, path):
             calls.clear()
             stacked = [p(x) for p in projs]
             assert calls == [sum(p.out_features for p in projs)]         # one launch for q, k and v
+            assert projs[0].kernel.group._last == (None, None)           # every layer took its columns: let go
             for a, b in zip(alone, stacked):
                 assert torch.equal(a, b)
             attn.k_proj.bias = None
@@ -269,3 +270,7 @@ def test_bench_table_ratios_and_graph_prefill_column():
     assert row.split(" | ")[1:5] == ["150.0 (1.50x)", "120.0 (1.50x)", "97.5 (1.30x)", "3.25 (4.00x smaller)"]
     del arc["prefill_ms_2048_graph"]
     assert "graph" not in table([base, arc], [1], 2048).splitlines()[0]
+    stacked = dict(base, model="bf16-stacked", decode_tok_s_b1=120.0, prefill_ms_2048_graph=78.0)
+    arc["prefill_ms_2048_graph"] = 97.5
+    lines = table([base, stacked, arc], [1], 2048).splitlines()
+    assert lines[-1] == "arc vs bf16-stacked: decode b1 1.25x, prefill 2048 graph 1.25x the latency"
