@@ -101,14 +101,15 @@ def block_gains(stats: ChannelStats, k_padded: int, order: str, block: int,
 
 
 def allocate_budget(gains: list, widths: list, members: list, target_bits: float, base_bits: float,
-                    block: int) -> list[int]:
+                    block: int, columns: list | None = None) -> list[int]:
     """Greedy residual blocks across groups by gain per bit until the average bits
-    (mean over layers of base_bits * (K+s)/K) reach target_bits. -> s per group."""
+    (mean over layers of base_bits * (K + columns * s)/K) reach target_bits. -> s per group.
+    columns: stored columns per tail channel of each group (1, or 2 for a weight-residual tail)."""
     n_layers = sum(members)
     allowance = n_layers * target_bits - sum(m * base_bits for m in members)    # extra bit-units
     cand = []
     for g, (gain, k, m) in enumerate(zip(gains, widths, members)):
-        cost = m * base_bits * block / k
+        cost = m * base_bits * block / k * (columns[g] if columns else 1)
         cand += [(float(v) * m / cost, cost, g) for v in gain.tolist()]
     cand.sort(key=lambda c: -c[0])                 # per-group gains are descending: order kept
     s = [0] * len(gains)

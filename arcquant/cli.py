@@ -8,7 +8,7 @@ from pathlib import Path
 from . import distributed, pipeline
 from .arc import ORDERS
 from .checkpoint import CheckpointError, is_checkpoint
-from .config import ACT_SCALES, CALIB_SOURCES, METHODS, ROTATED, CalibConfig, QuantConfig
+from .config import ACT_SCALES, CALIB_SOURCES, METHODS, ROTATED, WEIGHT_RESIDUAL, CalibConfig, QuantConfig
 from .data import TEXTS
 from .export import EXPORT_FORMATS, export_checkpoint
 from .export.writer import parse_size
@@ -39,6 +39,8 @@ def _quant_args(p, method_default="arc"):
     g.add_argument("--target-bits", type=float, default=DEFAULTS.target_bits,
                    help="average bits; residual blocks go where they remove the most error "
                         "(default: %(default)s; 0 = the paper's threshold rule for s)")
+    g.add_argument("--wres-skip", nargs="+", default=[], metavar="NAME",
+                   help="arc+wres: linears (e.g. down_proj) whose groups get plain arc's single tail")
     c = p.add_argument_group("calibration")
     c.add_argument("--calib-source", default="c4",
                    help=f"{' | '.join(CALIB_SOURCES)} | path of a UTF-8 text file (default: %(default)s)")
@@ -54,6 +56,8 @@ def _configs(a, method=None):
               alpha=a.alpha)
     if a.rotate is not None and (kw["method"] in ROTATED or method is None):
         kw["rotate"] = a.rotate                    # compare: only the rotated methods take it
+    if a.wres_skip and (kw["method"] in WEIGHT_RESIDUAL or method is None):
+        kw["wres_skip"] = tuple(a.wres_skip)     # compare: only the wres methods take it; else refused
     if a.paper:
         kw.update(order="sorted", act_scale="dynamic", target_bits=None)
     return QuantConfig(**kw), CalibConfig(a.calib_source, a.calib_samples, a.calib_seqlen, a.seed)

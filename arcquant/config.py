@@ -44,6 +44,8 @@ class QuantConfig:
                top-s channels, weight tail stored separately)
     threshold  a channel is an outlier of a token when |x| > threshold * the token's max
     s_multiple s is rounded up to a multiple of this (a multiple of the format's block)
+    wres_skip  arc+wres / arc+gptq+wres only: linear names (e.g. "down_proj") whose groups get
+               plain arc (one tail, depth K+s) instead of the weight-residual tail
     """
     method: str = "arc"
     fmt: str = "nvfp4"
@@ -55,6 +57,7 @@ class QuantConfig:
     target_bits: float | None = 5.5
     rotate: int | None = None
     alpha: float = 0.5
+    wres_skip: tuple = ()
 
     def __post_init__(self):
         _choice("method", self.method, METHODS)
@@ -71,6 +74,12 @@ class QuantConfig:
             raise ValueError(f"{self.method} adds the rounding error of the residual tail's weights: it needs a tail "
                              f"(residual=True) that reuses the main part (order blocks or sorted), got order "
                              f"{self.order!r}, residual={self.residual}")
+        object.__setattr__(self, "wres_skip", tuple(self.wres_skip))       # JSON gives a list
+        if self.wres_skip and self.method not in WEIGHT_RESIDUAL:
+            raise ValueError(f"wres_skip={list(self.wres_skip)} applies to {' and '.join(WEIGHT_RESIDUAL)}, "
+                             f"not to method {self.method!r}")
+        if not all(isinstance(n, str) and n and "." not in n for n in self.wres_skip):
+            raise ValueError(f"wres_skip={list(self.wres_skip)}: give linear names without dots, e.g. down_proj")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha={self.alpha} must be in [0, 1]; SmoothQuant uses 0.5")
         _choice("fmt", self.fmt, tuple(FORMATS))
@@ -94,6 +103,10 @@ class QuantConfig:
         the threshold rule."""
         return cls(**{"method": "arc", "order": "sorted", "act_scale": "dynamic", "target_bits": None,
                       **overrides})
+
+    def wres_for(self, names) -> bool:
+        """Whether the group of linears `names` (leader first) gets the weight-residual tail."""
+        return self.method in WEIGHT_RESIDUAL and not any(n.split(".")[-1] in self.wres_skip for n in names)
 
     @property
     def rotate_block(self) -> int | None:

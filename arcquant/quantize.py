@@ -7,7 +7,7 @@ from tqdm.auto import tqdm
 
 from . import arc, baselines, distributed, moe
 from .calibrate import capture_inputs, move_outside_layers, run_layer
-from .config import GPTQ, WEIGHT_RESIDUAL, WITH_S, CalibConfig, QuantConfig
+from .config import GPTQ, WITH_S, CalibConfig, QuantConfig
 from .data import calibration_batches
 from .formats import get_format
 from .modeling import find_decoder_layers, find_linears, set_submodule
@@ -81,14 +81,12 @@ def choose_s(qcfg: QuantConfig, groups: list) -> list[int]:
     if qcfg.target_bits is None:
         return [arc.num_augmented(g.stats.outliers, g.stats.tokens, g.k_padded, qcfg.s_multiple)
                 for g in groups]
-    wres = qcfg.method in WEIGHT_RESIDUAL
-    gains = [arc.block_gains(g.stats, g.k_padded, qcfg.order, fmt.block, g.col_norm2, g.col_werr2 if wres else None)
-             for g in groups]
-    target, base = qcfg.target_bits, fmt.bits_per_element
-    if wres:                                        # each tail channel costs 2 columns (K+2s): half the s
-        target = base + (target - base) / 2
+    wres = [qcfg.wres_for(g.names) for g in groups]
+    gains = [arc.block_gains(g.stats, g.k_padded, qcfg.order, fmt.block, g.col_norm2, g.col_werr2 if w else None)
+             for g, w in zip(groups, wres)]
     return arc.allocate_budget(gains, [g.k_padded for g in groups], [len(g.names) for g in groups],
-                               target, base, fmt.block)
+                               qcfg.target_bits, fmt.bits_per_element, fmt.block,
+                               [2 if w else 1 for w in wres])    # a wres tail channel costs 2 columns (K+2s)
 
 
 def quantize_layer_group(qcfg: QuantConfig, layer, names: list, stats, layer_name: str, s: int,
@@ -99,7 +97,8 @@ def quantize_layer_group(qcfg: QuantConfig, layer, names: list, stats, layer_nam
     linears = [layer.get_submodule(n) for n in names]
     k_padded = _k_padded(linears[0], fmt, qcfg.rotate_block)
     rotate = _rotation(qcfg)
-    plan, smooth, amax = _plan_and_transform(qcfg, stats, k_padded, s, fmt, linears, rotate, col_werr2)
+    wres = qcfg.wres_for(names)
+    plan, smooth, amax = _plan_and_transform(qcfg, stats, k_padded, s, fmt, linears, rotate, col_werr2, wres)
     w_amax = torch.stack([_weight_amax(lin, k_padded, rotate, smooth) for lin in linears]).max()
     weight_gs = fmt.global_scale(w_amax)                           # shared: engines fuse the group
     act = ACT_OF_METHOD[qcfg.method]
@@ -112,7 +111,7 @@ def quantize_layer_group(qcfg: QuantConfig, layer, names: list, stats, layer_nam
         try:
             q = QuantLinear.from_linear(lin, qcfg.fmt, act, qcfg.act_scale, plan, weight_gs.cpu(),
                                         None if input_gs is None else input_gs.cpu(), rotate, smooth, hess,
-                                        weight_residual=qcfg.method in WEIGHT_RESIDUAL)
+                                        weight_residual=wres)
         except FloatingPointError as e:
             raise FloatingPointError(f"{e} of {layer_name}.{name}; arcquant cannot quantize it") from None
         q.shared = shared if len(names) > 1 else None
@@ -129,12 +128,12 @@ def _padded_hessian(stats, k_padded: int) -> torch.Tensor:
     return torch.nn.functional.pad(h, (0, extra, 0, extra)) if extra else h
 
 
-def _plan_and_transform(qcfg, stats, k_padded, s, fmt, linears, rotate, col_werr2=None):
+def _plan_and_transform(qcfg, stats, k_padded, s, fmt, linears, rotate, col_werr2=None, wres: bool = False):
     """-> (plan, SmoothQuant scales or None, calibration max |x| of what is 4-bit quantized)."""
     smooth = None
     if qcfg.method in WITH_S and qcfg.method != "atom":           # the ARC methods
         werr = None
-        if qcfg.method in WEIGHT_RESIDUAL:                         # computed at calibration, else here
+        if wres:                                                   # computed at calibration, else here
             werr = _col_werr2(linears, fmt) if col_werr2 is None else col_werr2
         plan = arc.make_plan(stats, k_padded, s, qcfg.order, fmt.block, _col_norm2(linears), werr)
     elif qcfg.method == "atom":                                    # outliers by max, last s
@@ -239,8 +238,8 @@ def calibrate_layers(model, tokenizer, qcfg, ccfg, store, device, batch_size, pr
         if done:
             layer_infos, rows = store.load_stats(i)
         else:
-            layer_infos = [group_info(layer, g, stats.get(g[0]), fmt, qcfg.rotate_block,
-                                      qcfg.method in WEIGHT_RESIDUAL) for g in groups]
+            layer_infos = [group_info(layer, g, stats.get(g[0]), fmt, qcfg.rotate_block, qcfg.wres_for(g))
+                           for g in groups]
         infos.append(layer_infos)
         moe_rows += rows
         store.release(i)

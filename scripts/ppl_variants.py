@@ -53,6 +53,7 @@ BASELINES = {
     "arc+hadamard b16, budget 5.5": dict(method="arc+hadamard", rotate=16),
     "gptq nvfp4": dict(method="gptq"), "arc+gptq nvfp4, budget 5.5": dict(method="arc+gptq"),
     "arc+wres nvfp4, budget 5.5": dict(method="arc+wres"),
+    "arc+wres except down_proj, budget 5.5": dict(method="arc+wres", wres_skip=("down_proj",)),
     "arc+gptq+wres nvfp4, budget 5.5": dict(method="arc+gptq+wres"),
 }
 SETS = {"variants": VARIANTS, "baselines": BASELINES}

@@ -173,6 +173,15 @@ def test_budget_allocation_is_greedy_by_gain_per_bit_and_respects_budget():
     assert s == [32, 48]                       # zero-gain blocks are never bought
     bits = (4.5 * (64 + s[0]) / 64 + 3 * 4.5 * (128 + s[1]) / 128) / 4
     assert bits <= 9.0
+    # a group whose tail channels cost 2 columns (arc+wres) = every group at half the extra bits
+    for target in (6.0, 7.0):
+        both = arc.allocate_budget(gains, widths, members, target, 4.5, 16, [2, 2])
+        assert both == arc.allocate_budget(gains, widths, members, 4.5 + (target - 4.5) / 2, 4.5, 16)
+    assert both == [16, 32]
+    mixed = arc.allocate_budget(gains, widths, members, 6.0, 4.5, 16, [2, 1])   # group 0 costs double
+    assert mixed == [16, 32]                   # (all at single cost: [32, 32])
+    bits = sum(m * 4.5 * (k + c * s) / k for m, k, c, s in zip(members, widths, [2, 1], mixed))
+    assert bits <= 6.0 * sum(members)
 
 
 def test_block_gains_descending_and_relative():

@@ -138,6 +138,34 @@ def test_weight_residual_budget_counts_both_tails(tokenizer):
     assert 5.0 < reports["arc+wres"]["avg_bits"] <= 5.5 and reports["arc"]["avg_bits"] <= 5.0
 
 
+def test_weight_residual_skipped_for_named_layers(tokenizer, tmp_path):
+    """arc+wres with wres_skip=("down_proj",): down_proj groups get plain arc's single tail
+    (4.5 (K+s)/K bits, no weight-residual buffers), the others the weight-residual tail
+    (4.5 (K+2s)/K); the budget counts each at its cost; the setting survives save and load."""
+    model = tiny_llama(hidden=64, inter=128)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 5] *= 30.0
+    qcfg = QuantConfig(method="arc+wres", wres_skip=("down_proj",), target_bits=6.0)
+    report = quantize_model(model, tokenizer, qcfg, CAL, progress=False)
+    rows = report["layers"]
+    down = [r for r in rows if r["name"].endswith("down_proj")]
+    rest = [r for r in rows if not r["name"].endswith("down_proj")]
+    assert any(r["s"] for r in down) and any(r["s"] for r in rest)
+    assert all(r["avg_bits"] == 4.5 * (r["in"] + r["s"]) / r["in"] for r in down)
+    assert all(r["avg_bits"] == 4.5 * (r["in"] + 2 * r["s"]) / r["in"] for r in rest)
+    assert report["avg_bits"] <= 6.0
+    layers = dict((n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear))
+    assert all(q.weight_residual == (not n.endswith("down_proj") and q.s > 0) for n, q in layers.items())
+    save_quantized(model, tokenizer, tmp_path / "ck", qcfg, CAL, report, "tiny")
+    back, _, meta = load_quantized(tmp_path / "ck")
+    assert QuantConfig.from_dict(meta["quant"]) == qcfg
+    assert torch.equal(back(IDS).logits, model(IDS).logits)
+    with pytest.raises(ValueError, match="wres_skip=\\['down_proj'\\] applies to arc\\+wres"):
+        QuantConfig(method="arc", wres_skip=("down_proj",))
+    with pytest.raises(ValueError, match="without dots"):
+        QuantConfig(method="arc+wres", wres_skip=("mlp.down_proj",))
+
+
 @pytest.mark.parametrize("kw", [dict(method="hadamard"), dict(method="hadamard", rotate=32),
                                 dict(method="smoothquant"), dict(method="atom"),
                                 dict(method="atom", act_scale="static"), dict(method="arc+hadamard"),
