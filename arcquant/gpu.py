@@ -248,13 +248,19 @@ def _fusable(q, group: list) -> str | None:
     return None
 
 
-def fuse_norms(model, enable: bool = True) -> dict:
-    """Swap each decoder layer's RMSNorm in front of a kernel-path q/k/v or gate/up group for a
-    FusedNormQuant (enable=False: back). -> {"fused": n, "reasons": {reason: count}}."""
+def shared_groups(model) -> dict:
+    """{id(SharedInput): [the QuantLinears reading it, in module order]}."""
     groups = {}
     for mod in model.modules():
         if isinstance(mod, QuantLinear) and mod.shared is not None:
             groups.setdefault(id(mod.shared), []).append(mod)
+    return groups
+
+
+def fuse_norms(model, enable: bool = True) -> dict:
+    """Swap each decoder layer's RMSNorm in front of a kernel-path q/k/v or gate/up group for a
+    FusedNormQuant (enable=False: back). -> {"fused": n, "reasons": {reason: count}}."""
+    groups = shared_groups(model)
     counts = {"fused": 0, "reasons": {}}
     for layer in model.modules():
         for name, (parent, child) in NORM_CONSUMERS.items():
@@ -291,10 +297,7 @@ def stack_groups(model, enable: bool = True) -> dict:
     """Give each q/k/v and gate/up group on the CUDA GEMVs one stacked weight (StackedGroup):
     one decode launch per group instead of one per layer. enable=False: back to per-layer
     storage. -> {"stacked": n, "reasons": {reason: count}}."""
-    groups = {}
-    for mod in model.modules():
-        if isinstance(mod, QuantLinear) and mod.shared is not None:
-            groups.setdefault(id(mod.shared), []).append(mod)
+    groups = shared_groups(model)
     counts = {"stacked": 0, "reasons": {}}
     for group in groups.values():
         old = next((q.kernel.group for q in group if q.kernel is not None and q.kernel.group is not None), None)
