@@ -116,7 +116,13 @@ class QuantConfig:
         return self.rotate if self.rotate is not None else (0 if self.method == "hadamard" else 16)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready (wres_skip as a list, left out when empty: files written before it existed
+        compare equal)."""
+        d = asdict(self)
+        d["wres_skip"] = list(self.wres_skip)
+        if not d["wres_skip"]:
+            del d["wres_skip"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":

@@ -158,7 +158,8 @@ def test_weight_residual_skipped_for_named_layers(tokenizer, tmp_path):
     assert all(q.weight_residual == (not n.endswith("down_proj") and q.s > 0) for n, q in layers.items())
     save_quantized(model, tokenizer, tmp_path / "ck", qcfg, CAL, report, "tiny")
     back, _, meta = load_quantized(tmp_path / "ck")
-    assert QuantConfig.from_dict(meta["quant"]) == qcfg
+    assert QuantConfig.from_dict(meta["quant"]) == qcfg and meta["quant"]["wres_skip"] == ["down_proj"]
+    assert "wres_skip" not in QuantConfig().to_dict()          # earlier files and fingerprints still match
     assert torch.equal(back(IDS).logits, model(IDS).logits)
     with pytest.raises(ValueError, match="wres_skip=\\['down_proj'\\] applies to arc\\+wres"):
         QuantConfig(method="arc", wres_skip=("down_proj",))
