@@ -29,8 +29,6 @@ class _Stack:
     def take(self, x: torch.Tensor, member: int) -> torch.Tensor:
         """The group's product for x, computed once for its members; dropped when every member
         has taken it (a prefill-sized product is not kept alive between forwards)."""
-        if torch.compiler.is_compiling():
-            return F.linear(x, self.weight, self.bias)
         if self._x is not x or self._version != x._version or member in self._taken:
             self._clear()
             self._x, self._version, self._y = x, x._version, F.linear(x, self.weight, self.bias)
@@ -55,6 +53,8 @@ class StackedLinear(nn.Module):
         self._stack = (stack,)                                                        # not a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():              # traced: no Python-side cache, its own rows only
+            return F.linear(x, self.weight, self.bias)
         return self._stack[0].take(x, self.member)[..., self.offset:self.offset + self.out_features]
 
 
