@@ -6,7 +6,7 @@ from arcquant.engine import Engine
 from arcquant.stacking import StackedLinear, stack_linears
 
 
-def test_stacked_linears_give_the_same_model(fresh_smollm):
+def test_stacked_linears_give_the_same_model(fresh_smollm, monkeypatch):
     model, tok = fresh_smollm
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -31,6 +31,10 @@ def test_stacked_linears_give_the_same_model(fresh_smollm):
         pre = "model.layers.0.self_attn."
         torch.testing.assert_close(yq, x @ before[pre + "q_proj.weight"].t(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(yk, x @ before[pre + "k_proj.weight"].t(), rtol=1e-5, atol=1e-5)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)   # traced: own rows, no cache
+        torch.testing.assert_close(attn.k_proj(x), yk, rtol=1e-5, atol=1e-5)
+        assert stack._y is None
+        monkeypatch.undo()
         got = model(ids).logits
         got_tokens = Engine(model, 1, ids.shape[1] + 9, graphs=False).generate(ids, 8)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)   # fp32 matmul over a wider N
