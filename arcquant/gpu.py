@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .formats import nvfp4
 from .qlinear import QuantLinear
+from .stacking import SharedProduct
 
 log = logging.getLogger("arcquant")
 GEMV_MAX_M = 16
@@ -84,6 +85,11 @@ def kernel_reason(q: QuantLinear) -> str | None:
     return None
 
 
+def _weight_operands(q: QuantLinear) -> tuple:
+    """The layer's weight as the kernels take it: (codes, E4M3 scales as their bits, tensor scale)."""
+    return q.weight_packed, q.weight_scale.view(torch.uint8), q.weight_global_scale
+
+
 class KernelPath:
     """Per-layer device state the kernels need (made once: block_starts reads perm on the host).
     Every kernel is called as a torch custom op (kernels/ops.py: torch.ops.arcquant.*)."""
@@ -97,7 +103,7 @@ class KernelPath:
         self.starts = block_starts(self.perm)
         self.s, self.pad = q.s, q.k_padded - q.in_features
         self.bias32 = None if q.bias is None else q.bias.detach().float().contiguous()
-        self.weight = (q.weight_packed, q.weight_scale.view(torch.uint8), q.weight_global_scale)   # scales as bits
+        self.weight = _weight_operands(q)
         self.cuda_reason = _cuda_gemv_reason(q)
         self.int8_max_m = INT8_MAX_M if gemv_shape_reason(q.k_padded, q.s) is None else 0   # needs K % 32
         self.group: StackedGroup | None = None                                # stack_groups
@@ -132,9 +138,9 @@ class KernelPath:
             value = quant(x)
         _, xq, xs, gs = value
         if self.group is not None and kind != "bfloat16" and not torch.compiler.is_compiling():
-            y = self.group.output(self, q, m, value, out_dtype, q.k_padded)     # q's columns
-            return y.to(x.dtype).reshape(*x.shape[:-1], q.out_features)
-        y = self.product(kind, m, xq, xs, gs, self.weight, self.bias32, q.out_features, q.k_padded, out_dtype)
+            y = self.group.output(q, value, out_dtype)                         # q's columns
+        else:
+            y = self.product(kind, m, xq, xs, gs, self.weight, self.bias32, q.out_features, q.k_padded, out_dtype)
         return y.to(x.dtype).reshape(*x.shape[:-1], q.out_features)
 
     def product(self, kind, m, xq, xs, gs, w, bias, n, k, out_dtype):
@@ -161,36 +167,33 @@ class StackedGroup:
         wc = torch.cat([q.weight_packed for q in layers])                      # (sum N, K/2)
         ws = torch.cat([q.weight_scale for q in layers])                       # (sum N, K/16)
         wgs = torch.cat([q.weight_global_scale.reshape(1).expand(q.out_features) for q in layers])
-        self.offsets, off = {}, 0
-        for q in layers:
+        self.rows, off = {}, 0                                                # id(layer) -> (member, its rows)
+        for i, q in enumerate(layers):
             n = q.out_features
             q.weight_packed, q.weight_scale = wc[off:off + n], ws[off:off + n]   # buffers -> views
-            q.kernel.weight = (q.weight_packed, q.weight_scale.view(torch.uint8), q.weight_global_scale)
-            self.offsets[id(q)], off = off, off + n
+            q.kernel.weight = _weight_operands(q)
+            self.rows[id(q)], off = (i, slice(off, off + n)), off + n
         self.weight = (wc, ws.view(torch.uint8), wgs.contiguous())
         self.bias = None if all(q.bias is None for q in layers) else torch.cat(
             [q.kernel.bias32 if q.bias is not None else wc.new_zeros(q.out_features, dtype=torch.float32)
              for q in layers])
-        self._last, self._taken = (None, None), set()                         # (operand, output), layers served
+        self.product = SharedProduct(len(layers))
 
-    def output(self, kp: KernelPath, q: QuantLinear, m: int, value: tuple, out_dtype, k: int) -> torch.Tensor:
-        """q's columns of the group's (M, sum N) product for this quantized operand, computed once
-        for the group and let go when every layer has taken its columns."""
-        xq = value[1]
-        if self._last[0] is not xq or id(q) in self._taken:
-            kind, _, xs, gs = value
-            y = kp.product(kind, m, xq, xs, gs, self.weight, self.bias, self.weight[0].shape[0], k, out_dtype)
-            self._last, self._taken = (xq, y), set()
-        y = self._last[1]
-        self._taken.add(id(q))
-        if len(self._taken) == len(self.layers):
-            self._last, self._taken = (None, None), set()
-        return y[:, self.offsets[id(q)]:self.offsets[id(q)] + q.out_features]
+    def output(self, q: QuantLinear, value: tuple, out_dtype) -> torch.Tensor:
+        """q's columns of the group's (M, sum N) product for this quantized operand (its SharedInput
+        value), computed once for the group."""
+        kind, xq, xs, gs = value
+        member, rows = self.rows[id(q)]
+        y = self.product.take(xq, member, lambda: q.kernel.product(
+            kind, xq.shape[0], xq, xs, gs, self.weight, self.bias, self.weight[0].shape[0], q.k_padded, out_dtype))
+        return y[:, rows]
 
     def unstack(self) -> None:
-        """Give each layer its own storage back (use_kernels(enable=False))."""
+        """Give each layer its own storage and its own launch back (use_kernels(enable=False))."""
         for q in self.layers:
             q.weight_packed, q.weight_scale = q.weight_packed.clone(), q.weight_scale.clone()
+            if q.kernel is not None:
+                q.kernel.weight, q.kernel.group = _weight_operands(q), None
 
 
 def _cuda_gemv_reason(q: QuantLinear) -> str | None:
@@ -303,9 +306,6 @@ def stack_groups(model, enable: bool = True) -> dict:
         old = next((q.kernel.group for q in group if q.kernel is not None and q.kernel.group is not None), None)
         if old is not None:
             old.unstack()
-            for q in group:
-                if q.kernel is not None:
-                    q.kernel = KernelPath(q)                                 # its own storage again
         reason = _stackable(group) if enable else "disabled"
         if reason is None:
             stacked = StackedGroup(group)

@@ -15,28 +15,40 @@ from torch import nn
 GROUPS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
 
 
+class SharedProduct:
+    """The product of a stacked group, which each member reads part of: computed once per input
+    (the same tensor, unmodified) and let go once every member has taken it, so a prefill-sized
+    product is not kept alive between forwards. Used by the BF16 stacks here and by
+    gpu.StackedGroup."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._clear()
+
+    def _clear(self):
+        self._key, self._version, self._value, self._taken = None, None, None, set()
+
+    def take(self, key: torch.Tensor, member: int, compute):
+        """compute() for `key`, once for the group's members (`member`: 0..size-1)."""
+        if self._key is not key or self._version != key._version or member in self._taken:
+            self._key, self._version, self._value, self._taken = key, key._version, compute(), set()
+        value = self._value
+        self._taken.add(member)
+        if len(self._taken) == self.size:
+            self._clear()
+        return value
+
+
 class _Stack:
     def __init__(self, linears: list):
         self.weight = torch.cat([l.weight.detach() for l in linears])                 # (sum N, K)
         self.bias = None if all(l.bias is None for l in linears) else torch.cat(
             [l.bias.detach() if l.bias is not None else self.weight.new_zeros(l.out_features) for l in linears])
-        self.size = len(linears)
-        self._clear()
-
-    def _clear(self):
-        self._x, self._version, self._y, self._taken = None, None, None, set()
+        self.product = SharedProduct(len(linears))
 
     def take(self, x: torch.Tensor, member: int) -> torch.Tensor:
-        """The group's product for x, computed once for its members; dropped when every member
-        has taken it (a prefill-sized product is not kept alive between forwards)."""
-        if self._x is not x or self._version != x._version or member in self._taken:
-            self._clear()
-            self._x, self._version, self._y = x, x._version, F.linear(x, self.weight, self.bias)
-        y = self._y
-        self._taken.add(member)
-        if len(self._taken) == self.size:
-            self._clear()
-        return y
+        """The group's product for x (computed once for its members)."""
+        return self.product.take(x, member, lambda: F.linear(x, self.weight, self.bias))
 
 
 class StackedLinear(nn.Module):

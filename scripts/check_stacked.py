@@ -43,12 +43,12 @@ def run(model, name, k, ns, m, dev) -> dict:
     xq, xs, gs = arc_quantize_activation_gemv(x, plan.perm.to(torch.int32), s, None, None,
                                               "int8" if int8 else "float16")
     if int8:
-        one = lambda wc_, ws_, wgs_, b_: arc_gemv_int8(xq, xs, gs, wc_, ws_, wgs_, s, b_, torch.float32,
-                                                       **cuda_gemv_config(m, k))
+        one = lambda wc_, ws_, wgs_, b_, dt=torch.float32: arc_gemv_int8(xq, xs, gs, wc_, ws_, wgs_, s, b_, dt,
+                                                                         **cuda_gemv_config(m, k))
         ref = lambda wc_, ws_, wgs_, b_: int8_gemv_reference(xq, xs, gs, wc_, ws_, wgs_, s, b_)
     else:
-        one = lambda wc_, ws_, wgs_, b_: arc_gemm_mma(xq, gs, wc_, ws_, wgs_, s, b_, torch.float32,
-                                                      **mma_config(m, wc_.shape[0], k))
+        one = lambda wc_, ws_, wgs_, b_, dt=torch.float32: arc_gemm_mma(xq, gs, wc_, ws_, wgs_, s, b_, dt,
+                                                                        **mma_config(m, wc_.shape[0], k))
         ref = lambda wc_, ws_, wgs_, b_: fp16_gemm_reference(xq, gs, wc_, ws_, wgs_, s, b_)
     stacked = one(wc, ws, wgs, bias)
     apart = torch.cat([one(l[3], l[4], l[2], b) for l, b in zip(layers, biases)], 1)
@@ -57,9 +57,7 @@ def run(model, name, k, ns, m, dev) -> dict:
     row = {"model": model, "group": name, "K": k, "N": ns, "s": s, "M": m, "path": "int8" if int8 else "mma",
            "stacked_equals_apart": bool(torch.equal(stacked, apart)), "stacked_rel_err": rel(stacked),
            "apart_rel_err": rel(apart)}
-    bf = lambda wc_, ws_, wgs_, b_: (arc_gemv_int8(xq, xs, gs, wc_, ws_, wgs_, s, b_, torch.bfloat16, **cuda_gemv_config(m, k))
-                                     if int8 else arc_gemm_mma(xq, gs, wc_, ws_, wgs_, s, b_, torch.bfloat16,
-                                                              **mma_config(m, wc_.shape[0], k)))
+    bf = lambda wc_, ws_, wgs_, b_: one(wc_, ws_, wgs_, b_, torch.bfloat16)
     row["stacked_us"] = bench(graphed(lambda: bf(wc, ws, wgs, bias)))
     row["apart_us"] = bench(graphed(lambda: [bf(l[3], l[4], l[2], b) for l, b in zip(layers, biases)]))
     print(json.dumps(row), flush=True)

@@ -194,7 +194,7 @@ def test_stacked_group_is_one_launch_with_the_same_outputs(quantized, m, path):
             calls.clear()
             stacked = [p(x) for p in projs]
             assert calls == [sum(p.out_features for p in projs)]         # one launch for q, k and v
-            assert projs[0].kernel.group._last == (None, None)           # every layer took its columns: let go
+            assert projs[0].kernel.group.product._value is None          # every layer took its columns: let go
             for a, b in zip(alone, stacked):
                 assert torch.equal(a, b)
             attn.k_proj.bias = None

@@ -23,17 +23,17 @@ def test_stacked_linears_give_the_same_model(fresh_smollm, monkeypatch):
     with torch.no_grad():
         stack = attn.q_proj._stack[0]
         yq = attn.q_proj(x)
-        product = stack._y
+        product = stack.product._value
         yk = attn.k_proj(x)
-        assert stack._y is product                                  # the group's matmul ran once
+        assert stack.product._value is product                                  # the group's matmul ran once
         attn.v_proj(x)
-        assert stack._y is None                                     # every member took it: let go
+        assert stack.product._value is None                                     # every member took it: let go
         pre = "model.layers.0.self_attn."
         torch.testing.assert_close(yq, x @ before[pre + "q_proj.weight"].t(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(yk, x @ before[pre + "k_proj.weight"].t(), rtol=1e-5, atol=1e-5)
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)   # traced: own rows, no cache
         torch.testing.assert_close(attn.k_proj(x), yk, rtol=1e-5, atol=1e-5)
-        assert stack._y is None
+        assert stack.product._value is None
         monkeypatch.undo()
         got = model(ids).logits
         got_tokens = Engine(model, 1, ids.shape[1] + 9, graphs=False).generate(ids, 8)
