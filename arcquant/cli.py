@@ -3,11 +3,13 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from . import distributed, pipeline
 from .arc import ORDERS
 from .checkpoint import CheckpointError, is_checkpoint
+from .compare import PRESETS
 from .config import ACT_SCALES, CALIB_SOURCES, METHODS, ROTATED, WEIGHT_RESIDUAL, CalibConfig, QuantConfig
 from .data import TEXTS
 from .export import EXPORT_FORMATS, export_checkpoint
@@ -18,6 +20,7 @@ from .modeling import DEFAULT_MODEL, UnsupportedModelError
 from .synth import SHAPES
 
 DEFAULTS = QuantConfig()
+COMPARE_METHODS = ["fp", "w4a16", "w4a8", "rtn", "arc"]
 
 
 def _quant_args(p, method_default="arc"):
@@ -131,13 +134,22 @@ def cmd_bench(a):
         Path(a.json).write_text(json.dumps(rows, indent=1, default=str))
 
 def cmd_compare(a):
-    from .compare import run_comparison, table, write_outputs
-    configs, ccfg = {}, None
-    for m in a.methods:
-        qcfg, ccfg = _configs(a, method=m)
-        configs[m] = qcfg
+    from .compare import preset_configs, run_comparison, table, write_outputs
+    if a.preset and a.methods:
+        raise SystemExit("--preset and --methods: choose one (the preset names its own methods)")
+    if a.only and not a.preset:
+        raise SystemExit("--only picks labels of a --preset; with --methods, list the methods instead")
+    ccfg = _configs(a, method="fp")[1]
+    if a.preset:
+        base = {k: v for k, v in _configs(a, method="arc")[0].to_dict().items() if k not in ("method", "rotate")}
+        configs = preset_configs(a.preset, base, a.only)
+        if a.wres_skip:
+            configs = {k: (replace(q, wres_skip=tuple(a.wres_skip)) if q.method in WEIGHT_RESIDUAL else q)
+                       for k, q in configs.items()}
+    else:
+        configs = {m: _configs(a, method=m)[0] for m in a.methods or COMPARE_METHODS}
     rows = run_comparison(a.model, configs, ccfg, a.out, a.text, a.seqlen, a.tokens, a.tasks or (), a.limit,
-                          a.device)
+                          a.device, batch_size=a.batch_size)
     print("\n" + table(rows))
     if a.out:
         write_outputs(rows, Path(a.out))
@@ -218,7 +230,13 @@ def build_parser():
     p.set_defaults(fn=cmd_bench)
     p = sub.add_parser("compare", help="perplexity of several methods on one model, as a table")
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--methods", nargs="+", default=["fp", "w4a16", "w4a8", "rtn", "arc"], choices=METHODS)
+    p.add_argument("--methods", nargs="+", choices=METHODS,
+                   help=f"one cell per method (default: {' '.join(COMPARE_METHODS)})")
+    p.add_argument("--preset", choices=list(PRESETS),
+                   help="a named set of cells instead of --methods: 'paper' = every baseline of the paper, "
+                        "ARC in NVFP4/MXFP4/INT4, arc+hadamard, arc+gptq, arc+wres")
+    p.add_argument("--only", nargs="+", metavar="LABEL", help="run only these labels of the preset")
+    p.add_argument("--batch-size", type=int, default=16, help="zero-shot batch size (default: %(default)s)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.add_argument("--out", help="folder for results.jsonl (finished cells are skipped on a rerun), table.md, "
                                  "results.json and plot.png")

@@ -10,8 +10,41 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from . import pipeline
 from .config import CalibConfig, QuantConfig
+
+# issue 3's table: every baseline of the paper, ARC in each format, and what goes beyond it
+# (label -> QuantConfig fields over the command line's; s-bearing methods at the 5.5-bit budget)
+PRESETS = {"paper": {
+    "fp": dict(method="fp"), "w4a16": dict(method="w4a16"), "w4a8": dict(method="w4a8"),
+    "rtn nvfp4": dict(method="rtn"), "rtn mxfp4": dict(method="rtn", fmt="mxfp4"),
+    "rtn int4": dict(method="rtn", fmt="int4", s_multiple=128),
+    "hadamard full": dict(method="hadamard", rotate=0), "hadamard b16": dict(method="hadamard", rotate=16),
+    "smoothquant": dict(method="smoothquant"), "atom": dict(method="atom"),
+    "arc nvfp4": dict(method="arc"), "arc mxfp4": dict(method="arc", fmt="mxfp4"),
+    "arc int4": dict(method="arc", fmt="int4", s_multiple=128),
+    "arc+hadamard b16": dict(method="arc+hadamard", rotate=16), "arc+gptq": dict(method="arc+gptq"),
+    "arc+wres": dict(method="arc+wres"),
+}}
+
+
+def preset_configs(name: str, base: dict, only=None) -> dict:
+    """{label: QuantConfig} of preset `name`, each preset's fields over `base` (QuantConfig
+    fields); `only`: a subset of its labels, in the preset's order."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+    cells = PRESETS[name]
+    unknown = [x for x in (only or ()) if x not in cells]
+    if unknown:
+        raise ValueError(f"{unknown} not in preset {name!r}; its labels: {', '.join(cells)}")
+    return {label: QuantConfig(**{**base, **kw}) for label, kw in cells.items() if not only or label in only}
+
+
+def _device_name(device) -> str:
+    d = torch.device(device)
+    return torch.cuda.get_device_name(d) if d.type == "cuda" else d.type
 
 
 def cell_key(model: str, qcfg: QuantConfig, ccfg: CalibConfig, eval_settings: dict) -> str:
@@ -45,8 +78,10 @@ def _append_line(path: Path, line: str) -> None:
 
 
 def run_comparison(model: str, configs: dict, ccfg: CalibConfig, out: Path | None, text="wiki-test",
-                   seqlen=512, tokens=65536, tasks=(), limit=None, device="cpu", log=print) -> list[dict]:
-    """configs: {label: QuantConfig}. -> rows (finished cells, in the order of `configs`)."""
+                   seqlen=512, tokens=65536, tasks=(), limit=None, device="cpu", log=print,
+                   batch_size: int = 16) -> list[dict]:
+    """configs: {label: QuantConfig}. -> rows (finished cells, in the order of `configs`).
+    Calibration, perplexity and the zero-shot tasks run on `device` (batch_size: zero-shot)."""
     settings = {"text": text, "seqlen": seqlen, "tokens": tokens, "tasks": list(tasks), "limit": limit}
     path = None if out is None else Path(out) / "results.jsonl"
     if path is not None:
@@ -60,12 +95,14 @@ def run_comparison(model: str, configs: dict, ccfg: CalibConfig, out: Path | Non
             continue
         t0 = time.time()
         mdl, tok, rep = pipeline.quantize_in_memory(model, qcfg, ccfg, device, progress=False)
+        mdl = mdl.to(device)                           # calibration hands layers back on the CPU
         row = {"key": key, "label": label, "model": model, "method": qcfg.method, "config": qcfg.to_dict(),
                "calibration": vars(ccfg), "avg_bits": rep["avg_bits"], "limit": limit,
+               "device": _device_name(device), "torch": torch.__version__,
                **pipeline.evaluate(mdl, tok, text, seqlen, tokens, device, progress=False)}
         if tasks:
             from .zeroshot import evaluate_zeroshot
-            zs = evaluate_zeroshot(mdl, tok, tasks, limit, device=device)
+            zs = evaluate_zeroshot(mdl, tok, tasks, limit, batch_size, device=device)
             row.update(zeroshot=zs["tasks"], average_acc=zs["average_acc"], lm_eval=zs["lm_eval"])
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
@@ -92,7 +129,8 @@ def table(rows: list[dict]) -> str:
                  f"{r0['calibration']['seqlen']} seed {r0['calibration']['seed']}"
                  + (f"; zero-shot acc (%) through lm-evaluation-harness {r0.get('lm_eval')}, "
                     + ("full splits" if not r0.get("limit") else
-                       f"first {r0['limit']} documents per task (--limit: a quick run)") if tasks else ""))
+                       f"first {r0['limit']} documents per task (--limit: a quick run)") if tasks else "")
+                 + "".join(sorted({f"; run on {r['device']}, torch {r['torch']}" for r in rows if "device" in r})))
     return "\n".join(lines) + "\n"
 
 

