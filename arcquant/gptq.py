@@ -22,7 +22,7 @@ LAZY = 128                      # columns updated lazily per batch (GPTQ's "bloc
 def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
     """Upper Cholesky factor of H^-1 (H damped until it factors)."""
     n, damp = h.shape[0], DAMP * h.diagonal().mean()
-    eye = torch.eye(n, dtype=h.dtype)
+    eye = torch.eye(n, dtype=h.dtype, device=h.device)
     for _ in range(6):
         try:
             low = torch.linalg.cholesky(h + damp * eye)
@@ -42,12 +42,13 @@ def gptq_nvfp4(w: torch.Tensor, h: torch.Tensor, gs: torch.Tensor):
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     hinv = _inverse_cholesky(h)
-    gs32 = torch.as_tensor(gs, dtype=torch.float32)
-    codes = torch.zeros(n, k, dtype=torch.uint8)
-    scales = torch.zeros(n, k // fmt.block, dtype=torch.float8_e4m3fn)
+    gs32 = torch.as_tensor(gs, dtype=torch.float32, device=w.device)
+    codes = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
+    scales = torch.zeros(n, k // fmt.block, dtype=torch.float8_e4m3fn, device=w.device)
     for i1 in range(0, k, LAZY):
         i2 = min(i1 + LAZY, k)
-        w1, err1, hi = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=torch.float64), hinv[i1:i2, i1:i2]
+        w1, hi = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        err1 = torch.zeros(n, i2 - i1, dtype=torch.float64, device=w.device)
         for i in range(i2 - i1):
             col = i1 + i
             if col % fmt.block == 0:                             # the block's scale, from current weights

@@ -89,7 +89,7 @@ class QuantLinear(nn.Module):
             raise FloatingPointError("NaN or Inf in the weights")
         w = transform_input(arc.pad_k(w, plan.k), rotate, None)         # (N, Kp) rotated
         if smooth is not None:
-            w = w * smooth                                               # x / s  <->  W * s
+            w = w * smooth.to(w.device)                                  # x / s  <->  W * s
         if hessian is None:
             qw = arc.quantize_weight(w, plan, get_format(fmt), weight_gs)
         else:
@@ -97,7 +97,7 @@ class QuantLinear(nn.Module):
             if not plan.tail_reuses_weight():
                 raise ValueError("GPTQ rounding needs a residual tail that reuses the main part (order blocks/sorted)")
             p = plan.perm
-            qw = arc.QuantizedWeight(*gptq_nvfp4(w[:, p], hessian[p][:, p], weight_gs), None, None)
+            qw = arc.QuantizedWeight(*gptq_nvfp4(w[:, p], hessian.to(w.device)[p][:, p], weight_gs), None, None)
         tail8 = _quantize_tail8(w[:, plan.tail]) if act == "mixed" else None
         wres = arc.weight_residual(w, qw, plan, get_format(fmt), weight_gs) if weight_residual and plan.s else None
         return cls(linear.in_features, linear.out_features, fmt, act, act_scale, plan, qw,

