@@ -12,7 +12,14 @@ and folded into the stored weight: a rotation (block size and seed; the matrix i
 not stored) and SmoothQuant scales (buffer `smooth`).
 Layers that read the same input (q/k/v, gate/up) hold the same SharedInput, so the
 activation is quantized once per forward for the whole group.
+NVFP4 activations on a CUDA device are quantized by the fused Triton kernel (same bits, a
+few launches instead of dozens: evaluation on a GPU is not launch-bound);
+ARCQUANT_ACT_BACKEND=reference keeps plain torch, =triton asks for the kernel anywhere
+(on a CPU through TRITON_INTERPRET=1).
 """
+import logging
+import os
+
 import torch
 from torch import nn
 
@@ -20,6 +27,23 @@ from . import arc, baselines
 from .formats import fp8, get_format
 
 ACTS = ("none", "fp8", "fp4", "mixed")
+ACT_BACKENDS = ("auto", "reference", "triton")
+log = logging.getLogger("arcquant")
+_logged: set = set()
+
+
+def act_backend(x: torch.Tensor) -> str:
+    """'triton' or 'reference' for quantizing activation x (ARCQUANT_ACT_BACKEND, default auto:
+    the kernel on a CUDA device)."""
+    choice = os.environ.get("ARCQUANT_ACT_BACKEND", "auto")
+    if choice not in ACT_BACKENDS:
+        raise ValueError(f"ARCQUANT_ACT_BACKEND={choice!r}; valid: {', '.join(ACT_BACKENDS)}")
+    use = ("triton" if x.is_cuda else "reference") if choice == "auto" else choice
+    if (use, x.device.type) not in _logged:
+        _logged.add((use, x.device.type))
+        log.info("NVFP4 activation quantization of the reference layers on %s: %s", x.device.type,
+                 "fused Triton kernel (exact)" if use == "triton" else "plain torch")
+    return use
 
 
 class SharedInput:
@@ -75,6 +99,7 @@ class QuantLinear(nn.Module):
         self.input_amax: float | None = None    # calibration max |x| (W4A4): engines' static scale
         self._w_aug = None                                               # dequantized cache
         self.kernel = None                # gpu.KernelPath when the GPU kernels run this layer
+        self._tail_last = None            # plan's tail = its last s channels (the fused kernel's case)
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
@@ -174,8 +199,22 @@ class QuantLinear(nn.Module):
         if self.act == "mixed":
             return self._quantize_mixed(x[:, self.perm.long()])
         gs = self._activation_global_scale(x)
-        codes, scales = arc.quantize_activation(x, self.plan, self.fmt, gs)
+        if self._kernel_quantizes(x):
+            from .kernels.act_quant import arc_quantize_activation_codes
+            arc.check_finite(x, "the activations")
+            codes, scales = arc_quantize_activation_codes(x.contiguous(), self.perm, self.s, gs)
+        else:
+            codes, scales = arc.quantize_activation(x, self.plan, self.fmt, gs)
         return self.fmt.dequantize(codes, scales, gs)
+
+    def _kernel_quantizes(self, x: torch.Tensor) -> bool:
+        """The fused kernel covers NVFP4 with the tail at the end of the plan (orders blocks and
+        sorted; 'none' keeps its tail elsewhere)."""
+        if self.fmt.name != "nvfp4" or act_backend(x) != "triton":
+            return False
+        if self._tail_last is None:                                     # one host check per layer
+            self._tail_last = self.plan.tail_reuses_weight()
+        return self._tail_last and self.perm.device == x.device
 
     def _quantize_mixed(self, xp: torch.Tensor) -> torch.Tensor:
         """Atom: (M, Kp) in plan order -> [4-bit main (Kp-s), FP8 outliers (s)], the main part's
