@@ -209,9 +209,9 @@ class QuantLinear(nn.Module):
 
     def _kernel_quantizes(self, x: torch.Tensor) -> bool:
         """The fused kernel covers NVFP4 with the tail at the end of the plan (orders blocks and
-        sorted; 'none' keeps its tail elsewhere)."""
-        if self.fmt.name != "nvfp4" or act_backend(x) != "triton":
-            return False
+        sorted; 'none' keeps its tail elsewhere); torch.compile traces the plain torch ops."""
+        if self.fmt.name != "nvfp4" or torch.compiler.is_compiling() or act_backend(x) != "triton":
+            return False                                               # traced: plain torch, as before
         if self._tail_last is None:                                     # one host check per layer
             self._tail_last = self.plan.tail_reuses_weight()
         return self._tail_last and self.perm.device == x.device
