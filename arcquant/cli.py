@@ -50,7 +50,7 @@ def _quant_args(p, method_default="arc"):
     c.add_argument("--calib-samples", type=int, default=32, help="default: %(default)s")
     c.add_argument("--calib-seqlen", type=int, default=512, help="default: %(default)s")
     c.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="compute device for calibration (default: cpu)")
+    p.add_argument("--device", default="cpu", help="compute device: calibration and evaluation (default: cpu)")
 
 
 def _configs(a, method=None):
@@ -273,9 +273,25 @@ def build_parser():
     return ap
 
 
+def check_device(device: str) -> None:
+    """A --device value this machine has, else a ValueError saying what to pass instead."""
+    import torch
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU here; use --device cpu (the reference backend)")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+
+
 def main(argv=None):
     a = build_parser().parse_args(argv)
     try:
+        if getattr(a, "device", None) is not None:
+            check_device(a.device)
         a.fn(a)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, CheckpointError,
             UnsupportedModelError) as e:

@@ -69,3 +69,13 @@ def test_compare_cli_refuses_preset_with_methods(capsys):
         main(["compare", "--preset", "paper", "--methods", "rtn"])
     with pytest.raises(SystemExit, match="picks labels of a --preset"):
         main(["compare", "--only", "atom"])
+
+
+def test_cli_names_a_device_this_machine_lacks(capsys):
+    import torch
+    from arcquant.cli import main
+    assert main(["compare", "--methods", "rtn", "--device", "cuda:7x"]) == 2
+    assert "'cuda:7x' is not a device: use cpu, cuda or cuda:N" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["zeroshot", "--device", "cuda"]) == 2
+        assert "no CUDA GPU here; use --device cpu" in capsys.readouterr().err
