@@ -1,0 +1,75 @@
+"""Zero-shot full splits task by task for one preset cell, quantized once; each finished task is
+appended to a JSON-lines file at once (a long CPU run that is cut keeps what it finished).
+
+    python scripts/zeroshot_tasks.py --label "arc nvfp4" --tasks piqa arc_easy arc_challenge winogrande \
+        --out results/zeroshot-smollm2-full/cpu-tasks.jsonl
+    python scripts/zeroshot_tasks.py --render results/zeroshot-smollm2-full/cpu-tasks.jsonl
+--render writes a .md beside it: these cells next to the whole-table cells of results.jsonl in the
+same folder (the GPU run), task by task.
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+from arcquant import pipeline
+from arcquant.compare import PRESETS, preset_configs
+from arcquant.config import CalibConfig
+from arcquant.zeroshot import TASKS, evaluate_zeroshot
+
+
+def render(path: Path) -> str:
+    by_label, whole = {}, path.parent / "results.jsonl"
+    for r in map(json.loads, whole.read_text().splitlines() if whole.exists() else []):
+        by_label[(r["label"], r["avg_bits"], r["device"])] = {t: v["acc"] for t, v in r["zeroshot"].items()}
+    for r in map(json.loads, path.read_text().splitlines()):
+        by_label.setdefault((r["label"], r["avg_bits"], r["device"]), {})[r["task"]] = r["acc"]
+    tasks = [t for t in TASKS if any(t in v for v in by_label.values())]
+    lines = ["| method | avg bits | run on | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 3)]
+    for (label, bits, device), accs in by_label.items():
+        cells = [f"{100 * accs[t]:.1f}" if t in accs else "" for t in tasks]
+        lines.append(f"| {label} | {bits:.2f} | {device} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + ("\n\nzero-shot acc (%), full splits, lm-evaluation-harness; calibration c4 32x512 seed 0. "
+                              "The rows run on the CPU (scripts/zeroshot_tasks.py) are the tasks the session's "
+                              "CPU time allowed; the others are the GPU run's cells (table.md).\n")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--label", choices=list(PRESETS["paper"]))
+    ap.add_argument("--render", help="write this JSON-lines file's table (.md beside it) and stop")
+    ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    if a.render:
+        md = Path(a.render).with_suffix(".md")
+        md.write_text(render(Path(a.render)))
+        print(md.read_text())
+        return
+    if not a.label or not a.out:
+        ap.error("--label and --out are needed (or --render)")
+    out = Path(a.out)
+    done = set()
+    if out.exists():
+        done = {(r["label"], r["task"]) for r in map(json.loads, out.read_text().splitlines())}
+    todo = [t for t in a.tasks if (a.label, t) not in done]
+    if not todo:
+        return
+    qcfg = preset_configs("paper", {}, [a.label])[a.label]
+    ccfg = CalibConfig()
+    model, tok, rep = pipeline.quantize_in_memory(a.model, qcfg, ccfg, "cpu", progress=False)
+    for task in todo:
+        t0 = time.time()
+        zs = evaluate_zeroshot(model, tok, [task], None, a.batch_size)
+        row = {"model": a.model, "label": a.label, "config": qcfg.to_dict(), "calibration": vars(ccfg),
+               "avg_bits": rep["avg_bits"], "task": task, **zs["tasks"][task], "lm_eval": zs["lm_eval"],
+               "device": "cpu", "seconds": round(time.time() - t0, 1)}
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(task, row)
+
+
+if __name__ == "__main__":
+    main()
