@@ -32,14 +32,15 @@ PRESETS = {"paper": {
 
 def preset_configs(name: str, base: dict, only=None) -> dict:
     """{label: QuantConfig} of preset `name`, each preset's fields over `base` (QuantConfig
-    fields); `only`: a subset of its labels, in the preset's order."""
+    fields); `only`: a subset of its labels, run in the order given (the preset's order without it)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
     cells = PRESETS[name]
     unknown = [x for x in (only or ()) if x not in cells]
     if unknown:
         raise ValueError(f"{unknown} not in preset {name!r}; its labels: {', '.join(cells)}")
-    return {label: QuantConfig(**{**base, **kw}) for label, kw in cells.items() if not only or label in only}
+    labels = dict.fromkeys(only) if only else cells                     # user order, repeats dropped
+    return {label: QuantConfig(**{**base, **cells[label]}) for label in labels}
 
 
 def _device_name(device) -> str:

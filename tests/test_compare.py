@@ -55,7 +55,8 @@ def test_paper_preset_has_every_baseline_and_checks_labels():
                  ("arc+hadamard", "nvfp4", 16), ("arc+gptq", "nvfp4", None)]:
         assert want in got, want
     assert all(q.target_bits == 5.5 for q in cfgs.values())                  # the base applies to every cell
-    assert list(preset_configs("paper", {}, ["atom", "fp"])) == ["fp", "atom"]   # the preset's order
+    assert list(preset_configs("paper", {}, ["atom", "fp", "atom"])) == ["atom", "fp"]   # the order given
+    assert list(preset_configs("paper", {}))[:3] == ["fp", "w4a16", "w4a8"]            # else the preset's
     with pytest.raises(ValueError, match="its labels: fp, w4a16"):
         preset_configs("paper", {}, ["arc nvfp5"])
     with pytest.raises(ValueError, match="valid: paper"):
