@@ -13,7 +13,7 @@ ZS=${ZS:-/tmp/zs}; PY=${PY:-python3}
 env_line() { echo "export PYTHONPATH=$ZS/pkgs:$ZS/base/site:$PWD ARCQUANT_CACHE=$ZS/cache HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1"; }
 case $1 in
 collect)
-  mkdir -p $ZS; for d in .stage/*/; do cp -r $d $ZS/; done; ls $ZS ;;
+  mkdir -p $ZS; shopt -s nullglob; for d in .stage/*/; do cp -r $d $ZS/; done; ls $ZS ;;
 setup)
   [ "${WHEELS:-1}" = 1 ] && $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target $ZS/pkgs $ZS/arrow/*.whl $ZS/base/wheels/*.whl
