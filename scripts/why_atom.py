@@ -1,6 +1,6 @@
 """Why does Atom (outlier channels in FP8) beat ARC on SmolLM2? Split its advantage.
 
-    python scripts/why_atom.py --out results/why-atom-smollm2.jsonl [--md results/why-atom-smollm2.md]
+    python scripts/why_atom.py [--model qwen2.5-coder-0.5b] --out results/why-atom-smollm2.jsonl --only VARIANT
 
 Atom keeps the top-s channels' activations AND weights in 8 bits; ARC makes only the
 activations of its s channels ~8-bit (Q1 + Q2) and keeps their weights in NVFP4. Two swaps,
