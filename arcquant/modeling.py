@@ -57,12 +57,19 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _joined_gguf(name: str, parts: list) -> Path:
+def gguf_part_files(name: str) -> list[Path]:
+    """The installed files whose concatenation, in order, is built-in model `name`'s GGUF (one file
+    for a model shipped whole); a missing package raises with the install hint."""
+    entry = BUILTIN_MODELS[name]
+    return [package_file(dist, rel) for dist, rel in ([entry] if isinstance(entry, tuple) else entry)]
+
+
+def _joined_gguf(name: str) -> Path:
     """Concatenate a GGUF file shipped in parts (in order) into the cache; written atomically."""
     dest = cache_dir() / "gguf" / name / f"{name}.gguf"
     if dest.exists():
         return dest
-    files = [package_file(dist, rel) for dist, rel in parts]           # every part present first
+    files = gguf_part_files(name)                                       # every part present first
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".tmp")
     with open(tmp, "wb") as out:
@@ -84,8 +91,8 @@ def resolve_model(name_or_path: str) -> Path:
     if name_or_path in BUILTIN_MODELS:
         dest = cache_dir() / "models" / name_or_path
         if not (dest / "config.json").exists():
-            entry = BUILTIN_MODELS[name_or_path]
-            gguf = package_file(*entry) if isinstance(entry, tuple) else _joined_gguf(name_or_path, entry)
+            whole = isinstance(BUILTIN_MODELS[name_or_path], tuple)
+            gguf = gguf_part_files(name_or_path)[0] if whole else _joined_gguf(name_or_path)
             _convert_gguf(gguf, dest)
         return dest
     path = Path(name_or_path)

@@ -18,12 +18,8 @@ for f in $(grep -ho '{data}/[^ ]*' arcquant/tasks/*.yaml | sed 's#{data}/##'); d
 mkdir -p $S/base/site/exllamav2/conversion/standard_cal_data
 cp $site/exllamav2/conversion/standard_cal_data/{wiki,c4}.utf8 $S/base/site/exllamav2/conversion/standard_cal_data/
 for m in "${models[@]}"; do                        # the GGUF's parts, in order, re-cut into <= 58 MB chunks
-  files=$(python3 -c "
-import sys
-from arcquant.data import package_file
-from arcquant.modeling import BUILTIN_MODELS
-e = BUILTIN_MODELS[sys.argv[1]]
-print(' '.join(str(package_file(*p)) for p in ([e] if isinstance(e, tuple) else e)))" "$m")
+  files=$(python3 -c "import sys; from arcquant.modeling import gguf_part_files
+print(' '.join(map(str, gguf_part_files(sys.argv[1]))))" "$m")
   cat $files | sha256sum | cut -d' ' -f1 > $S/base/models/$m.sha256
   cat $files | split -b 58000000 -d -a 2 - $S/chunk.
   for c in $S/chunk.*; do n=${c##*.}; mkdir -p $S/$m.$n; mv $c $S/$m.$n/chunk; done
