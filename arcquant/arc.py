@@ -12,7 +12,7 @@ identical codes and scales, so it is not stored twice. Otherwise (the "none" ord
 residual channels are picked without reordering the rest) W_tail = Q(W[:, tail]) is stored.
 Q2 uses the same tensor scale as Q1: X_aug is one tensor of one GEMM.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -126,6 +126,7 @@ def allocate_budget(gains: list, widths: list, members: list, target_bits: float
 class ArcPlan:
     perm: torch.Tensor   # (K,) int64
     tail: torch.Tensor   # (s,) int64
+    _reuses: bool | None = field(default=None, repr=False, compare=False)   # tail_reuses_weight, once
 
     @property
     def k(self) -> int:
@@ -137,7 +138,9 @@ class ArcPlan:
 
     def tail_reuses_weight(self) -> bool:
         """True when the weight tail is the last s columns of Q(W[:, perm]) (stored once)."""
-        return self.s == 0 or torch.equal(self.tail, self.perm[self.k - self.s:])
+        if self._reuses is None:                                         # a host sync: checked once
+            self._reuses = self.s == 0 or torch.equal(self.tail, self.perm[self.k - self.s:])
+        return self._reuses
 
     def tail_positions(self) -> torch.Tensor:
         """(s,) position of each tail channel inside the permuted main part."""

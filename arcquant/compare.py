@@ -95,6 +95,8 @@ def run_comparison(model: str, configs: dict, ccfg: CalibConfig, out: Path | Non
             rows.append({**done[key], "limit": limit})          # the key holds the limit: lines before it was stored
             continue
         t0 = time.time()
+        if torch.device(device).type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         mdl, tok, rep = pipeline.quantize_in_memory(model, qcfg, ccfg, device, progress=False)
         mdl = mdl.to(device)                           # calibration hands layers back on the CPU
         row = {"key": key, "label": label, "model": model, "method": qcfg.method, "config": qcfg.to_dict(),
@@ -106,6 +108,9 @@ def run_comparison(model: str, configs: dict, ccfg: CalibConfig, out: Path | Non
             zs = evaluate_zeroshot(mdl, tok, tasks, limit, batch_size, device=device)
             row.update(zeroshot=zs["tasks"], average_acc=zs["average_acc"], lm_eval=zs["lm_eval"])
         row["seconds"] = round(time.time() - t0, 1)
+        if torch.device(device).type == "cuda":                      # what the cell's batch size costs
+            row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            row["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
         rows.append(row)
         if path is not None:
             _append_line(path, json.dumps(row))

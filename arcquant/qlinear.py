@@ -130,7 +130,11 @@ class QuantLinear(nn.Module):
 
     @property
     def plan(self) -> arc.ArcPlan:
-        return arc.ArcPlan(self.perm.long(), self.tail.long())
+        plan = arc.ArcPlan(self.perm.long(), self.tail.long())
+        if self._tail_last is None:                                     # one host check per layer
+            self._tail_last = plan.tail_reuses_weight()
+        plan._reuses = self._tail_last
+        return plan
 
     @property
     def s(self) -> int:
@@ -212,9 +216,7 @@ class QuantLinear(nn.Module):
         sorted; 'none' keeps its tail elsewhere); torch.compile traces the plain torch ops."""
         if self.fmt.name != "nvfp4" or torch.compiler.is_compiling() or act_backend(x) != "triton":
             return False                                               # traced: plain torch, as before
-        if self._tail_last is None:                                     # one host check per layer
-            self._tail_last = self.plan.tail_reuses_weight()
-        return self._tail_last and self.perm.device == x.device
+        return self.plan.tail_reuses_weight() and self.perm.device == x.device
 
     def _quantize_mixed(self, xp: torch.Tensor) -> torch.Tensor:
         """Atom: (M, Kp) in plan order -> [4-bit main (Kp-s), FP8 outliers (s)], the main part's

@@ -4,7 +4,8 @@
 #   device_zeroshot.sh setup             install the wheels; per staged model: join its chunks, check
 #                                        the sha256, convert the GGUF once into the model cache
 #   device_zeroshot.sh run OUT N ARGS..  N background `arcquant compare --preset paper` processes,
-#                                        the labels dealt round-robin, each into OUT/pK; LABELS="a|b|.."
+#                                        the labels dealt round-robin, each into OUT/pK, process K on
+#                                        GPU K mod (number of GPUs); LABELS="a|b|.."
 #                                        (each process runs its share in this order) instead of the
 #                                        whole preset; ARGS may name --model
 #   device_zeroshot.sh pack OUT          the finished cells and log tails into $OUT/cells.tgz
@@ -19,7 +20,9 @@ setup)
       --target $ZS/pkgs $ZS/arrow/*.whl $ZS/base/wheels/*.whl
   eval "$(env_line)"; mkdir -p $ZS/gguf
   for f in $ZS/base/models/*.sha256; do
-    m=$(basename $f .sha256); cat $ZS/$m.*/chunk > $ZS/gguf/$m.gguf
+    m=$(basename $f .sha256)
+    compgen -G "$ZS/$m.*/chunk" > /dev/null || { echo "$m: no chunks collected, skipped"; continue; }
+    cat $ZS/$m.*/chunk > $ZS/gguf/$m.gguf
     echo "$(cat $f)  $ZS/gguf/$m.gguf" | sha256sum -c -
     $PY -c "import sys; from arcquant.modeling import resolve_model; print(resolve_model(sys.argv[1]))" $ZS/gguf/$m.gguf
   done ;;
@@ -27,16 +30,18 @@ run)
   out=$2; n=$3; shift 3; eval "$(env_line)"
   labels=${LABELS:+$(tr '|' '\n' <<< "$LABELS")}
   labels=${labels:-$($PY -c "from arcquant.compare import PRESETS; print('\n'.join(PRESETS['paper']))")}
+  ngpu=$(nvidia-smi -L | grep -c GPU)
   for k in $(seq 0 $((n - 1))); do
     mine=(); i=0
     while IFS= read -r l; do [ $((i % n)) = $k ] && mine+=("$l"); i=$((i + 1)); done <<< "$labels"
     mkdir -p $out/p$k
-    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True OMP_NUM_THREADS=4 \
+    CUDA_VISIBLE_DEVICES=$((k % ngpu)) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True OMP_NUM_THREADS=4 \
       setsid nohup $PY -m arcquant.cli compare --preset paper --only "${mine[@]}" \
       --out $out/p$k "$@" > $out/p$k/log 2>&1 < /dev/null &
   done ;;
 pack)
   cd $2; for d in */; do tail -c 3000 $d/log > $d/log.tail; done
+  nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader || true
   tar czf $OUT/cells.tgz */results.jsonl */log.tail 2>/dev/null || true
   for d in */; do echo "$d $(grep -c . $d/results.jsonl 2>/dev/null) done, $(grep -c Traceback $d/log) failed;" \
     "$(tail -c 100 $d/log | tr '\r\n' '  ' | tail -c 80)"; done ;;

@@ -17,21 +17,29 @@ _UP_INCLUSIVE = (0.75, 1.75, 3.5)
 _UP_EXCLUSIVE = (0.25, 1.25, 2.5, 5.0)
 
 
+_CONSTANTS: dict = {}
+
+
+def _constant(values: tuple, device: torch.device) -> torch.Tensor:
+    """float32 tensor of `values` on `device`, made once (no host-to-device copy per call)."""
+    key = (values, str(device))
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=torch.float32, device=device)
+    return _CONSTANTS[key]
+
+
 def e2m1_round(x: torch.Tensor) -> torch.Tensor:
-    """Float tensor (already divided by its block scale) -> uint8 codes 0..15, same shape."""
-    a = x.abs()
-    mag = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
-    for t in _UP_INCLUSIVE:
-        mag += (a >= t).to(torch.uint8)
-    for t in _UP_EXCLUSIVE:
-        mag += (a > t).to(torch.uint8)
-    return mag | (torch.signbit(x).to(torch.uint8) << 3)
+    """Float tensor (already divided by its block scale) -> uint8 codes 0..15, same shape.
+    magnitude code = #(points t <= |x|, inclusive) + #(points t < |x|, exclusive)."""
+    a = x.abs().to(torch.float32)
+    mag = (torch.bucketize(a, _constant(_UP_INCLUSIVE, x.device), right=True)        # t <= a
+           + torch.bucketize(a, _constant(_UP_EXCLUSIVE, x.device), right=False))   # t < a
+    return mag.to(torch.uint8) | (torch.signbit(x).to(torch.uint8) << 3)
 
 
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
     """uint8 codes 0..15 -> float32 values, same shape (-0 for code 8)."""
-    table = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES),
-                         dtype=torch.float32, device=codes.device)
+    table = _constant(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), codes.device)
     return table[codes.long()]
 
 
