@@ -175,15 +175,29 @@ def write_outputs(rows: list[dict], out: Path) -> None:
         return                                             # the plot needs the [analysis] extra
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2 if "average_acc" in rows[0] else 1, figsize=(12, 4), squeeze=False)
-    labels = [r["label"] for r in rows]
-    axes[0][0].bar(labels, [r["ppl"] for r in rows], color="tab:blue")
-    axes[0][0].set_ylabel("perplexity (lower is better)")
+    import matplotlib.ticker
+    panels = [("ppl", "perplexity (lower is better; log scale)", "tab:blue", lambda r: r["ppl"])]
     if "average_acc" in rows[0]:
-        axes[0][1].bar(labels, [100 * r.get("average_acc", 0) for r in rows], color="tab:green")
-        axes[0][1].set_ylabel("zero-shot average acc % (higher is better)")
-    for ax in axes[0]:
-        ax.tick_params(axis="x", rotation=45)
+        panels.append(("acc", "zero-shot average acc % (higher is better)", "tab:green",
+                       lambda r: 100 * r.get("average_acc", 0)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 0.8 + 0.32 * len(rows)), squeeze=False)
+    labels = [f"{r['label']} ({r['avg_bits']:.2f} b)" for r in rows]
+    for ax, (kind, title, color, value) in zip(axes[0], panels):
+        vals = [value(r) for r in rows]
+        ax.barh(labels, vals, color=color)
+        ax.invert_yaxis()                                  # the table's order, top to bottom
+        if kind == "ppl":
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xticks([t for t in (10, 15, 20, 30, 50, 100, 200, 500, 1000, 10000)
+                           if min(vals) * 0.8 <= t <= max(vals) * 1.2])
+        else:                                              # differences of a few points: zoom in
+            ax.set_xlim(max(0.0, min(vals) - 3), max(vals) + 2)
+        for y, v in enumerate(vals):
+            ax.text(v, y, f" {v:.1f}", va="center", fontsize=8)
+        ax.axvline(vals[0], color="grey", lw=0.8, ls="--")  # the first row (fp) as the reference
+        ax.set_title(title, fontsize=10)
     fig.suptitle(rows[0]["model"])
     fig.tight_layout()
     fig.savefig(out / "plot.png", dpi=100)
