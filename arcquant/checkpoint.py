@@ -32,7 +32,7 @@ from . import __version__, arc
 from .config import CalibConfig, QuantConfig
 from .formats import get_format
 from .modeling import UnsupportedModelError, init_buffers, set_submodule
-from .qlinear import QuantLinear, SharedInput
+from .qlinear import FINITE, QuantLinear, SharedInput
 
 FORMAT = "arcquant"
 FORMAT_VERSION = 2                 # 2: "files" with checksums; 1 (read still): one model.safetensors
@@ -318,6 +318,7 @@ def load_quantized(path, device: str = "cpu", verify: bool = True, dtype=torch.f
                               "the checkpoint's files; the checkpoint does not match its config")
     _finish_meta_model(model, dtype)
     tok = AutoTokenizer.from_pretrained(str(path))
+    FINITE.install(model)                                         # NaN checks read once per forward on a GPU
     return model.to(device).eval(), tok, meta
 
 

@@ -46,6 +46,48 @@ def act_backend(x: torch.Tensor) -> str:
     return use
 
 
+class FiniteCheck:
+    """NaN / Inf in a layer's input is an error (no 4-bit format holds them). On the CPU it is
+    checked at once; on a GPU a per-device flag (the running max of the inputs' amax, which NaN and
+    Inf carry) is read every `every` checks and at the end of each forward of a model that
+    install()ed it - not one host sync per layer, which stalls the card's queue."""
+
+    def __init__(self, every: int = 64):
+        self.every, self.count, self.worst = every, 0, {}
+
+    def check(self, x: torch.Tensor, amax: torch.Tensor, what: str) -> None:
+        """amax: max |x| (any shape; NaN if x holds NaN)."""
+        if not self.deferred(x):
+            arc.check_finite(x, what)
+            return
+        m = amax.amax()                                                  # NaN / Inf propagate
+        w = self.worst.get(x.device)
+        self.worst[x.device] = m if w is None else torch.maximum(w, m)
+        self.count += 1
+        if self.count >= self.every:
+            self.flush()
+
+    @staticmethod
+    def deferred(x: torch.Tensor) -> bool:
+        return x.is_cuda and not torch.compiler.is_compiling()
+
+    def flush(self, *_) -> None:
+        worst, self.worst, self.count = self.worst, {}, 0
+        for dev, w in worst.items():
+            if not torch.isfinite(w).item():
+                raise ValueError(f"NaN or Inf in the activations of a quantized layer on {dev} (read within the "
+                                 f"last {self.every} layer calls); 4-bit formats cannot represent them (check the input)")
+
+    def install(self, model: nn.Module) -> None:
+        """Read the flags at the end of every forward of `model` (once per model)."""
+        if not getattr(model, "_arcquant_finite_check", False):
+            model.register_forward_hook(self.flush)
+            model._arcquant_finite_check = True
+
+
+FINITE = FiniteCheck()
+
+
 class SharedInput:
     """Caches the quantized activation of the last input seen by one group of layers."""
 
@@ -186,11 +228,13 @@ class QuantLinear(nn.Module):
         return self._w_aug
 
     def _activation_global_scale(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act_scale == "static":
-            return self.input_global_scale
-        if self.act_scale == "token":
-            return self.fmt.global_scale(x.abs().amax(-1, keepdim=True))    # (M, 1)
-        return self.fmt.global_scale(x.abs().amax())                        # dynamic: whole batch
+        return self._scale_and_amax(x)[0]
+
+    def _scale_and_amax(self, x: torch.Tensor):
+        """-> (tensor scale of x for this layer's act_scale, amax of |x| (per row for 'token'))."""
+        amax = x.abs().amax(-1, keepdim=True) if self.act_scale == "token" else x.abs().amax()
+        gs = self.input_global_scale if self.act_scale == "static" else self.fmt.global_scale(amax)
+        return gs, amax
 
     def quantize_input(self, x2d: torch.Tensor) -> torch.Tensor:
         """x (M, K) -> dequant(X_aug) (M, Kp+s) float32 for the reference GEMM."""
@@ -202,13 +246,13 @@ class QuantLinear(nn.Module):
             return fp8.fake_quantize_per_row(x[:, self.perm.long()])
         if self.act == "mixed":
             return self._quantize_mixed(x[:, self.perm.long()])
-        gs = self._activation_global_scale(x)
-        if self._kernel_quantizes(x):
-            from .kernels.act_quant import arc_quantize_activation_codes
-            arc.check_finite(x, "the activations")
-            codes, scales = arc_quantize_activation_codes(x.contiguous(), self.perm, self.s, gs)
-        else:
-            codes, scales = arc.quantize_activation(x, self.plan, self.fmt, gs)
+        gs, amax = self._scale_and_amax(x)
+        FINITE.check(x, amax, "the activations")
+        if self._kernel_quantizes(x):                     # the fused kernel: code * block scale, exact
+            from .kernels.act_quant import arc_quantize_activation_gemv
+            xq, _, _ = arc_quantize_activation_gemv(x.contiguous(), self.perm, self.s, gs, out="float16")
+            return xq.to(torch.float32) / gs              # as nvfp4.dequantize: one rounding
+        codes, scales = arc.quantize_activation(x, self.plan, self.fmt, gs, check=False)
         return self.fmt.dequantize(codes, scales, gs)
 
     def _kernel_quantizes(self, x: torch.Tensor) -> bool:

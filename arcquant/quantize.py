@@ -11,7 +11,7 @@ from .config import GPTQ, WITH_S, CalibConfig, QuantConfig
 from .data import calibration_batches
 from .formats import get_format
 from .modeling import find_decoder_layers, find_linears, set_submodule
-from .qlinear import QuantLinear, SharedInput, transform_input
+from .qlinear import FINITE, QuantLinear, SharedInput, transform_input
 
 ACT_OF_METHOD = {"w4a16": "none", "w4a8": "fp8", "rtn": "fp4", "arc": "fp4", "hadamard": "fp4",
                  "smoothquant": "fp4", "atom": "mixed", "arc+hadamard": "fp4", "gptq": "fp4", "arc+gptq": "fp4",
@@ -285,4 +285,5 @@ def quantize_model(model, tokenizer, qcfg: QuantConfig, ccfg: CalibConfig = Cali
         store.merge_layers(distributed.gather(store.layer_entries()))
         rows_of = {i: r for part in distributed.gather(rows_of) for i, r in part.items()}
     rows = [r for i in sorted(rows_of) for r in rows_of[i]]
+    FINITE.install(model)                                          # NaN checks read once per forward on a GPU
     return {"layers": rows, "avg_bits": sum(r["avg_bits"] for r in rows) / len(rows), "moe": moe_rows}

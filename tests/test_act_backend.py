@@ -78,3 +78,33 @@ def test_backend_choice(monkeypatch):
     x[3, 5] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf in the activations"):   # checked as on the reference
         q.quantize_input(x)
+
+
+def test_nan_check_read_once_per_forward_on_a_gpu(monkeypatch):
+    """On a GPU the NaN / Inf check of the activations is a device flag read at the end of the
+    model's forward (or every `every` layer calls), not a host sync per layer: same error."""
+    from arcquant.qlinear import FINITE, FiniteCheck
+    monkeypatch.setattr(FiniteCheck, "deferred", staticmethod(lambda x: True))   # the GPU's path, here
+    q, x = _layer(64, "blocks", 16)
+    model = torch.nn.Sequential(q)
+    FINITE.install(model)
+    FINITE.install(model)                                   # once: one hook
+    assert len(model._forward_hooks) == 1
+    immediate = torch.nn.Sequential(_layer(64, "blocks", 16)[0])
+    y = model(x)
+    monkeypatch.undo()
+    assert torch.equal(y, immediate(x))                     # the check does not touch the result
+    monkeypatch.setattr(FiniteCheck, "deferred", staticmethod(lambda x: True))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        xb = x.clone()
+        xb[7, 3] = bad
+        with pytest.raises(ValueError, match="NaN or Inf in the activations of a quantized layer"):
+            model(xb)                                       # raised by the forward hook
+        model(x)                                            # flags reset: a clean input passes
+    check = FiniteCheck(every=3)                            # no hook: read every 3 calls
+    xb = x.clone()
+    xb[0, 0] = float("nan")
+    check.check(xb, xb.abs().amax(-1, keepdim=True), "the activations")
+    check.check(x, x.abs().amax(), "the activations")
+    with pytest.raises(ValueError, match="within the last 3 layer calls"):
+        check.check(x, x.abs().amax(), "the activations")
