@@ -43,7 +43,7 @@ def preset_configs(name: str, base: dict, only=None) -> dict:
     return {label: QuantConfig(**{**base, **cells[label]}) for label in labels}
 
 
-def _device_name(device) -> str:
+def device_name(device) -> str:
     d = torch.device(device)
     return torch.cuda.get_device_name(d) if d.type == "cuda" else d.type
 
@@ -101,7 +101,7 @@ def run_comparison(model: str, configs: dict, ccfg: CalibConfig, out: Path | Non
         mdl = mdl.to(device)                           # calibration hands layers back on the CPU
         row = {"key": key, "label": label, "model": model, "method": qcfg.method, "config": qcfg.to_dict(),
                "calibration": vars(ccfg), "avg_bits": rep["avg_bits"], "limit": limit,
-               "device": _device_name(device), "torch": torch.__version__,
+               "device": device_name(device), "torch": torch.__version__,
                **pipeline.evaluate(mdl, tok, text, seqlen, tokens, device, progress=False)}
         if tasks:
             from .zeroshot import evaluate_zeroshot

@@ -8,7 +8,10 @@
 #                                        GPU K mod (number of GPUs); LABELS="a|b|.."
 #                                        (each process runs its share in this order) instead of the
 #                                        whole preset; ARGS may name --model
-#   device_zeroshot.sh pack OUT          the finished cells and log tails into $OUT/cells.tgz
+#   device_zeroshot.sh tasks OUT N ARGS.. as run, but each process runs scripts/zeroshot_tasks.py for
+#                                        its labels one after another (OUT/pK/tasks.jsonl: a line per
+#                                        finished task, so a cut run keeps them); ARGS: its flags
+#   device_zeroshot.sh pack OUT          the finished cells / tasks and log tails into $OUT/cells.tgz
 set -euo pipefail
 ZS=${ZS:-/tmp/zs}; PY=${PY:-python3}
 env_line() { echo "export PYTHONPATH=$ZS/pkgs:$ZS/base/site:$PWD ARCQUANT_CACHE=$ZS/cache HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1"; }
@@ -26,8 +29,8 @@ setup)
     echo "$(cat $f)  $ZS/gguf/$m.gguf" | sha256sum -c -
     $PY -c "import sys; from arcquant.modeling import resolve_model; print(resolve_model(sys.argv[1]))" $ZS/gguf/$m.gguf
   done ;;
-run)
-  out=$2; n=$3; shift 3; eval "$(env_line)"
+run|tasks)
+  mode=$1; out=$2; n=$3; shift 3; eval "$(env_line)"
   labels=${LABELS:+$(tr '|' '\n' <<< "$LABELS")}
   labels=${labels:-$($PY -c "from arcquant.compare import PRESETS; print('\n'.join(PRESETS['paper']))")}
   ngpu=$(nvidia-smi -L | grep -c GPU)
@@ -35,14 +38,20 @@ run)
     mine=(); i=0
     while IFS= read -r l; do [ $((i % n)) = $k ] && mine+=("$l"); i=$((i + 1)); done <<< "$labels"
     mkdir -p $out/p$k
-    CUDA_VISIBLE_DEVICES=$((k % ngpu)) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True OMP_NUM_THREADS=4 \
+    export CUDA_VISIBLE_DEVICES=$((k % ngpu)) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True OMP_NUM_THREADS=4
+    if [ $mode = run ]; then
       setsid nohup $PY -m arcquant.cli compare --preset paper --only "${mine[@]}" \
-      --out $out/p$k "$@" > $out/p$k/log 2>&1 < /dev/null &
+        --out $out/p$k "$@" > $out/p$k/log 2>&1 < /dev/null &
+    else                                   # ARGS, then --, then this process's labels
+      setsid nohup bash -c 'o=$1 py=$2; shift 2; a=(); while [ "$1" != -- ]; do a+=("$1"); shift; done; shift
+        for l in "$@"; do $py scripts/zeroshot_tasks.py --label "$l" --out $o "${a[@]}"; done' \
+        _ $out/p$k/tasks.jsonl $PY "$@" -- "${mine[@]}" > $out/p$k/log 2>&1 < /dev/null &
+    fi
   done ;;
 pack)
   cd $2; for d in */; do tail -c 3000 $d/log > $d/log.tail; done
   nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader || true
-  tar czf $OUT/cells.tgz */results.jsonl */log.tail 2>/dev/null || true
-  for d in */; do echo "$d $(grep -c . $d/results.jsonl 2>/dev/null) done, $(grep -c Traceback $d/log) failed;" \
+  tar czf $OUT/cells.tgz */results.jsonl */tasks.jsonl */log.tail 2>/dev/null || true
+  for d in */; do echo "$d $(cat $d/results.jsonl $d/tasks.jsonl 2>/dev/null | grep -c .) done, $(grep -c Traceback $d/log) failed;" \
     "$(tail -c 100 $d/log | tr '\r\n' '  ' | tail -c 80)"; done ;;
 esac

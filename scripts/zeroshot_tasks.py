@@ -4,16 +4,19 @@ appended to a JSON-lines file at once (a long CPU run that is cut keeps what it 
     python scripts/zeroshot_tasks.py --label "arc nvfp4" --tasks piqa arc_easy arc_challenge winogrande \
         --out results/zeroshot-smollm2-full/cpu-tasks.jsonl
     python scripts/zeroshot_tasks.py --render results/zeroshot-smollm2-full/cpu-tasks.jsonl
---render writes a .md beside it: these cells next to the whole-table cells of results.jsonl in the
-same folder (the GPU run), task by task.
+--device cuda runs it on a GPU (scripts/device_zeroshot.sh tasks: many cells at once, nothing lost
+but the tasks in progress when the machine goes). --render writes a .md beside it: these cells next
+to the whole-table cells of results.jsonl in the same folder (the GPU run), task by task.
 """
 import argparse
 import json
 import time
 from pathlib import Path
 
+import torch
+
 from arcquant import pipeline
-from arcquant.compare import PRESETS, preset_configs
+from arcquant.compare import PRESETS, device_name, preset_configs
 from arcquant.config import CalibConfig
 from arcquant.zeroshot import TASKS, evaluate_zeroshot
 
@@ -30,8 +33,8 @@ def render(path: Path) -> str:
         cells = [f"{100 * accs[t]:.1f}" if t in accs else "" for t in tasks]
         lines.append(f"| {label} | {bits:.2f} | {device} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + ("\n\nzero-shot acc (%), full splits, lm-evaluation-harness; calibration c4 32x512 seed 0. "
-                              "The rows run on the CPU (scripts/zeroshot_tasks.py) are the tasks the session's "
-                              "CPU time allowed; the others are the GPU run's cells (table.md).\n")
+                              "The rows of scripts/zeroshot_tasks.py (task by task) hold the tasks that finished in "
+                              "the time a session had; whole cells are compare's (table.md).\n")
 
 
 def main():
@@ -42,6 +45,7 @@ def main():
     ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (calibration and evaluation)")
     a = ap.parse_args()
     if a.render:
         md = Path(a.render).with_suffix(".md")
@@ -53,19 +57,20 @@ def main():
     out = Path(a.out)
     done = set()
     if out.exists():
-        done = {(r["label"], r["task"]) for r in map(json.loads, out.read_text().splitlines())}
-    todo = [t for t in a.tasks if (a.label, t) not in done]
+        done = {(r["model"], r["label"], r["task"]) for r in map(json.loads, out.read_text().splitlines())}
+    todo = [t for t in a.tasks if (a.model, a.label, t) not in done]
     if not todo:
         return
     qcfg = preset_configs("paper", {}, [a.label])[a.label]
     ccfg = CalibConfig()
-    model, tok, rep = pipeline.quantize_in_memory(a.model, qcfg, ccfg, "cpu", progress=False)
+    model, tok, rep = pipeline.quantize_in_memory(a.model, qcfg, ccfg, a.device, progress=False)
+    model = model.to(a.device)                                # calibration hands layers back on the CPU
     for task in todo:
         t0 = time.time()
-        zs = evaluate_zeroshot(model, tok, [task], None, a.batch_size)
+        zs = evaluate_zeroshot(model, tok, [task], None, a.batch_size, device=a.device)
         row = {"model": a.model, "label": a.label, "config": qcfg.to_dict(), "calibration": vars(ccfg),
                "avg_bits": rep["avg_bits"], "task": task, **zs["tasks"][task], "lm_eval": zs["lm_eval"],
-               "device": "cpu", "seconds": round(time.time() - t0, 1)}
+               "device": device_name(a.device), "torch": torch.__version__, "seconds": round(time.time() - t0, 1)}
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(task, row)
