@@ -60,6 +60,8 @@ class FiniteCheck:
         if not self.deferred(x):
             arc.check_finite(x, what)
             return
+        if amax.numel() == 0:                                            # no rows (an expert no token chose)
+            return
         m = amax.amax()                                                  # NaN / Inf propagate
         w = self.worst.get(x.device)
         self.worst[x.device] = m if w is None else torch.maximum(w, m)
@@ -72,6 +74,8 @@ class FiniteCheck:
         return x.is_cuda and not torch.compiler.is_compiling()
 
     def flush(self, *_) -> None:
+        if torch.compiler.is_compiling():                    # a traced forward: read on the next eager one
+            return
         worst, self.worst, self.count = self.worst, {}, 0
         for dev, w in worst.items():
             if not torch.isfinite(w).item():

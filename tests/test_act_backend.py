@@ -102,6 +102,8 @@ def test_nan_check_read_once_per_forward_on_a_gpu(monkeypatch):
             model(xb)                                       # raised by the forward hook
         model(x)                                            # flags reset: a clean input passes
     check = FiniteCheck(every=3)                            # no hook: read every 3 calls
+    check.check(x[:0], x[:0].abs().amax(-1, keepdim=True), "the activations")   # no rows: nothing to read
+    assert check.count == 0
     xb = x.clone()
     xb[0, 0] = float("nan")
     check.check(xb, xb.abs().amax(-1, keepdim=True), "the activations")
