@@ -205,6 +205,17 @@ def test_mxfp4_power_of_two_scale_exact_exponent():
     assert (scales.to(torch.int32) - 127).tolist() == [[0], [1], [-1]]
 
 
+def test_mxfp4_refuses_magnitudes_that_overflow_its_grid():
+    limit = torch.tensor(2.0 ** 127)
+    x = torch.ones(2, 64)
+    x[1, 40] = -torch.nextafter(limit, torch.tensor(0.0))     # the largest magnitude that still fits
+    codes, scales = mxfp4.quantize(x)
+    assert torch.isfinite(mxfp4.dequantize(codes, scales)).all()
+    x[1, 41] = -limit
+    with pytest.raises(ValueError, match=r"magnitudes >= 2\^127 \(1.7e\+38\)"):
+        mxfp4.quantize(x)
+
+
 def test_mxfp4_matches_slow_reference():
     x = torch.randn(4, 64) * 3
     y = mxfp4.fake_quantize(x)

@@ -21,10 +21,11 @@ def quantize(x: torch.Tensor, global_scale=None):
     global_scale is accepted for a uniform interface and ignored (MX has none)."""
     check_last_axis(x, BLOCK)
     xb = x.to(torch.float32).unflatten(-1, (-1, BLOCK))                # (..., K/32, 32)
-    if bool((xb.abs() >= LIMIT).any()):
-        raise ValueError(f"MXFP4 input has magnitudes >= 2^127 ({float(xb.abs().max()):.3g}); rounded to the "
+    amax_b = xb.abs().amax(dim=-1, keepdim=True)                       # (..., K/32, 1)
+    if bool((amax_b >= LIMIT).any()):
+        raise ValueError(f"MXFP4 input has magnitudes >= 2^127 ({float(amax_b.max()):.3g}); rounded to the "
                          "MX grid they overflow float32 - scale the tensor down first")
-    v = div_const(xb.abs().amax(dim=-1, keepdim=True), E2M1_MAX)     # (..., K/32, 1)
+    v = div_const(amax_b, E2M1_MAX)                                    # (..., K/32, 1)
     mant, exp = torch.frexp(v)                                         # v = mant * 2^exp
     e = torch.where(mant == 0.5, exp - 1, exp)                         # ceil(log2 v), exact
     e = torch.where(v > 0, e, torch.full_like(e, -_BIAS)).clamp(-_BIAS, _BIAS)
