@@ -26,6 +26,8 @@ def render(path: Path) -> str:
     for r in map(json.loads, whole.read_text().splitlines() if whole.exists() else []):
         by_label[(r["label"], r["avg_bits"], r["device"])] = {t: v["acc"] for t, v in r["zeroshot"].items()}
     for r in map(json.loads, path.read_text().splitlines()):
+        if r.get("limit"):                                      # a timing run (--limit), not a result
+            continue
         by_label.setdefault((r["label"], r["avg_bits"], r["device"]), {})[r["task"]] = r["acc"]
     tasks = [t for t in TASKS if any(t in v for v in by_label.values())]
     lines = ["| method | avg bits | run on | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 3)]
@@ -46,6 +48,8 @@ def main():
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (calibration and evaluation)")
+    ap.add_argument("--limit", type=int, help="first N documents per task: to time a set-up (such rows "
+                    "carry the limit and stay out of --render's table)")
     a = ap.parse_args()
     if a.render:
         md = Path(a.render).with_suffix(".md")
@@ -57,8 +61,9 @@ def main():
     out = Path(a.out)
     done = set()
     if out.exists():
-        done = {(r["model"], r["label"], r["task"]) for r in map(json.loads, out.read_text().splitlines())}
-    todo = [t for t in a.tasks if (a.model, a.label, t) not in done]
+        rows = map(json.loads, out.read_text().splitlines())
+        done = {(r["model"], r["label"], r["task"], r.get("limit")) for r in rows}
+    todo = [t for t in a.tasks if (a.model, a.label, t, a.limit) not in done]
     if not todo:
         return
     qcfg = preset_configs("paper", {}, [a.label])[a.label]
@@ -67,9 +72,10 @@ def main():
     model = model.to(a.device)                                # calibration hands layers back on the CPU
     for task in todo:
         t0 = time.time()
-        zs = evaluate_zeroshot(model, tok, [task], None, a.batch_size, device=a.device)
+        zs = evaluate_zeroshot(model, tok, [task], a.limit, a.batch_size, device=a.device)
         row = {"model": a.model, "label": a.label, "config": qcfg.to_dict(), "calibration": vars(ccfg),
-               "avg_bits": rep["avg_bits"], "task": task, **zs["tasks"][task], "lm_eval": zs["lm_eval"],
+               "avg_bits": rep["avg_bits"], "task": task, "limit": a.limit, "batch_size": a.batch_size,
+               **zs["tasks"][task], "lm_eval": zs["lm_eval"],
                "device": device_name(a.device), "torch": torch.__version__, "seconds": round(time.time() - t0, 1)}
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
