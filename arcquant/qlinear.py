@@ -177,10 +177,14 @@ class QuantLinear(nn.Module):
     @property
     def plan(self) -> arc.ArcPlan:
         plan = arc.ArcPlan(self.perm.long(), self.tail.long())
-        if self._tail_last is None:                                     # one host check per layer
-            self._tail_last = plan.tail_reuses_weight()
-        plan._reuses = self._tail_last
+        plan._reuses = self._tail_is_last()
         return plan
+
+    def _tail_is_last(self) -> bool:
+        """The plan's tail is its last s channels (stored once; the fused kernel's case)."""
+        if self._tail_last is None:                                     # one host check per layer
+            self._tail_last = arc.ArcPlan(self.perm.long(), self.tail.long()).tail_reuses_weight()
+        return self._tail_last
 
     @property
     def s(self) -> int:
@@ -264,7 +268,7 @@ class QuantLinear(nn.Module):
         sorted; 'none' keeps its tail elsewhere); torch.compile traces the plain torch ops."""
         if self.fmt.name != "nvfp4" or torch.compiler.is_compiling() or act_backend(x) != "triton":
             return False                                               # traced: plain torch, as before
-        return self.plan.tail_reuses_weight() and self.perm.device == x.device
+        return self._tail_is_last() and self.perm.device == x.device
 
     def _quantize_mixed(self, xp: torch.Tensor) -> torch.Tensor:
         """Atom: (M, Kp) in plan order -> [4-bit main (Kp-s), FP8 outliers (s)], the main part's

@@ -199,15 +199,6 @@ def arc_quantize_activation(x: torch.Tensor, perm: torch.Tensor, s: int, gs: tor
     return out if dequantized is None else (*out, xd)
 
 
-def arc_quantize_activation_codes(x: torch.Tensor, perm: torch.Tensor, s: int, gs: torch.Tensor):
-    """arc.quantize_activation's result for NVFP4 and a plan whose tail is perm's last s channels,
-    from the fused kernel: x (M, K) -> (codes (M, K+s) uint8, one per byte, scales (M, (K+s)/16)
-    float8_e4m3fn). Same bits (the kernel is exact), two launches instead of dozens."""
-    from ..formats.e2m1 import unpack_nibbles
-    packed, scales = arc_quantize_activation(x, perm, s, gs)
-    return unpack_nibbles(packed), scales
-
-
 def arc_quantize_activation_gemv(x: torch.Tensor, perm: torch.Tensor, s: int, gs: torch.Tensor | None = None,
                                  starts: torch.Tensor | None = None, out: str = "int8", blocks_per_program: int = 64):
     """x (M, K) -> the operands of the CUDA GEMVs (kernels/cuda_gemv.py): (xq, scales, gs) with
