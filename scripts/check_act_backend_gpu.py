@@ -36,10 +36,42 @@ def quantize(q, x, backend):
     return q.quantize_input(x)
 
 
+def nan_check_on_card() -> dict:
+    """The deferred NaN / Inf check (qlinear.FiniteCheck) fed NaN and Inf on the card, with both
+    activation backends: the model's forward raises the same error, and a clean input then passes."""
+    from arcquant.qlinear import FINITE
+    out = {}
+    for backend in ("reference", "triton"):
+        q, x = layer_and_input(100, 1536, 96, "blocks", "dynamic", 7)
+        model = torch.nn.Sequential(q).to("cuda")
+        FINITE.install(model)
+        os.environ["ARCQUANT_ACT_BACKEND"] = backend
+        xc = x.to("cuda")
+        clean = model(xc)
+        for bad in (float("nan"), float("inf")):
+            xb = xc.clone()
+            xb[17, 300] = bad
+            try:
+                model(xb)
+                out[f"{backend}_{bad}"] = "not raised"
+            except ValueError as e:
+                out[f"{backend}_{bad}"] = "raised" if "NaN or Inf in the activations" in str(e) else repr(e)
+            out[f"{backend}_{bad}_clean_after"] = torch.equal(model(xc), clean)
+    print(out, flush=True)
+    assert all(v in ("raised", True) for v in out.values()), out
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--nan-only", action="store_true", help="only the NaN / Inf check on the card (no timing)")
     a = ap.parse_args()
+    if a.nan_only:
+        head = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, nan_check=nan_check_on_card())
+        with open(a.out, "w") as f:
+            json.dump(dict(header=head), f, indent=1)
+        return
     from triton.testing import do_bench
     rows = []
     cases = [(m, k, s, o, sc) for (k, s) in [(576, 32), (1536, 96), (4096, 256), (1040, 0)]
@@ -59,7 +91,8 @@ def main():
         print(row, flush=True)
         rows.append(row)
     head = dict(card=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=__import__("triton").__version__, all_exact=all(r["exact_vs_gpu_torch"] for r in rows))
+                triton=__import__("triton").__version__, all_exact=all(r["exact_vs_gpu_torch"] for r in rows),
+                nan_check=nan_check_on_card())
     print(head)
     with open(a.out, "w") as f:
         json.dump(dict(header=head, rows=rows), f, indent=1)

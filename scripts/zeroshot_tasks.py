@@ -39,6 +39,21 @@ def render(path: Path) -> str:
                               "the time a session had; whole cells are compare's (table.md).\n")
 
 
+def evaluate_fitting(model, tok, task: str, a) -> tuple[dict, int]:
+    """One task at --batch-size; on a CUDA out-of-memory error (processes sharing a card, the longest
+    documents come first) again at half the batch, down to 1. -> (lm-eval's result, batch used)."""
+    batch = a.batch_size
+    while True:
+        try:
+            return evaluate_zeroshot(model, tok, [task], a.limit, batch, device=a.device), batch
+        except torch.OutOfMemoryError:
+            if batch == 1:
+                raise
+            batch //= 2
+            torch.cuda.empty_cache()
+            print(f"{task}: out of GPU memory, again at batch {batch}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -72,11 +87,14 @@ def main():
     model = model.to(a.device)                                # calibration hands layers back on the CPU
     for task in todo:
         t0 = time.time()
-        zs = evaluate_zeroshot(model, tok, [task], a.limit, a.batch_size, device=a.device)
+        zs, batch = evaluate_fitting(model, tok, task, a)
         row = {"model": a.model, "label": a.label, "config": qcfg.to_dict(), "calibration": vars(ccfg),
-               "avg_bits": rep["avg_bits"], "task": task, "limit": a.limit, "batch_size": a.batch_size,
-               **zs["tasks"][task], "lm_eval": zs["lm_eval"],
+               "avg_bits": rep["avg_bits"], "task": task, "limit": a.limit, "batch_size": batch,
+               **zs["tasks"][task], "lm_eval": zs["lm_eval"], "documents": zs["n_samples"].get(task),
                "device": device_name(a.device), "torch": torch.__version__, "seconds": round(time.time() - t0, 1)}
+        if a.device.startswith("cuda"):
+            row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(a.device) / 2**30, 2)
+            torch.cuda.reset_peak_memory_stats(a.device)
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(task, row)
