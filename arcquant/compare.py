@@ -119,6 +119,37 @@ def run_comparison(model: str, configs: dict, ccfg: CalibConfig, out: Path | Non
     return rows
 
 
+def cells_from_tasks(task_rows: list[dict], ppl_rows: list[dict]) -> list[dict]:
+    """Whole-table rows (as run_comparison's) out of scripts/zeroshot_tasks.py's one-task rows
+    (timing rows, those with a limit, left out) and a perplexity run of the same configs
+    (another results file: rows with "config" and "ppl"; matched on model and config). A cell
+    missing a task keeps the tasks it has and gets no average. Order: first appearance."""
+    ppl = {(r["model"], json.dumps(r["config"], sort_keys=True)): r for r in ppl_rows}
+    cells = {}
+    for r in task_rows:
+        if r.get("limit"):
+            continue
+        k = (r["model"], json.dumps(r["config"], sort_keys=True))
+        if k not in ppl:
+            raise ValueError(f"no perplexity row for {r['label']!r} of {r['model']} (config {r['config']}) "
+                             "in the perplexity file: run `arcquant compare` with that config first")
+        p = ppl[k]
+        c = cells.setdefault(k, {"label": r["label"], "model": r["model"], "method": r["config"]["method"],
+                                 "config": r["config"], "calibration": r["calibration"], "avg_bits": r["avg_bits"],
+                                 "limit": None, "device": r["device"], "torch": r["torch"], "lm_eval": r["lm_eval"],
+                                 "ppl": p["ppl"], "ppl_run": {f: p.get(f) for f in ("device", "torch", "avg_bits", "seconds")},
+                                 **{f: p[f] for f in ("text", "seqlen", "tokens")},
+                                 "zeroshot": {}, "seconds": 0.0, "peak_gpu_gib": 0.0})
+        c["zeroshot"][r["task"]] = {m: r[m] for m in ("acc", "acc_norm", "perplexity") if m in r}
+        c["seconds"] = round(c["seconds"] + r["seconds"], 1)
+        c["peak_gpu_gib"] = max(c["peak_gpu_gib"], r.get("peak_gpu_gib", 0.0))
+    tasks = {t for c in cells.values() for t in c["zeroshot"]}
+    for c in cells.values():
+        if set(c["zeroshot"]) == tasks:
+            c["average_acc"] = sum(v["acc"] for v in c["zeroshot"].values()) / len(tasks)
+    return list(cells.values())
+
+
 def table(rows: list[dict]) -> str:
     tasks = sorted({t for r in rows for t in r.get("zeroshot", {})})
     head = ["method", "avg bits", "ppl"] + tasks + (["avg acc"] if tasks else [])
@@ -127,7 +158,7 @@ def table(rows: list[dict]) -> str:
         zs = r.get("zeroshot", {})
         cells = [r["label"], f"{r['avg_bits']:.2f}", f"{r['ppl']:.2f}"]
         cells += [f"{100 * zs[t]['acc']:.1f}" if t in zs else "" for t in tasks]
-        cells += [f"{100 * r['average_acc']:.1f}"] if tasks else []
+        cells += [f"{100 * r['average_acc']:.1f}" if "average_acc" in r else "-"] if tasks else []
         lines.append("| " + " | ".join(cells) + " |")
     r0 = rows[0]
     lines.append(f"\n{r0['model']}: perplexity on {r0['text']} ({r0['tokens']} tokens, seqlen {r0['seqlen']}); "
@@ -136,7 +167,9 @@ def table(rows: list[dict]) -> str:
                  + (f"; zero-shot acc (%) through lm-evaluation-harness {r0.get('lm_eval')}, "
                     + ("full splits" if not r0.get("limit") else
                        f"first {r0['limit']} documents per task (--limit: a quick run)") if tasks else "")
-                 + "".join(sorted({f"; run on {r['device']}, torch {r['torch']}" for r in rows if "device" in r})))
+                 + "".join(sorted({f"; run on {r['device']}, torch {r['torch']}" for r in rows if "device" in r}))
+                 + "".join(sorted({f"; perplexity from another run (on {r['ppl_run'].get('device') or 'the CPU'}, "
+                                   f"torch {r['ppl_run'].get('torch')})" for r in rows if "ppl_run" in r})))
     return "\n".join(lines) + "\n"
 
 
@@ -177,25 +210,26 @@ def write_outputs(rows: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
     panels = [("ppl", "perplexity (lower is better; log scale)", "tab:blue", lambda r: r["ppl"])]
-    if "average_acc" in rows[0]:
+    if any("average_acc" in r for r in rows):                # a cell missing a task: no bar
         panels.append(("acc", "zero-shot average acc % (higher is better)", "tab:green",
-                       lambda r: 100 * r.get("average_acc", 0)))
+                       lambda r: 100 * r["average_acc"] if "average_acc" in r else float("nan")))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 0.8 + 0.32 * len(rows)), squeeze=False)
     labels = [f"{r['label']} ({r['avg_bits']:.2f} b)" for r in rows]
     for ax, (kind, title, color, value) in zip(axes[0], panels):
         vals = [value(r) for r in rows]
         ax.barh(labels, vals, color=color)
+        have = [v for v in vals if v == v]                 # NaN (a cell missing a task): no bar, no label
         ax.invert_yaxis()                                  # the table's order, top to bottom
         if kind == "ppl":
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xticks([t for t in (10, 15, 20, 30, 50, 100, 200, 500, 1000, 10000)
-                           if min(vals) * 0.8 <= t <= max(vals) * 1.2])
+                           if min(have) * 0.8 <= t <= max(have) * 1.2])
         else:                                              # differences of a few points: zoom in
-            ax.set_xlim(max(0.0, min(vals) - 3), max(vals) + 2)
+            ax.set_xlim(max(0.0, min(have) - 3), max(have) + 2)
         for y, v in enumerate(vals):
-            ax.text(v, y, f" {v:.1f}", va="center", fontsize=8)
+            ax.text(v, y, f" {v:.1f}", va="center", fontsize=8) if v == v else None
         ax.axvline(vals[0], color="grey", lw=0.8, ls="--")  # the first row (fp) as the reference
         ax.set_title(title, fontsize=10)
     fig.suptitle(rows[0]["model"])

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from arcquant import pipeline
-from arcquant.compare import PRESETS, device_name, preset_configs
+from arcquant.compare import PRESETS, cells_from_tasks, device_name, preset_configs, write_outputs
 from arcquant.config import CalibConfig
 from arcquant.zeroshot import TASKS, evaluate_zeroshot
 
@@ -59,6 +59,9 @@ def main():
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--label", choices=list(PRESETS["paper"]))
     ap.add_argument("--render", help="write this JSON-lines file's table (.md beside it) and stop")
+    ap.add_argument("--cells", help="with --render: write whole-table rows (table.md, results.json, "
+                    "plot.png) into this folder, perplexity from --ppl")
+    ap.add_argument("--ppl", help="with --cells: a results JSON-lines file of the same configs' perplexity")
     ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out")
@@ -66,6 +69,15 @@ def main():
     ap.add_argument("--limit", type=int, help="first N documents per task: to time a set-up (such rows "
                     "carry the limit and stay out of --render's table)")
     a = ap.parse_args()
+    if a.render and a.cells:
+        if not a.ppl:
+            ap.error("--cells needs --ppl (a results file of the same configs' perplexity)")
+        read = lambda f: [json.loads(line) for line in Path(f).read_text().splitlines() if line.strip()]
+        rows = cells_from_tasks(read(a.render), read(a.ppl))
+        Path(a.cells).mkdir(parents=True, exist_ok=True)
+        write_outputs(rows, Path(a.cells))
+        print((Path(a.cells) / "table.md").read_text())
+        return
     if a.render:
         md = Path(a.render).with_suffix(".md")
         md.write_text(render(Path(a.render)))

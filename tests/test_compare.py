@@ -1,6 +1,8 @@
 """The comparison command: one cell per method, resumable, rendered as table / JSON / plot."""
 import json
 
+import pytest
+
 from arcquant.compare import run_comparison, write_outputs
 from arcquant.config import CalibConfig, QuantConfig
 from conftest import tiny_folder
@@ -80,3 +82,36 @@ def test_cli_names_a_device_this_machine_lacks(capsys):
     if not torch.cuda.is_available():
         assert main(["zeroshot", "--device", "cuda"]) == 2
         assert "no CUDA GPU here; use --device cpu" in capsys.readouterr().err
+
+
+def test_cells_from_task_rows_average_and_refusals(tmp_path):
+    """scripts/zeroshot_tasks.py's one-task rows become whole-table rows: accuracies per task, the
+    average over the seven only where all are there, perplexity from the run of the same config."""
+    from arcquant.compare import cells_from_tasks, table, write_outputs
+    cfg = {"method": "arc", "fmt": "nvfp4"}
+    common = {"model": "m", "calibration": {"source": "c4", "nsamples": 32, "seqlen": 512, "seed": 0},
+              "device": "NVIDIA H200", "torch": "2.11", "lm_eval": "0.4.13", "seconds": 10.0}
+    accs = {"piqa": 0.6, "arc_easy": 0.5, "arc_challenge": 0.25, "hellaswag": 0.3, "winogrande": 0.52,
+            "lambada_openai": 0.41, "boolq": 0.55}
+    rows = [{**common, "label": "arc nvfp4", "config": cfg, "avg_bits": 5.5, "task": t, "acc": a, "peak_gpu_gib": 7.0 + i}
+            for i, (t, a) in enumerate(accs.items())]
+    rows.append({**common, "label": "arc nvfp4", "config": cfg, "avg_bits": 5.5, "task": "piqa", "acc": 0.9,
+                 "limit": 10})                                                   # a timing row: left out
+    rows += [{**common, "label": "fp", "config": {"method": "fp"}, "avg_bits": 16.0, "task": t, "acc": a}
+             for t, a in list(accs.items())[:6]]                                 # one task short
+    ppl = [{"model": "m", "config": c, "ppl": p, "text": "wiki-test", "seqlen": 512, "tokens": 65536}
+           for c, p in ((cfg, 33.98), ({"method": "fp"}, 31.01))]
+    cells = cells_from_tasks(rows, ppl)
+    assert [c["label"] for c in cells] == ["arc nvfp4", "fp"]
+    arc_cell, fp_cell = cells
+    assert arc_cell["zeroshot"]["piqa"]["acc"] == 0.6 and arc_cell["ppl"] == 33.98
+    assert abs(arc_cell["average_acc"] - sum(accs.values()) / 7) < 1e-12
+    assert arc_cell["seconds"] == 70.0 and arc_cell["peak_gpu_gib"] == 13.0
+    assert "average_acc" not in fp_cell and len(fp_cell["zeroshot"]) == 6
+    md = table(cells)
+    assert "| fp | 16.00 | 31.01 |" in md and md.splitlines()[3].endswith("| - |")
+    assert f"{100 * sum(accs.values()) / 7:.1f}" in md.splitlines()[2]
+    write_outputs(cells, tmp_path)
+    assert (tmp_path / "table.md").read_text() == md
+    with pytest.raises(ValueError, match="no perplexity row for 'arc nvfp4'"):
+        cells_from_tasks(rows, ppl[1:])
