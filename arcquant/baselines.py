@@ -32,10 +32,23 @@ def _random_orthogonal(m: int, gen: torch.Generator) -> torch.Tensor:
     return (q * torch.sign(torch.diagonal(r))).contiguous()
 
 
-@lru_cache(maxsize=16)
-def rotation_matrix(k: int, block: int, seed: int = 0) -> torch.Tensor:
+def rotation_matrix(k: int, block: int, seed: int = 0, device=None) -> torch.Tensor:
     """(n, n) float32 rotation applied to consecutive n-channel groups of a K-wide input:
-    n = block, or n = K for the full-width rotation (block 0). Deterministic in seed."""
+    n = block, or n = K for the full-width rotation (block 0). Deterministic in seed. Built once
+    on the CPU; `device`: a copy kept there (not a host-to-device copy per layer call - the
+    full-width matrix of K = 4,864 is 95 MB)."""
+    if device is None or torch.device(device).type == "cpu":
+        return _rotation_cpu(k, block, seed)
+    return _rotation_copy(k, block, seed, torch.device(device))
+
+
+@lru_cache(maxsize=32)
+def _rotation_copy(k: int, block: int, seed: int, device: torch.device) -> torch.Tensor:
+    return _rotation_cpu(k, block, seed).to(device)
+
+
+@lru_cache(maxsize=32)
+def _rotation_cpu(k: int, block: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     if block:
         if k % block:

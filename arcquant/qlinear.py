@@ -303,7 +303,7 @@ def _quantize_tail8(w_tail: torch.Tensor):
 def transform_input(x: torch.Tensor, rotate: tuple | None, smooth: torch.Tensor | None) -> torch.Tensor:
     """The baselines' input transform on a padded (M, Kp) input: rotation, then smoothing."""
     if rotate is not None:
-        x = baselines.rotate(x, baselines.rotation_matrix(x.shape[-1], *rotate))
+        x = baselines.rotate(x, baselines.rotation_matrix(x.shape[-1], *rotate, device=x.device))
     if smooth is not None:
         x = x / smooth
     return x

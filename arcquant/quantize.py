@@ -54,7 +54,7 @@ def stats_transform(qcfg: QuantConfig, fmt):
         return None
     mult = _pad_multiple(fmt, rot[0])
     return lambda x: baselines.rotate(arc.pad_k(x.float(), mult), baselines.rotation_matrix(
-        -(-x.shape[-1] // mult) * mult, *rot))
+        -(-x.shape[-1] // mult) * mult, *rot, device=x.device))
 
 
 @dataclass

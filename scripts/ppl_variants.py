@@ -36,6 +36,7 @@ VARIANTS = {
     "arc blocks, token, budget 5.5": dict(method="arc", order="blocks", act_scale="token", target_bits=5.5),
     "arc sorted, token, budget 5.5": dict(method="arc", order="sorted", act_scale="token", target_bits=5.5),
     "arc blocks, dynamic, budget 5.5": dict(method="arc", order="blocks", act_scale="dynamic", target_bits=5.5),
+    "arc blocks, token, budget 6.0": dict(method="arc", order="blocks", act_scale="token", target_bits=6.0),
 }
 
 
@@ -108,6 +109,13 @@ def main():
             f.write(json.dumps(row) + "\n")
 
 
+def reused_note(rows: list) -> str:
+    """Rows copied from another file of the same code path and settings (`reused_from`: 'FILE: variant')."""
+    reused = [f"{r['variant']} ({r['reused_from']})" for r in rows if "reused_from" in r]
+    return (f" Rows run once for another table of the same code path and settings: {', '.join(reused)}."
+            if reused else "")
+
+
 def render_baselines(rows: list) -> str:
     """Issue 3 table: every method in one path; gap closed against rtn of the same format."""
     by = {r["variant"]: r for r in rows}
@@ -124,12 +132,10 @@ def render_baselines(rows: list) -> str:
         lines.append(f"| {r['variant']} | {c['method']} | {c.get('fmt', 'nvfp4')} | {rot} | {r['avg_bits']:.2f} | "
                      f"{r['ppl']:.2f} | {gap} |")
     r0 = rows[0]
-    reused = [r["variant"] for r in rows if "reused_from" in r]
     lines.append(f"\n{r0['model']}; perplexity on {r0['text']} ({r0['tokens']} tokens, seqlen {r0['seqlen']}, "
                  f"GPTQ protocol); calibration {r0['calib']}; per-token activation scale; torch {r0['torch']}, CPU. "
                  "Gap closed: (rtn - x) / (rtn - w4a8) with rtn of the same 4-bit format."
-                 + (f" The {', '.join(reused)} rows are the runs of variants-smollm2.jsonl (same code path and "
-                    "settings; `reused_from` in the JSON lines)." if reused else ""))
+                 + reused_note(rows))
     return "\n".join(lines) + "\n"
 
 
@@ -154,7 +160,8 @@ def render(jsonl: Path) -> str:
     r0 = rows[0]
     lines.append(f"\n{r0['model']}; perplexity on {r0['text']} ({r0['tokens']} tokens, seqlen {r0['seqlen']}, "
                  f"GPTQ protocol); calibration {r0['calib']}; torch {r0['torch']}, CPU. The gap closed is "
-                 "(rtn - x) / (rtn - w4a8), against rtn with the same activation scale (rtn-token for static).")
+                 "(rtn - x) / (rtn - w4a8), against rtn with the same activation scale (rtn-token for static)."
+                 + reused_note(rows))
     return "\n".join(lines) + "\n"
 
 

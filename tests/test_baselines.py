@@ -47,6 +47,16 @@ def test_full_rotation_mixes_all_channels_and_is_seeded():
     assert not torch.equal(r, baselines.rotation_matrix(576, 0, seed=1))
 
 
+def test_rotation_matrix_is_kept_per_device():
+    """The online rotation's matrix is copied to a device once, not on every layer call (the
+    full-width one of K = 4,864 is 95 MB): the same object comes back for the same device."""
+    r = baselines.rotation_matrix(4864, 0, seed=0)
+    assert baselines.rotation_matrix(4864, 0, 0, device=torch.device("cpu")) is r
+    meta = baselines.rotation_matrix(4864, 0, 0, device=torch.device("meta"))
+    assert meta.device.type == "meta" and meta.shape == r.shape == (4864, 4864)
+    assert baselines.rotation_matrix(4864, 0, 0, device=torch.device("meta")) is meta
+
+
 def test_smoothing_leaves_the_product_unchanged_and_flattens_outliers():
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(64, 32, generator=g), torch.randn(16, 32, generator=g)
