@@ -160,7 +160,8 @@ def render(jsonl: Path) -> str:
     r0 = rows[0]
     lines.append(f"\n{r0['model']}; perplexity on {r0['text']} ({r0['tokens']} tokens, seqlen {r0['seqlen']}, "
                  f"GPTQ protocol); calibration {r0['calib']}; torch {r0['torch']}, CPU. The gap closed is "
-                 "(rtn - x) / (rtn - w4a8), against rtn with the same activation scale (rtn-token for static)."
+                 "(rtn - x) / (rtn - w4a8), against rtn with the same activation scale (rtn-token for static"
+                 + (", and for dynamic: rtn-dynamic was not run" if "rtn-dynamic" not in by else "") + ")."
                  + reused_note(rows))
     return "\n".join(lines) + "\n"
 
