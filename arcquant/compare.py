@@ -132,7 +132,7 @@ def cells_from_tasks(task_rows: list[dict], ppl_rows: list[dict]) -> list[dict]:
         k = (r["model"], json.dumps(r["config"], sort_keys=True))
         if k not in ppl:
             raise ValueError(f"no perplexity row for {r['label']!r} of {r['model']} (config {r['config']}) "
-                             "in the perplexity file: run `arcquant compare` with that config first")
+                             "in the perplexity file: run that config first (`arcquant compare` or scripts/ppl_variants.py --set baselines)")
         p = ppl[k]
         c = cells.setdefault(k, {"label": r["label"], "model": r["model"], "method": r["config"]["method"],
                                  "config": r["config"], "calibration": r["calibration"], "avg_bits": r["avg_bits"],
@@ -229,7 +229,8 @@ def write_outputs(rows: list[dict], out: Path) -> None:
         else:                                              # differences of a few points: zoom in
             ax.set_xlim(max(0.0, min(have) - 3), max(have) + 2)
         for y, v in enumerate(vals):
-            ax.text(v, y, f" {v:.1f}", va="center", fontsize=8) if v == v else None
+            if v == v:
+                ax.text(v, y, f" {v:.1f}", va="center", fontsize=8)
         ax.axvline(vals[0], color="grey", lw=0.8, ls="--")  # the first row (fp) as the reference
         ax.set_title(title, fontsize=10)
     fig.suptitle(rows[0]["model"])

@@ -69,11 +69,17 @@ def main():
     ap.add_argument("--limit", type=int, help="first N documents per task: to time a set-up (such rows "
                     "carry the limit and stay out of --render's table)")
     a = ap.parse_args()
-    if a.render and a.cells:
-        if not a.ppl:
-            ap.error("--cells needs --ppl (a results file of the same configs' perplexity)")
+    if a.cells or a.ppl:
+        if not (a.render and a.cells and a.ppl):
+            ap.error("--cells and --ppl go together, with --render (the one-task rows to merge)")
+        missing = [f for f in (a.render, a.ppl) if not Path(f).is_file()]
+        if missing:
+            ap.error(f"no such file: {', '.join(missing)}")
         read = lambda f: [json.loads(line) for line in Path(f).read_text().splitlines() if line.strip()]
-        rows = cells_from_tasks(read(a.render), read(a.ppl))
+        try:
+            rows = cells_from_tasks(read(a.render), read(a.ppl))
+        except ValueError as e:
+            ap.error(str(e))
         Path(a.cells).mkdir(parents=True, exist_ok=True)
         write_outputs(rows, Path(a.cells))
         print((Path(a.cells) / "table.md").read_text())
