@@ -143,6 +143,30 @@ def bench_one(model, label: str, batches, decode: int, prefill: int, repeats: in
     return row
 
 
+def mlp_fusion_ab(model, tokens: int, repeats: int) -> dict:
+    """The same run's A/B of gpu.fuse_mlps: the `tokens`-token graph prefill again with the MLP
+    fusion off, and the largest |logit| difference of fused from unfused eager prefills (0: the
+    fusion repeats the unfused roundings)."""
+    from .gpu import fuse_mlps
+    vocab = model.config.vocab_size
+    e = Engine(model, 1, tokens + 1, graphs=False)
+    ids = torch.randint(0, vocab, (1, tokens), device=e.device, generator=torch.Generator(device=e.device).manual_seed(0))
+    fused = e.prefill(ids).float().clone()
+    fuse_mlps(model, False)
+    try:
+        e.cache.reset()
+        diff = (e.prefill(ids).float() - fused).abs().max().item()
+        del e
+        gc.collect()
+        torch.cuda.empty_cache()
+        ms, mode, _ = prefill_ms(model, tokens, repeats, vocab, True)
+    finally:
+        fuse_mlps(model, True)
+    print(f"  arc, MLP fusion off: prefill {tokens} {mode} {ms:.1f} ms (fused vs unfused logits: max |diff| {diff:.3g})",
+          flush=True)
+    return {f"prefill_ms_{tokens}_graph_mlp_unfused": ms, "mlp_fused_vs_unfused_max_abs": diff}
+
+
 def quantized_shape(shape: str, work: Path, calib_source: str, tokenizer_dir=None) -> tuple:
     """Random weights of `shape` written to work/model and quantized (ARC defaults, 8 x 512
     calibration tokens) to work/arc; -> (source folder, checkpoint folder)."""
@@ -185,7 +209,9 @@ def run_bench(source, checkpoint, batches=(1, 8, 32), decode: int = 64, prefill:
     counts = use_kernels(model)
     row = bench_one(model, "arc", batches, decode, prefill, repeats, compile_batches)
     row["backend"] = (f"kernels for {counts['kernels']} layers (CUDA GEMVs for {counts['cuda_gemv']}), "
-                      f"reference for {counts['reference']}")
+                      f"reference for {counts['reference']}, {counts['fused_mlps']} MLPs fused for prefill")
+    if counts["fused_mlps"]:
+        row.update(mlp_fusion_ab(model, prefill, repeats))
     rows.append(row)
     return rows
 
@@ -217,6 +243,12 @@ def table(rows: list, batches, prefill: int) -> str:
                 key = f"prefill_ms_{prefill}" + ("_graph" if graphed else "")
                 lines += ["", f"{r['model']} vs bf16-stacked: " + ", ".join(ratios) +
                           f", prefill {prefill}{' graph' if graphed else ''} {r[key] / stacked[key]:.2f}x the latency"]
+    for r in rows:                                                      # the MLP fusion's A/B (mlp_fusion_ab)
+        off = r.get(f"prefill_ms_{prefill}_graph_mlp_unfused")
+        if off is not None:
+            lines += ["", f"{r['model']} prefill {prefill} graph with the MLP fusion off: {off:.1f} ms "
+                      f"({off / base[f'prefill_ms_{prefill}_graph']:.2f}x BF16; fused {r[f'prefill_ms_{prefill}_graph']:.1f} "
+                      f"ms); fused vs unfused logits max |diff| {r['mlp_fused_vs_unfused_max_abs']:.3g}"]
     compiled = sorted({int(k[len("decode_tok_s_b"):-len("_compiled")]) for r in rows for k in r
                        if k.startswith("decode_tok_s_b") and k.endswith("_compiled")})
     if compiled:                                                        # torch.compile'd decode steps

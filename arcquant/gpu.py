@@ -18,10 +18,13 @@ stacked weight for the decode GEMVs: one launch per group (StackedGroup).
 With fuse_norms (use_kernels does it too), a decode-sized RMSNorm in front of q/k/v and gate/up
 runs as one CUDA kernel with the activation quantization (FusedNormQuant): the normalized rows
 and the group's quantized operand in one pass, the operand handed to the layers through their
-SharedInput cache.
+SharedInput cache. With fuse_mlps (use_kernels does it as well), a SiLU-gated MLP's prefill
+hands gate and up's unscaled cuBLAS products to one kernel that scales them, forms SiLU(gate) * up
+and quantizes it for down_proj (fused_mlp_forward).
 
 No host synchronisation on this path, so a decode step can be captured in a CUDA graph.
 """
+import functools
 import logging
 
 import torch
@@ -126,7 +129,9 @@ class KernelPath:
             return "int8" if m <= self.int8_max_m else "float16"
         return "bfloat16"
 
-    def forward(self, q: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    def operand(self, q: QuantLinear, x: torch.Tensor) -> tuple:
+        """x (..., K) -> (M, output dtype, (kind, xq, xs, gs)): the activation operand of q's path,
+        taken from (or left in) the group's SharedInput cache."""
         x2 = x.reshape(-1, q.in_features)
         if x2.dtype not in (torch.bfloat16, torch.float16):
             x2 = x2.to(torch.bfloat16)
@@ -136,7 +141,11 @@ class KernelPath:
         value = q.shared.get(x, quant) if q.shared else quant(x)             # keyed on the layer input
         if value[0] != kind:                                                  # cached for another path
             value = quant(x)
-        _, xq, xs, gs = value
+        return m, out_dtype, value
+
+    def forward(self, q: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+        m, out_dtype, value = self.operand(q, x)
+        kind, xq, xs, gs = value
         if self.group is not None and kind != "bfloat16" and not torch.compiler.is_compiling():
             y = self.group.output(q, value, out_dtype)                         # q's columns
         else:
@@ -237,6 +246,76 @@ class FusedNormQuant(torch.nn.Module):
         y = y.reshape(x.shape)
         q.shared.x, q.shared.version, q.shared.value = y, y._version, (kind, xq, xs, g)
         return y
+
+
+GATED_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}      # down_proj(act_fn(gate_proj(x)) * up_proj(x))
+SILU = {"SiLU", "SiLUActivation"}
+
+
+def fused_mlp_forward(mlp, x: torch.Tensor) -> torch.Tensor:
+    """A gated MLP's forward whose prefill-sized calls (the cuBLAS path) hand gate and up's unscaled
+    products to one kernel (ops.silu_mul_quantize_act) that applies their tensor scales, SiLU(gate)
+    * up and down_proj's activation quantization: the two scale epilogues, the SiLU, the product
+    and h never go through memory. The same bits as the unfused forward (the kernel repeats
+    scale_rows', F.silu's and the product's roundings); other calls run the unfused forward."""
+    gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+    kg, ku, kd = gate.kernel, up.kernel, down.kernel
+    m = x.numel() // x.shape[-1]
+    if torch.compiler.is_compiling() or x.dtype != torch.bfloat16 or None in (kg, ku, kd) or m <= GEMV_MAX_M \
+            or kg.path(m) != "bfloat16":
+        return down(mlp.act_fn(gate(x)) * up(x))
+    from .kernels.prefill import inverse_scales
+    _, _, (_, xq, _, xgs) = kg.operand(gate, x)                          # shared with up_proj
+    graw = kg.ops.prefill_unscaled(xq, kg.weight[0], kg.weight[1], kg.s)   # (M, I) bf16, no tensor scales
+    uraw = ku.ops.prefill_unscaled(xq, ku.weight[0], ku.weight[1], ku.s)
+    gs = None if down.act_scale == "token" else down.input_global_scale
+    hq, hs, hgs = kd.ops.silu_mul_quantize_act(graw, uraw, inverse_scales(xgs, kg.weight[2]),
+                                               inverse_scales(xgs, ku.weight[2]), kd.perm, kd.starts, kd.s, gs,
+                                               "bfloat16")
+    y = kd.product("bfloat16", m, hq, hs, hgs, kd.weight, kd.bias32, down.out_features, down.k_padded, torch.bfloat16)
+    return y.reshape(*x.shape[:-1], down.out_features)
+
+
+def _mlp_fusable(mlp) -> str | None:
+    """Why mlp's prefill cannot run fused_mlp_forward (None: it can)."""
+    from .kernels.cuda_act import SILU_MAX_K
+    if type(mlp).__name__ not in GATED_MLPS or type(getattr(mlp, "act_fn", None)).__name__ not in SILU:
+        return f"{type(mlp).__name__} is not a SiLU-gated MLP of a known family"
+    gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+    if not all(isinstance(q, QuantLinear) and q.kernel is not None for q in (gate, up, down)):
+        return "a projection is not on the kernel path"
+    if down.kernel.cuda_reason is not None:
+        return f"the fused kernel is CUDA: {down.kernel.cuda_reason}"
+    if gate.shared is None or gate.shared is not up.shared or gate.kernel.pad or up.kernel.pad:
+        return "gate_proj and up_proj do not share one unpadded quantized input"
+    if gate.bias is not None or up.bias is not None:
+        return "gate_proj / up_proj carry a bias"
+    if down.kernel.starts is None or down.kernel.pad or down.in_features > SILU_MAX_K:
+        return f"down_proj: no whole-block order, a padded input or K > {SILU_MAX_K}"
+    if down.act_scale not in ("token", "static"):
+        return f"down_proj's activation scale {down.act_scale!r} needs the whole batch's amax"
+    return None
+
+
+def fuse_mlps(model, enable: bool = True) -> dict:
+    """Give each SiLU-gated MLP whose three projections run the CUDA kernels fused_mlp_forward for
+    its prefill (an instance attribute: state dict unchanged; enable=False: removed).
+    -> {"fused": n, "reasons": {reason: count}}."""
+    counts = {"fused": 0, "reasons": {}}
+    for mlp in model.modules():
+        if not isinstance(getattr(mlp, "down_proj", None), QuantLinear):
+            continue
+        if "forward" in vars(mlp) and getattr(mlp.forward, "func", None) is fused_mlp_forward:
+            del mlp.forward
+        if not enable:
+            continue
+        reason = _mlp_fusable(mlp)
+        if reason is None:
+            mlp.forward = functools.partial(fused_mlp_forward, mlp)
+            counts["fused"] += 1
+        else:
+            counts["reasons"][reason] = counts["reasons"].get(reason, 0) + 1
+    return counts
 
 
 def _fusable(q, group: list) -> str | None:
@@ -341,9 +420,12 @@ def use_kernels(model, enable: bool = True) -> dict:
     counts["fused_norms"] = norms["fused"]
     stacks = stack_groups(model, enable and counts["cuda_gemv"] > 0)
     counts["stacked_groups"] = stacks["stacked"]
+    mlps = fuse_mlps(model, enable and counts["cuda_gemv"] > 0)
+    counts["fused_mlps"] = mlps["fused"]
     log.info("arcquant backend: kernels for %d layers (decode GEMV in CUDA for %d%s), reference for %d %s; "
-             "RMSNorm fused with the activation kernel for %d groups %s; %d groups stacked into one GEMV %s",
+             "RMSNorm fused with the activation kernel for %d groups %s; %d groups stacked into one GEMV %s; "
+             "prefill SiLU*up fused with down_proj's activation kernel in %d MLPs %s",
              counts["kernels"], counts["cuda_gemv"], f"; Triton for the rest: {sorted(slow)}" if slow else "",
              counts["reference"], counts["reasons"] or "", norms["fused"], norms["reasons"] or "",
-             stacks["stacked"], stacks["reasons"] or "")
+             stacks["stacked"], stacks["reasons"] or "", mlps["fused"], mlps["reasons"] or "")
     return counts

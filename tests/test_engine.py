@@ -160,6 +160,61 @@ def test_fused_rmsnorm_hands_its_operand_to_the_group(quantized, m, path):
         assert ((g.float() - r).norm() / r.norm()) < 4e-3
 
 
+@pytest.mark.parametrize("m", [40, 8])
+def test_fused_mlp_prefill_equals_the_unfused_layers(quantized, m):
+    """gpu.fused_mlp_forward: at a prefill size (M = 40, the cuBLAS path) gate and up's unscaled
+    products go to silu_mul_quantize_act (their tensor scales, SiLU * up, down_proj's operand) and
+    then down_proj's product; with the GPU's fast prefill (bf16 GEMM output, then scale_rows)
+    emulated on the CPU references, the output equals the unfused layers' bit for bit. At a
+    decode size (M = 8) the MLP runs unfused. The CUDA kernel itself is checked on the GPU by
+    scripts/check_mlp_fusion.py."""
+    from types import SimpleNamespace
+
+    from arcquant.gpu import fuse_mlps
+    from arcquant.kernels.cuda_gemv import fp16_gemm_reference
+    from arcquant.kernels.ops import OPS
+    from arcquant.kernels.prefill import inverse_scales, scale_rows
+    mlp = quantized.model.layers[3].mlp
+    x = (torch.randn(1, m, mlp.gate_proj.in_features, generator=torch.Generator().manual_seed(m)) * 2).bfloat16()
+    calls = []
+    spy = lambda name: lambda *a, **k: calls.append(name) or getattr(OPS, name)(*a, **k)
+
+    def prefill(xd, xgs, wc, ws, wgs, bias, s, out_dtype):                  # the GPU's fast path, on CPU
+        calls.append("prefill")
+        y = OPS.prefill_unscaled(xd, wc, ws, s)
+        return scale_rows(y, inverse_scales(xgs, wgs), None if bias is None else bias.to(y.dtype), cuda=False)
+
+    fake_ops = SimpleNamespace(quantize_act=spy("quantize_act"), prefill_unscaled=spy("prefill_unscaled"),
+                               silu_mul_quantize_act=spy("silu_mul_quantize_act"), prefill=prefill,
+                               gemm_mma=lambda xd, gs, wc, ws, wgs, bias, s, out_dtype, kw, occ: calls.append("mma")
+                               or fp16_gemm_reference(xd, gs, wc, ws.view(torch.float8_e4m3fn), wgs, s, bias).to(out_dtype))
+    projs = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    with torch.no_grad():
+        for p in projs:
+            p.kernel = KernelPath(p)
+            p.kernel.cuda_reason, p.kernel.ops = None, fake_ops
+        try:
+            want = mlp(x)
+            unfused_calls, keys = calls[:], list(mlp.state_dict())
+            counts = fuse_mlps(quantized)
+            assert counts["fused"] == 1 and counts["reasons"] == {"a projection is not on the kernel path":
+                                                                 len(quantized.model.layers) - 1}
+            assert "forward" in vars(mlp) and list(mlp.state_dict()) == keys        # checkpoints keep their keys
+            del calls[:]
+            got = mlp(x.clone())                                          # a new input: no cached operand
+        finally:
+            fuse_mlps(quantized, False)
+            for p in projs:
+                p.kernel = None
+    assert "forward" not in vars(mlp)
+    if m == 40:
+        assert unfused_calls == ["quantize_act", "prefill", "prefill", "quantize_act", "prefill"]
+        assert calls == ["quantize_act", "prefill_unscaled", "prefill_unscaled", "silu_mul_quantize_act", "prefill"]
+    else:
+        assert calls == unfused_calls == ["quantize_act", "mma", "mma", "quantize_act", "mma"]
+    assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("m,path", [(1, "int8"), (8, "mma")])
 def test_stacked_group_is_one_launch_with_the_same_outputs(quantized, m, path):
     """gpu.stack_groups: q/k/v as one stacked weight (row views, per-row tensor scales, biases

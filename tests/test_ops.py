@@ -69,7 +69,10 @@ def test_opcheck_every_op():
              (OPS.gemv_int8.default, (xi, xs, gs, wc, ws, gsw, bias, 32, 2, 1, torch.bfloat16)),
              (OPS.gemm_mma.default, (xd, gs, wc, ws, gsw, None, 32, 4, False, torch.float32)),
              (OPS.gemv_triton.default, (xd.bfloat16(), gs, wc, ws, gsw, bias, 32, True, 8, 32, 1, torch.bfloat16)),
-             (OPS.prefill.default, (xd.bfloat16(), gs, wc, ws, gsw, None, 32, torch.bfloat16))]
+             (OPS.prefill.default, (xd.bfloat16(), gs, wc, ws, gsw, None, 32, torch.bfloat16)),
+             (OPS.prefill_unscaled.default, (xd.bfloat16(), wc, ws, 32)),
+             (OPS.silu_mul_quantize_act.default, (x, x * 0.5, gs + 1, gs + 2, perm, None, 32, None, "bfloat16")),
+             (OPS.silu_mul_quantize_act.default, (x, x * 0.5, None, None, perm, None, 32, gs[:1].clone(), "int8"))]
     for op, args in calls:
         torch.library.opcheck(op, args)
 

@@ -98,3 +98,38 @@ def arc_rmsnorm_act_cuda(x: torch.Tensor, weight: torch.Tensor, eps: float, star
     ext.arc_rmsnorm_act(x, weight.contiguous(), float(eps), starts, g, g_out, y, xq,
                         scales if scales is not None else xq, s, kind)
     return y, xq, None if scales is None else scales.view(torch.float8_e4m3fn), g_out
+
+
+SILU_MAX_K = 24576                                                  # the row of h (2 bytes each) in shared memory
+
+
+def silu_mul_reference(g: torch.Tensor, u: torch.Tensor, inv_g: torch.Tensor | None = None,
+                       inv_u: torch.Tensor | None = None) -> torch.Tensor:
+    """transformers' gated MLP input of down_proj, F.silu(gate) * up in the inputs' dtype; with
+    inv_g / inv_u (1 or M values), gate and up are first scaled row-wise and rounded, as
+    prefill.scale_rows does to the unscaled GEMM outputs."""
+    if inv_g is not None:
+        g = (g.float() * inv_g.float().reshape(-1, 1)).to(g.dtype)
+        u = (u.float() * inv_u.float().reshape(-1, 1)).to(u.dtype)
+    return torch.nn.functional.silu(g) * u
+
+
+def arc_silu_mul_act_cuda(g: torch.Tensor, u: torch.Tensor, starts: torch.Tensor, s: int,
+                          gs: torch.Tensor | None = None, out: str = "bfloat16", inv_g: torch.Tensor | None = None,
+                          inv_u: torch.Tensor | None = None) -> tuple:
+    """SiLU(gate) * up fused in front of the activation kernel (the input of down_proj): gate, up
+    (M, K) -> (xq, scales or None, gs) as arc_act_quant_cuda(silu_mul_reference(g, u, inv_g, inv_u), ...)."""
+    kind, _, xq, scales, gg, g_out = _outputs(g, starts, s, gs, out, SILU_MAX_K)
+    if u.shape != g.shape or u.dtype != g.dtype or u.device != g.device or not u.is_contiguous() or u.data_ptr() % 16:
+        raise ValueError(f"up {tuple(u.shape)} {u.dtype} on {u.device} must be contiguous, 16-byte aligned and match "
+                         f"gate {tuple(g.shape)} {g.dtype} on {g.device}")
+    if (inv_g is None) != (inv_u is None):
+        raise ValueError("give both inv_g and inv_u, or neither")
+    inv = [torch.empty(0, dtype=torch.float32, device=g.device) if v is None else
+           v.to(device=g.device, dtype=torch.float32).reshape(-1).contiguous() for v in (inv_g, inv_u)]
+    if inv[0].numel() != inv[1].numel() or inv[0].numel() not in (0, 1, g.shape[0]):
+        raise ValueError(f"inv_g and inv_u must hold 1 or M={g.shape[0]} values each, got {inv[0].numel()} and "
+                         f"{inv[1].numel()}")
+    ext = _extension(torch.cuda.get_device_capability(g.device))
+    ext.arc_silu_mul_act(g, u, inv[0], inv[1], starts, gg, g_out, xq, scales if scales is not None else xq, s, kind)
+    return xq, None if scales is None else scales.view(torch.float8_e4m3fn), g_out

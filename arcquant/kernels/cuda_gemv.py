@@ -36,7 +36,10 @@ DECL = ("void arc_gemv_dp4a(torch::Tensor xi, torch::Tensor xs, torch::Tensor xg
         "void arc_dequant(torch::Tensor codes, torch::Tensor scales, torch::Tensor out, int64_t s);\n"
         "void arc_scale_rows(torch::Tensor y, torch::Tensor inv, c10::optional<torch::Tensor> bias);\n"
         "void arc_rmsnorm_act(torch::Tensor x, torch::Tensor w, double eps, torch::Tensor starts, torch::Tensor gs, "
-        "torch::Tensor gs_out, torch::Tensor y, torch::Tensor xq, torch::Tensor scales, int64_t s, int64_t out);")
+        "torch::Tensor gs_out, torch::Tensor y, torch::Tensor xq, torch::Tensor scales, int64_t s, int64_t out);\n"
+        "void arc_silu_mul_act(torch::Tensor g, torch::Tensor u, torch::Tensor inv_g, torch::Tensor inv_u, "
+        "torch::Tensor starts, torch::Tensor gs, torch::Tensor gs_out, torch::Tensor xq, torch::Tensor scales, "
+        "int64_t s, int64_t out);")
 
 
 @functools.cache
@@ -50,7 +53,7 @@ def _extension(capability: tuple):
     try:
         return load_inline(name="arcquant_gemv", cpp_sources=DECL, cuda_sources=[f.read_text() for f in SRCS],
                            functions=["arc_gemv_dp4a", "arc_gemm_mma", "arc_act_quant", "arc_dequant", "arc_scale_rows",
-                                      "arc_rmsnorm_act"], extra_cuda_cflags=["-O3"],
+                                      "arc_rmsnorm_act", "arc_silu_mul_act"], extra_cuda_cflags=["-O3"],
                            build_directory=str(build))
     finally:
         if old is None:

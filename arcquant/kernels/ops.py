@@ -3,10 +3,12 @@ and CUDA graphs capture them, with a backend choice per device.
 
     torch.ops.arcquant.quantize_act(x, perm, starts, s, gs, out) -> (xq, scales, gs)
     torch.ops.arcquant.rmsnorm_quantize_act(x, weight, eps, perm, starts, s, gs, out) -> (y, xq, scales, gs)
+    torch.ops.arcquant.silu_mul_quantize_act(g, u, inv_g, inv_u, perm, starts, s, gs, out) -> (xq, scales, gs)
     torch.ops.arcquant.gemv_int8(xi, xs, xgs, wc, ws, wgs, bias, s, nr, kw, out_dtype)
     torch.ops.arcquant.gemm_mma(xd, xgs, wc, ws, wgs, bias, s, kw, out_dtype)
     torch.ops.arcquant.gemv_triton(xd, xgs, wc, ws, wgs, bias, s, fma, block_n, block_k, split_k, out_dtype)
     torch.ops.arcquant.prefill(xd, xgs, wc, ws, wgs, bias, s, out_dtype)
+    torch.ops.arcquant.prefill_unscaled(xd, wc, ws, s) -> xd @ dequant(W)^T, no tensor scales
 
 Backends: "kernels" (Triton / CUDA) on CUDA tensors; on CPU tensors "reference" (the
 pure-torch oracles: arc.quantize_activation, float64 products) unless the backend is set to
@@ -113,6 +115,27 @@ def _(x, weight, eps, perm, starts, s, gs, out):
     return (torch.empty_like(x),) + _quantize_act_fake(x, s, gs, out)
 
 
+@custom_op("arcquant::silu_mul_quantize_act", mutates_args=())
+def silu_mul_quantize_act(g: Tensor, u: Tensor, inv_g: Tensor | None, inv_u: Tensor | None, perm: Tensor,
+                          starts: Tensor | None, s: int, gs: Tensor | None, out: str) -> tuple[Tensor, Tensor, Tensor]:
+    """quantize_act of F.silu(g') * u' (the input of down_proj), g' = T(g * inv_g), u' = T(u * inv_u)
+    row-wise when inv is given (prefill_unscaled outputs), else g, u - one CUDA kernel on CUDA
+    tensors (cuda_act.arc_silu_mul_act_cuda), the reference on CPU."""
+    from .cuda_act import arc_silu_mul_act_cuda, silu_mul_reference
+    if g.device.type == "cpu":
+        return _quantize_act_reference(silu_mul_reference(g, u, inv_g, inv_u), perm, s, gs, out)
+    if out not in XQ_DTYPES:
+        raise ValueError(f"out={out!r}: use one of {', '.join(XQ_DTYPES)}")
+    xq, scales, gg = arc_silu_mul_act_cuda(g, u, starts, s, gs, out, inv_g, inv_u)
+    gg = gg if gs is None else gg.clone()
+    return xq, (scales.view(torch.uint8) if scales is not None else g.new_empty(0, 0, dtype=torch.uint8)), gg
+
+
+@silu_mul_quantize_act.register_fake
+def _(g, u, inv_g, inv_u, perm, starts, s, gs, out):
+    return _quantize_act_fake(g, s, gs, out)
+
+
 # ---- products ------------------------------------------------------------------------------
 def _e4m3(bits: Tensor | None) -> Tensor | None:
     return None if bits is None else bits.view(torch.float8_e4m3fn)
@@ -185,6 +208,22 @@ def prefill(xd: Tensor, xgs: Tensor, wc: Tensor, ws: Tensor, wgs: Tensor, bias: 
 @prefill.register_fake
 def _(xd, xgs, wc, ws, wgs, bias, s, out_dtype):
     return _out_fake(xd, wc, out_dtype)
+
+
+@custom_op("arcquant::prefill_unscaled", mutates_args=())
+def prefill_unscaled(xd: Tensor, wc: Tensor, ws: Tensor, s: int) -> Tensor:
+    """xd (M, K+s) (code * block scale) x the augmented weight's code * block scale -> (M, N) in
+    xd's dtype, without the tensor scales (the consumer applies them: silu_mul_quantize_act)."""
+    if _reference(xd):
+        one = torch.ones((), dtype=torch.float32)
+        return _product_reference(xd, None, one, wc, ws, one, None, s, xd.dtype)
+    from .prefill import matmul_unscaled
+    return matmul_unscaled(xd, wc, _e4m3(ws), s)
+
+
+@prefill_unscaled.register_fake
+def _(xd, wc, ws, s):
+    return _out_fake(xd, wc, xd.dtype)
 
 
 OPS = torch.ops.arcquant                                           # the namespace, once registered

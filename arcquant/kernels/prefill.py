@@ -81,14 +81,33 @@ def arc_matmul_prefill(xd, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.
     if xd.shape[1] != k + s:
         raise ValueError(f"xd has {xd.shape[1]} columns, expected K+s = {k + s}")
     wd = dequantize_codes(wc, ws, s, xd.dtype)                       # (N, K+s)
-    gs = xgs.to(torch.float32).reshape(-1, 1) * wgs.to(torch.float32).reshape(())   # (M, 1) or (1, 1)
     if exact or not xd.is_cuda:
+        gs = tensor_scales(xgs, wgs)
         acc = torch.mm(xd, wd.t(), out_dtype=torch.float32) if xd.is_cuda else xd.float() @ wd.float().t()
         y = acc / gs
         return (y if bias is None else y + bias.to(torch.float32)).to(out_dtype)
     y = torch.mm(xd, wd.t())                                         # (M, N) xd.dtype
-    scale_rows(y, 1.0 / gs, None if bias is None else bias.to(y.dtype))
+    scale_rows(y, inverse_scales(xgs, wgs), None if bias is None else bias.to(y.dtype))
     return y.to(out_dtype)
+
+
+def tensor_scales(xgs, wgs) -> torch.Tensor:
+    """The product's divisor: activation tensor scale(s) x the weight's, (M, 1) or (1, 1) fp32."""
+    return xgs.to(torch.float32).reshape(-1, 1) * wgs.to(torch.float32).reshape(())
+
+
+def inverse_scales(xgs, wgs) -> torch.Tensor:
+    """What the fast path multiplies the bf16 GEMM output by, row-wise: 1 / (xgs * wgs), (M, 1)."""
+    return 1.0 / tensor_scales(xgs, wgs)
+
+
+def matmul_unscaled(xd, wc, ws, s: int) -> torch.Tensor:
+    """xd (M, K+s) x the augmented weight's code * block scale -> (M, N) in xd's dtype (cuBLAS,
+    fp32 accumulation, one rounding): arc_matmul_prefill's fast path before scale_rows."""
+    k = wc.shape[1] * 2
+    if xd.shape[1] != k + s:
+        raise ValueError(f"xd has {xd.shape[1]} columns, expected K+s = {k + s}")
+    return torch.mm(xd, dequantize_codes(wc, ws, s, xd.dtype).t())
 
 
 def scale_rows(y, inv, bias=None, cuda: bool | None = None):

@@ -263,6 +263,60 @@ __global__ void arc_rmsnorm_act_kernel(const T* __restrict__ x, const T* __restr
   }
 }
 
+// SiLU(gate) * up fused in front (prefill: the input of down_proj). One CTA per row:
+//   g = T(graw * inv_g), u = T(uraw * inv_u) when inv is given (the unscaled GEMM outputs and the
+//   factors arc_scale_rows would apply to them; inv_per_row: one per row, else one value), else
+//   g, u as given; h = T(T(silu(g)) * u), silu(g) = g / (1 + exp(-g)) in fp32 - torch's order
+//   and roundings (F.silu on T, then the T product). h stays in shared memory as T (not written)
+//   and is quantized as arc_act_kernel does (gs_mode 2: 2688 / max|h[m]|).
+template <typename T, int OUT>
+__global__ void arc_silu_mul_act_kernel(const T* __restrict__ g, const T* __restrict__ u,
+                                        const float* __restrict__ inv_g, const float* __restrict__ inv_u,
+                                        int inv_per_row, const int* __restrict__ starts,
+                                        const float* __restrict__ gs_in, int gs_mode, float* __restrict__ gs_out,
+                                        void* __restrict__ xq, uint8_t* __restrict__ scales, int K, int S) {
+  extern __shared__ __align__(16) unsigned char hbuf[];          // (K,) T: the row of h
+  T* hs = reinterpret_cast<T*>(hbuf);
+  __shared__ float red[32];
+  const int m = blockIdx.x, nblk = (K + S) / 16, kb = K / 16, sb = S / 16;
+  const bool scaled = inv_g != nullptr;
+  const float sg = scaled ? inv_g[inv_per_row ? m : 0] : 1.f, su = scaled ? inv_u[inv_per_row ? m : 0] : 1.f;
+  const uint4* grow = reinterpret_cast<const uint4*>(g + (size_t)m * K);
+  const uint4* urow = reinterpret_cast<const uint4*>(u + (size_t)m * K);
+  float amax = 0.f, gf[8], uf[8];
+  for (int i = threadIdx.x; i < K / 8; i += blockDim.x) {
+    unpack8<T>(grow[i], gf);
+    unpack8<T>(urow[i], uf);
+    uint4 o;
+    T* h = reinterpret_cast<T*>(&o);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float gj = scaled ? act_to_f<T>(act_from_f<T>(__fmul_rn(gf[j], sg))) : gf[j];
+      const float uj = scaled ? act_to_f<T>(act_from_f<T>(__fmul_rn(uf[j], su))) : uf[j];
+      const float a = act_to_f<T>(act_from_f<T>(__fdiv_rn(gj, __fadd_rn(1.f, expf(-gj)))));
+      h[j] = act_from_f<T>(__fmul_rn(a, uj));
+      amax = fmaxf(amax, fabsf(act_to_f<T>(h[j])));
+    }
+    reinterpret_cast<uint4*>(hs)[i] = o;
+  }
+  amax = block_reduce(amax, true, red);                         // also: every hs written
+  float gs;
+  if (gs_mode == 2) {
+    gs = __fdiv_rn(2688.f, fmaxf(amax, 1e-30f));
+    if (threadIdx.x == 0) gs_out[m] = gs;
+  } else {
+    gs = gs_in[gs_mode == 1 ? m : 0];
+  }
+  for (int b = threadIdx.x; b < nblk; b += blockDim.x) {
+    const bool tail = b >= kb;
+    const uint4* src = reinterpret_cast<const uint4*>(hs + starts[tail ? b - sb : b]);   // 32-byte aligned
+    float v[16];
+    unpack8<T>(src[0], v);
+    unpack8<T>(src[1], v + 8);
+    emit_block<OUT>(v, tail, gs, (size_t)m * nblk + b, xq, scales);
+  }
+}
+
 template <typename T>
 void launch_act(const torch::Tensor& x, const torch::Tensor& starts, const float* gs_in, int gs_mode, float* gs_out,
                 torch::Tensor& xq, uint8_t* scales, int s, int out, int ctas) {
@@ -358,5 +412,42 @@ void arc_rmsnorm_act(torch::Tensor x, torch::Tensor w, double eps, torch::Tensor
     else if (out == 2) ARC_NORM_LAUNCH(__half, 2); else ARC_NORM_LAUNCH(__half, 3);
   }
 #undef ARC_NORM_LAUNCH
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// SiLU(gate) * up + quantization: gate, up (M, K) of one dtype, inv_g / inv_u (0 values: none;
+// 1 or M float32) -> the outputs of arc_act_quant (out 0 int8, 1 fp16, 2 bf16, 3 packed).
+void arc_silu_mul_act(torch::Tensor g, torch::Tensor u, torch::Tensor inv_g, torch::Tensor inv_u,
+                      torch::Tensor starts, torch::Tensor gs, torch::Tensor gs_out, torch::Tensor xq,
+                      torch::Tensor scales, int64_t s, int64_t out) {
+  const at::cuda::CUDAGuard guard(g.device());
+  const ActIO io = check_act_io(g, starts, gs, gs_out, xq, scales, s, out);
+  const int64_t m = g.size(0), k = g.size(1);
+  TORCH_CHECK(k <= 24576, "K <= 24576 (the row of h in shared memory)");
+  TORCH_CHECK(u.is_cuda() && u.scalar_type() == g.scalar_type() && u.sizes() == g.sizes() && u.is_contiguous() &&
+              reinterpret_cast<uintptr_t>(u.data_ptr()) % 16 == 0, "up: contiguous CUDA (M, K) of gate's dtype, aligned");
+  const int64_t ni = inv_g.numel();
+  TORCH_CHECK(inv_g.is_cuda() && inv_u.is_cuda() && inv_g.scalar_type() == at::kFloat &&
+              inv_u.scalar_type() == at::kFloat && inv_u.numel() == ni && inv_g.is_contiguous() &&
+              inv_u.is_contiguous() && (ni == 0 || ni == 1 || ni == m), "inv_g / inv_u: float32, both 0, 1 or M values");
+  if (m == 0) return;
+  const float* ig = ni ? inv_g.data_ptr<float>() : nullptr;
+  const float* iu = ni ? inv_u.data_ptr<float>() : nullptr;
+  const int per_row = ni > 1 ? 1 : 0;
+  const int threads = (int)std::min<int64_t>(512, std::max<int64_t>(64, (k / 8 + 31) / 32 * 32));
+  const size_t smem = (size_t)k * 2;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  void* q = xq.data_ptr();
+#define ARC_SILU_LAUNCH(T, O) arc_silu_mul_act_kernel<T, O><<<(unsigned)m, threads, smem, stream>>>( \
+      reinterpret_cast<const T*>(g.data_ptr()), reinterpret_cast<const T*>(u.data_ptr()), ig, iu, per_row, \
+      starts.data_ptr<int>(), io.gp, io.gs_mode, io.go, q, io.sp, (int)k, (int)s)
+  if (g.scalar_type() == at::kBFloat16) {
+    if (out == 0) ARC_SILU_LAUNCH(__nv_bfloat16, 0); else if (out == 1) ARC_SILU_LAUNCH(__nv_bfloat16, 1);
+    else if (out == 2) ARC_SILU_LAUNCH(__nv_bfloat16, 2); else ARC_SILU_LAUNCH(__nv_bfloat16, 3);
+  } else {
+    if (out == 0) ARC_SILU_LAUNCH(__half, 0); else if (out == 1) ARC_SILU_LAUNCH(__half, 1);
+    else if (out == 2) ARC_SILU_LAUNCH(__half, 2); else ARC_SILU_LAUNCH(__half, 3);
+  }
+#undef ARC_SILU_LAUNCH
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
