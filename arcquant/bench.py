@@ -143,28 +143,30 @@ def bench_one(model, label: str, batches, decode: int, prefill: int, repeats: in
     return row
 
 
-def mlp_fusion_ab(model, tokens: int, repeats: int) -> dict:
-    """The same run's A/B of gpu.fuse_mlps: the `tokens`-token graph prefill again with the MLP
-    fusion off, and the largest |logit| difference of fused from unfused eager prefills (0: the
-    fusion repeats the unfused roundings)."""
-    from .gpu import fuse_mlps
+def prefill_fusion_ab(model, tokens: int, repeats: int) -> dict:
+    """The same run's A/B of the prefill fusions: the `tokens`-token graph prefill again with
+    gpu.fuse_mlps off, then with gpu.fuse_norms off too, and the largest |logit| difference of each
+    from the fused eager prefill (MLP: 0 - it repeats the unfused roundings; norms: the fused
+    norm's sum of squares runs in another order, so a normalized value may move by an ulp)."""
+    from .gpu import fuse_mlps, fuse_norms
     vocab = model.config.vocab_size
     e = Engine(model, 1, tokens + 1, graphs=False)
     ids = torch.randint(0, vocab, (1, tokens), device=e.device, generator=torch.Generator(device=e.device).manual_seed(0))
     fused = e.prefill(ids).float().clone()
-    fuse_mlps(model, False)
+    out = {}
     try:
-        e.cache.reset()
-        diff = (e.prefill(ids).float() - fused).abs().max().item()
-        del e
-        gc.collect()
-        torch.cuda.empty_cache()
-        ms, mode, _ = prefill_ms(model, tokens, repeats, vocab, True)
+        for name, off in (("mlp_unfused", lambda: fuse_mlps(model, False)), ("unfused", lambda: fuse_norms(model, False))):
+            off()
+            out[f"prefill_ms_{tokens}_graph_{name}"], mode, _ = prefill_ms(model, tokens, repeats, vocab, True)
+            out[f"{name}_logits_max_abs_diff"] = (e.prefill(ids).float() - fused).abs().max().item()
+            print(f"  arc, {name}: prefill {tokens} {mode} {out[f'prefill_ms_{tokens}_graph_{name}']:.1f} ms (logits vs "
+                  f"fused: max |diff| {out[f'{name}_logits_max_abs_diff']:.3g})", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
     finally:
+        fuse_norms(model, True)
         fuse_mlps(model, True)
-    print(f"  arc, MLP fusion off: prefill {tokens} {mode} {ms:.1f} ms (fused vs unfused logits: max |diff| {diff:.3g})",
-          flush=True)
-    return {f"prefill_ms_{tokens}_graph_mlp_unfused": ms, "mlp_fused_vs_unfused_max_abs": diff}
+    return out
 
 
 def quantized_shape(shape: str, work: Path, calib_source: str, tokenizer_dir=None) -> tuple:
@@ -211,7 +213,7 @@ def run_bench(source, checkpoint, batches=(1, 8, 32), decode: int = 64, prefill:
     row["backend"] = (f"kernels for {counts['kernels']} layers (CUDA GEMVs for {counts['cuda_gemv']}), "
                       f"reference for {counts['reference']}, {counts['fused_mlps']} MLPs fused for prefill")
     if counts["fused_mlps"]:
-        row.update(mlp_fusion_ab(model, prefill, repeats))
+        row.update(prefill_fusion_ab(model, prefill, repeats))
     rows.append(row)
     return rows
 
@@ -243,12 +245,13 @@ def table(rows: list, batches, prefill: int) -> str:
                 key = f"prefill_ms_{prefill}" + ("_graph" if graphed else "")
                 lines += ["", f"{r['model']} vs bf16-stacked: " + ", ".join(ratios) +
                           f", prefill {prefill}{' graph' if graphed else ''} {r[key] / stacked[key]:.2f}x the latency"]
-    for r in rows:                                                      # the MLP fusion's A/B (mlp_fusion_ab)
-        off = r.get(f"prefill_ms_{prefill}_graph_mlp_unfused")
-        if off is not None:
-            lines += ["", f"{r['model']} prefill {prefill} graph with the MLP fusion off: {off:.1f} ms "
-                      f"({off / base[f'prefill_ms_{prefill}_graph']:.2f}x BF16; fused {r[f'prefill_ms_{prefill}_graph']:.1f} "
-                      f"ms); fused vs unfused logits max |diff| {r['mlp_fused_vs_unfused_max_abs']:.3g}"]
+    for r in rows:                                                      # the prefill fusions' A/B
+        key = f"prefill_ms_{prefill}_graph"
+        for name, what in (("mlp_unfused", "the MLP fusion off"), ("unfused", "the MLP and norm fusions off")):
+            off = r.get(f"{key}_{name}")
+            if off is not None:
+                lines += ["", f"{r['model']} prefill {prefill} graph with {what}: {off:.1f} ms ({off / base[key]:.2f}x "
+                          f"BF16; all fused {r[key]:.1f} ms); logits vs fused: max |diff| {r[f'{name}_logits_max_abs_diff']:.3g}"]
     compiled = sorted({int(k[len("decode_tok_s_b"):-len("_compiled")]) for r in rows for k in r
                        if k.startswith("decode_tok_s_b") and k.endswith("_compiled")})
     if compiled:                                                        # torch.compile'd decode steps

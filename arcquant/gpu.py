@@ -15,7 +15,7 @@ keep the reference product, and the reason is logged. Per forward on the kernel 
 
 With stack_groups (use_kernels does it), the layers of a q/k/v or gate/up group share one
 stacked weight for the decode GEMVs: one launch per group (StackedGroup).
-With fuse_norms (use_kernels does it too), a decode-sized RMSNorm in front of q/k/v and gate/up
+With fuse_norms (use_kernels does it too), the RMSNorm in front of q/k/v and gate/up
 runs as one CUDA kernel with the activation quantization (FusedNormQuant): the normalized rows
 and the group's quantized operand in one pass, the operand handed to the layers through their
 SharedInput cache. With fuse_mlps (use_kernels does it as well), a SiLU-gated MLP's prefill
@@ -218,9 +218,10 @@ NORM_CONSUMERS = {"input_layernorm": ("self_attn", "q_proj"), "post_attention_la
 
 
 class FusedNormQuant(torch.nn.Module):
-    """An RMSNorm that, for decode-sized inputs (the consumer's CUDA GEMV paths), also quantizes
-    its output for the layers reading it, in one kernel (torch.ops.arcquant.rmsnorm_quantize_act),
-    and leaves the operand in their SharedInput cache; other inputs: the norm as it was."""
+    """An RMSNorm that also quantizes its output for the layers reading it, in one kernel
+    (torch.ops.arcquant.rmsnorm_quantize_act), for every input size (the operand of the consumer's
+    path: int8 / float16 for the decode GEMVs, bfloat16 for prefill), and leaves the operand in
+    their SharedInput cache; under torch.compile or for another dtype: the norm as it was."""
 
     def __init__(self, norm: torch.nn.Module, consumer: QuantLinear):
         super().__init__()
@@ -237,9 +238,7 @@ class FusedNormQuant(torch.nn.Module):
         kp = q.kernel
         if kp is None or torch.compiler.is_compiling() or x.dtype != self.weight.dtype:
             return self.norm(x)
-        kind = kp.path(x.numel() // x.shape[-1])
-        if kind == "bfloat16":                                         # prefill: norm, then the act kernel
-            return self.norm(x)
+        kind = kp.path(x.numel() // x.shape[-1])                      # the prefill operand too (bfloat16)
         gs = None if q.act_scale == "token" else q.input_global_scale
         y, xq, xs, g = kp.ops.rmsnorm_quantize_act(x.reshape(-1, x.shape[-1]).contiguous(), self.weight,
                                                    self.eps, kp.perm, kp.starts, kp.s, gs, kind)

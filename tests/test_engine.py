@@ -113,7 +113,7 @@ def test_cuda_kernel_plumbing_equals_reference(quantized, m, path):
         assert ((g.float() - r).norm() / r.norm()) < 4e-3
 
 
-@pytest.mark.parametrize("m,path", [(1, "int8"), (8, "mma")])
+@pytest.mark.parametrize("m,path", [(1, "int8"), (8, "mma"), (40, "prefill")])
 def test_fused_rmsnorm_hands_its_operand_to_the_group(quantized, m, path):
     """gpu.FusedNormQuant: the layer's RMSNorm output is transformers' (bit for bit, the op's CPU
     reference), and q/k/v take the quantized operand it left in their SharedInput instead of
@@ -136,6 +136,8 @@ def test_fused_rmsnorm_hands_its_operand_to_the_group(quantized, m, path):
         gemv_int8=lambda xi, xs, gs, wc, ws, wgs, bias, s, out_dtype, nr, kw: calls.append("int8") or
         int8_gemv_reference(xi, e4m3(xs), gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype),
         gemm_mma=lambda xd, gs, wc, ws, wgs, bias, s, out_dtype, kw, occ: calls.append("mma") or
+        fp16_gemm_reference(xd, gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype),
+        prefill=lambda xd, gs, wc, ws, wgs, bias, s, out_dtype: calls.append("prefill") or
         fp16_gemm_reference(xd, gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype))
     norm_b = norm.to(torch.bfloat16)
     with torch.no_grad():
