@@ -1,7 +1,7 @@
 """The fused RMSNorm + activation kernel on the GPU (issue 4: the decode variant fused with RMSNorm).
 
     PYTHONPATH=. python3 scripts/check_norm_kernel.py --out results/norm-act-h200.json
-For awkward shapes (M = 1, 3, 8, 16, 32, 100; K = 576, 1040, 3584, 4096; s = 0, 16, 64, 448), every
+For awkward shapes (M = 1, 3, 8, 16, 32, 100, 600; K = 576, 1040, 3584, 4096; s = 0, 16, 64, 448), every
 output kind and both tensor-scale modes, on random rows with outlier channels:
 - y against transformers' RMSNorm formula (cuda_act.rmsnorm_reference, torch on the GPU): the
   fraction of elements that differ and the largest difference in ulps (the CTA's sum of squares
@@ -65,7 +65,7 @@ def main():
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     rows = []
-    for m in (1, 3, 8, 16, 32, 100):                                  # 100: a prefill-sized call
+    for m in (1, 3, 8, 16, 32, 100, 600):                  # 100, 600: prefill-sized (600: 128 threads a row)
         for k, s in ((576, 64), (1040, 16), (3584, 448), (4096, 0), (4096, 256)):
             for dtype in (torch.bfloat16, torch.float16):
                 for out in ("int8", "float16", "bfloat16"):

@@ -188,7 +188,7 @@ __global__ void arc_act_kernel(const T* __restrict__ x, const int* __restrict__ 
 }
 
 
-// RMSNorm fused in front (decode: the input of q/k/v and gate/up). One CTA per row:
+// RMSNorm fused in front (the input of q/k/v and gate/up, decode and prefill). One CTA per row:
 //   y = T(w * T(x * rsqrt(mean(x^2) + eps)))   (the transformers Llama / Qwen2 RMSNorm order:
 //   fp32 statistics, rounded to T, times the T weight, rounded again), written out (M, K);
 //   then y is quantized exactly as arc_act_kernel does with x (gs_mode 2: 2688 / max|y[m]|).
@@ -217,30 +217,53 @@ __global__ void arc_rmsnorm_act_kernel(const T* __restrict__ x, const T* __restr
   __shared__ float red[32];
   const int m = blockIdx.x, nblk = (K + S) / 16, kb = K / 16, sb = S / 16;
   const T* row = x + (size_t)m * K;
+  constexpr int U = 4;                                           // 16-byte loads in flight a thread
   float ss = 0.f, f[8];
-  for (int i = threadIdx.x; i < K / 8; i += blockDim.x) {
-    unpack8<T>(*reinterpret_cast<const uint4*>(row + 8 * i), f);
+  for (int i0 = threadIdx.x; i0 < K / 8; i0 += U * blockDim.x) {
+    uint4 v[U];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      ys[8 * i + j] = f[j];
-      ss = __fadd_rn(ss, __fmul_rn(f[j], f[j]));
+    for (int t = 0; t < U; ++t) {
+      const int i = i0 + t * blockDim.x;
+      if (i < K / 8) v[t] = *reinterpret_cast<const uint4*>(row + 8 * i);
+    }
+#pragma unroll
+    for (int t = 0; t < U; ++t) {
+      const int i = i0 + t * blockDim.x;
+      if (i >= K / 8) break;
+      unpack8<T>(v[t], f);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        ys[8 * i + j] = f[j];
+        ss = __fadd_rn(ss, __fmul_rn(f[j], f[j]));
+      }
     }
   }
   ss = block_reduce(ss, false, red);
   const float rstd = rsqrtf(__fadd_rn(__fmul_rn(ss, 1.f / K), eps));
   float amax = 0.f;
-  for (int i = threadIdx.x; i < K / 8; i += blockDim.x) {
-    unpack8<T>(*reinterpret_cast<const uint4*>(w + 8 * i), f);
-    uint4 o;
-    T* h = reinterpret_cast<T*>(&o);
+  for (int i0 = threadIdx.x; i0 < K / 8; i0 += U * blockDim.x) {
+    uint4 wv[U];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const float n = act_to_f<T>(act_from_f<T>(__fmul_rn(ys[8 * i + j], rstd)));
-      h[j] = act_from_f<T>(__fmul_rn(f[j], n));
-      ys[8 * i + j] = act_to_f<T>(h[j]);
-      amax = fmaxf(amax, fabsf(ys[8 * i + j]));
+    for (int t = 0; t < U; ++t) {
+      const int i = i0 + t * blockDim.x;
+      if (i < K / 8) wv[t] = *reinterpret_cast<const uint4*>(w + 8 * i);
     }
-    reinterpret_cast<uint4*>(y + (size_t)m * K)[i] = o;
+#pragma unroll
+    for (int t = 0; t < U; ++t) {
+      const int i = i0 + t * blockDim.x;
+      if (i >= K / 8) break;
+      unpack8<T>(wv[t], f);
+      uint4 o;
+      T* h = reinterpret_cast<T*>(&o);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float n = act_to_f<T>(act_from_f<T>(__fmul_rn(ys[8 * i + j], rstd)));
+        h[j] = act_from_f<T>(__fmul_rn(f[j], n));
+        ys[8 * i + j] = act_to_f<T>(h[j]);
+        amax = fmaxf(amax, fabsf(ys[8 * i + j]));
+      }
+      reinterpret_cast<uint4*>(y + (size_t)m * K)[i] = o;
+    }
   }
   amax = block_reduce(amax, true, red);                         // also: every ys written
   float gs;
@@ -412,7 +435,10 @@ void arc_rmsnorm_act(torch::Tensor x, torch::Tensor w, double eps, torch::Tensor
               reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 == 0,
               "w (K,) and y (M, K): CUDA, x's dtype, contiguous, 16-byte aligned");
   if (m == 0) return;
-  const int threads = (int)std::min<int64_t>(512, std::max<int64_t>(64, (k / 8 + 31) / 32 * 32));
+  // decode (few rows): up to 512 threads a row for latency; prefill (many rows): 128, with the
+  // kernel's 4 loads in flight a thread - ~8 rows an SM instead of 2 (registers)
+  const int64_t wide = std::min<int64_t>(512, std::max<int64_t>(64, (k / 8 + 31) / 32 * 32));
+  const int threads = (int)(m >= 512 ? std::min<int64_t>(128, wide) : wide);
   const size_t smem = (size_t)k * sizeof(float);
   auto stream = at::cuda::getCurrentCUDAStream();
   void* q = xq.data_ptr();
