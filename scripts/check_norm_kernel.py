@@ -9,7 +9,7 @@ output kind and both tensor-scale modes, on random rows with outlier channels:
   weight multiply and second rounding can make two in float16; allowed: 1 ulp bf16, 2 fp16);
 - the quantized operand, block scales and per-token scale bit-exact against the CPU reference
   (arc.quantize_activation through ops.quantize_act) applied to the y the kernel wrote.
-Then times one decode-sized call (M = 1 and 8, K = 4096) against torch's RMSNorm followed by
+Then times one call (M = 1, 8 and 2048, K = 4096) against torch's RMSNorm followed by
 the model's quantize_act op, CUDA graphs, median of do_bench.
 """
 import argparse
@@ -53,7 +53,7 @@ def check(m, k, s, dtype, out, static):
 def timing(m, k, s):
     x, w, perm = case(m, k, s, torch.bfloat16, 1)
     starts = block_starts(perm)
-    kind = "int8" if m <= 2 else "float16"
+    kind = "int8" if m <= 2 else "float16" if m <= 32 else "bfloat16"   # the consumer's operand
     fused = lambda: ops.OPS.rmsnorm_quantize_act(x, w, 1e-5, perm, starts, s, None, kind)
     apart = lambda: ops.OPS.quantize_act(rmsnorm_reference(x, w, 1e-5), perm, starts, s, None, kind)
     return {"M": m, "K": k, "s": s, "fused_us": do_bench_cudagraph(fused) * 1e3,
@@ -72,7 +72,7 @@ def main():
                     rows.append(check(m, k, s, dtype, out, static=(m == 3)))
     allowed = lambda r: 1 if r["dtype"] == str(torch.bfloat16) else 2
     bad = [r for r in rows if not r["operand_exact"] or r["y_max_ulps"] > allowed(r)]
-    times = [timing(m, 4096, 256) for m in (1, 8)]
+    times = [timing(m, 4096, 256) for m in (1, 8, 2048)]
     summary = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": len(rows),
                "operand_exact": sum(r["operand_exact"] for r in rows), "y_within_allowed_ulps": sum(r["y_max_ulps"] <= allowed(r) for r in rows),
                "y_max_ulps": {d: max(r["y_max_ulps"] for r in rows if r["dtype"] == d) for d in {r["dtype"] for r in rows}},
