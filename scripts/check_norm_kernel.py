@@ -1,4 +1,4 @@
-"""The fused RMSNorm + activation kernel on the GPU (issue 4: the decode variant fused with RMSNorm).
+"""The fused RMSNorm + activation kernel on the GPU (issue 4: the variant fused with RMSNorm, decode and prefill).
 
     PYTHONPATH=. python3 scripts/check_norm_kernel.py --out results/norm-act-h200.json
 For awkward shapes (M = 1, 3, 8, 16, 32, 100, 600; K = 576, 1040, 3584, 4096; s = 0, 16, 64, 448), every
@@ -6,7 +6,9 @@ output kind and both tensor-scale modes, on random rows with outlier channels:
 - y against transformers' RMSNorm formula (cuda_act.rmsnorm_reference, torch on the GPU): the
   fraction of elements that differ and the largest difference in ulps (the CTA's sum of squares
   runs in another order than torch's: the normalized value may move by one ulp, which the
-  weight multiply and second rounding can make two in float16; allowed: 1 ulp bf16, 2 fp16);
+  weight multiply and second rounding can make two; allowed: 2 ulps, bf16 and fp16 - the first
+  runs, with 512 threads a row only, saw at most 1 in bf16; the 128-thread rows of M >= 512 sum
+  in longer runs and give 2 on ~2e-5 of the elements, results/norm-act-v3-h200.json);
 - the quantized operand, block scales and per-token scale bit-exact against the CPU reference
   (arc.quantize_activation through ops.quantize_act) applied to the y the kernel wrote.
 Then times one call (M = 1, 8 and 2048, K = 4096) against torch's RMSNorm followed by
@@ -70,7 +72,7 @@ def main():
             for dtype in (torch.bfloat16, torch.float16):
                 for out in ("int8", "float16", "bfloat16"):
                     rows.append(check(m, k, s, dtype, out, static=(m == 3)))
-    allowed = lambda r: 1 if r["dtype"] == str(torch.bfloat16) else 2
+    allowed = lambda r: 2
     bad = [r for r in rows if not r["operand_exact"] or r["y_max_ulps"] > allowed(r)]
     times = [timing(m, 4096, 256) for m in (1, 8, 2048)]
     summary = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": len(rows),

@@ -86,8 +86,8 @@ def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
 
 def arc_rmsnorm_act_cuda(x: torch.Tensor, weight: torch.Tensor, eps: float, starts: torch.Tensor, s: int,
                          gs: torch.Tensor | None = None, out: str = "int8") -> tuple:
-    """RMSNorm fused in front of the activation kernel (decode inputs of q/k/v and gate/up):
-    x (M, K) -> (y (M, K) = rmsnorm_reference(x) up to one ulp where the sum of squares' order
+    """RMSNorm fused in front of the activation kernel (the inputs of q/k/v and gate/up):
+    x (M, K) -> (y (M, K) = rmsnorm_reference(x) up to two ulps where the sum of squares' order
     matters, then xq, scales or None, gs exactly as arc_act_quant_cuda(y, ...))."""
     kind, _, xq, scales, g, g_out = _outputs(x, starts, s, gs, out, NORM_MAX_K)
     k = x.shape[1]
