@@ -208,6 +208,15 @@ __device__ __forceinline__ float block_reduce(float a, bool is_max, float* red) 
   return a;
 }
 
+// A one-CTA row's tensor scale: 2688 / max|row| (gs_mode 2; thread 0 writes it to gs_out), else given.
+__device__ __forceinline__ float row_scale(float amax, int gs_mode, const float* __restrict__ gs_in,
+                                           float* __restrict__ gs_out, int m) {
+  if (gs_mode != 2) return gs_in[gs_mode == 1 ? m : 0];
+  const float gs = __fdiv_rn(2688.f, fmaxf(amax, 1e-30f));
+  if (threadIdx.x == 0) gs_out[m] = gs;
+  return gs;
+}
+
 template <typename T, int OUT>
 __global__ void arc_rmsnorm_act_kernel(const T* __restrict__ x, const T* __restrict__ w, float eps,
                                        const int* __restrict__ starts, const float* __restrict__ gs_in, int gs_mode,
@@ -266,13 +275,7 @@ __global__ void arc_rmsnorm_act_kernel(const T* __restrict__ x, const T* __restr
     }
   }
   amax = block_reduce(amax, true, red);                         // also: every ys written
-  float gs;
-  if (gs_mode == 2) {
-    gs = __fdiv_rn(2688.f, fmaxf(amax, 1e-30f));
-    if (threadIdx.x == 0) gs_out[m] = gs;
-  } else {
-    gs = gs_in[gs_mode == 1 ? m : 0];
-  }
+  const float gs = row_scale(amax, gs_mode, gs_in, gs_out, m);
   for (int b = threadIdx.x; b < nblk; b += blockDim.x) {
     const bool tail = b >= kb;
     const float4* src = reinterpret_cast<const float4*>(ys + starts[tail ? b - sb : b]);   // 64-byte aligned
@@ -338,13 +341,7 @@ __global__ void arc_silu_mul_act_kernel(const T* __restrict__ g, const T* __rest
     }
   }
   amax = block_reduce(amax, true, red);                         // also: every hs written
-  float gs;
-  if (gs_mode == 2) {
-    gs = __fdiv_rn(2688.f, fmaxf(amax, 1e-30f));
-    if (threadIdx.x == 0) gs_out[m] = gs;
-  } else {
-    gs = gs_in[gs_mode == 1 ? m : 0];
-  }
+  const float gs = row_scale(amax, gs_mode, gs_in, gs_out, m);
   for (int b = threadIdx.x; b < nblk; b += blockDim.x) {
     const bool tail = b >= kb;
     const uint4* src = reinterpret_cast<const uint4*>(hs + starts[tail ? b - sb : b]);   // 32-byte aligned
