@@ -217,6 +217,35 @@ def test_fused_mlp_prefill_equals_the_unfused_layers(quantized, m):
     assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
 
 
+def test_mlp_fusion_refusals_name_the_reason(quantized):
+    """gpu._mlp_fusable: an MLP whose prefill cannot run the fused kernel says why, and fuse_mlps
+    leaves it unfused (its own forward)."""
+    from arcquant.gpu import _mlp_fusable, fuse_mlps
+    mlp = quantized.model.layers[1].mlp
+    projs = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    assert _mlp_fusable(mlp) == "a projection is not on the kernel path"
+    scale, bias = mlp.down_proj.act_scale, mlp.gate_proj.bias
+    assert scale == "token" and bias is None                        # the fixture's defaults
+    with torch.no_grad():
+        for p in projs:
+            p.kernel = KernelPath(p)
+        try:
+            assert _mlp_fusable(mlp) == "the fused kernel is CUDA: the CUDA GEMV needs a CUDA device, got cpu"
+            for p in projs:
+                p.kernel.cuda_reason = None
+            assert _mlp_fusable(mlp) is None
+            mlp.down_proj.act_scale = "dynamic"
+            assert _mlp_fusable(mlp) == "down_proj's activation scale 'dynamic' needs the whole batch's amax"
+            assert fuse_mlps(quantized)["fused"] == 0 and "forward" not in vars(mlp)
+            mlp.down_proj.act_scale = scale
+            mlp.gate_proj.bias = torch.nn.Parameter(torch.zeros(mlp.gate_proj.out_features))
+            assert _mlp_fusable(mlp) == "gate_proj / up_proj carry a bias"
+        finally:
+            mlp.gate_proj.bias, mlp.down_proj.act_scale = bias, scale
+            for p in projs:
+                p.kernel = None
+
+
 @pytest.mark.parametrize("m,path", [(1, "int8"), (8, "mma")])
 def test_stacked_group_is_one_launch_with_the_same_outputs(quantized, m, path):
     """gpu.stack_groups: q/k/v as one stacked weight (row views, per-row tensor scales, biases
