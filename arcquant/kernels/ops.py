@@ -64,7 +64,13 @@ def quantize_act(x: Tensor, perm: Tensor, starts: Tensor | None, s: int, gs: Ten
         return _quantize_act_reference(x, perm, s, gs, out)
     from .act_quant import arc_quantize_activation_gemv
     xq, scales, g = arc_quantize_activation_gemv(x, perm, s, gs, starts, out)
-    g = g if gs is None else g.clone()                            # an op's output may not alias its input
+    return _act_outputs(x, xq, scales, g, gs)
+
+
+def _act_outputs(x: Tensor, xq: Tensor, scales: Tensor | None, g: Tensor, gs: Tensor | None) -> tuple:
+    """A kernel's activation outputs as the ops return them: E4M3 scales as their bits (or an
+    empty (0, 0)), the tensor scale cloned when it was given (an op's output may not alias its input)."""
+    g = g if gs is None else g.clone()
     return xq, (scales.view(torch.uint8) if scales is not None else x.new_empty(0, 0, dtype=torch.uint8)), g
 
 
@@ -106,8 +112,7 @@ def rmsnorm_quantize_act(x: Tensor, weight: Tensor, eps: float, perm: Tensor, st
     if out not in XQ_DTYPES:                                      # the op's outputs; "packed" is not one
         raise ValueError(f"out={out!r}: use one of {', '.join(XQ_DTYPES)}")
     y, xq, scales, g = arc_rmsnorm_act_cuda(x, weight, eps, starts, s, gs, out)
-    g = g if gs is None else g.clone()
-    return y, xq, (scales.view(torch.uint8) if scales is not None else x.new_empty(0, 0, dtype=torch.uint8)), g
+    return (y,) + _act_outputs(x, xq, scales, g, gs)
 
 
 @rmsnorm_quantize_act.register_fake
@@ -127,8 +132,7 @@ def silu_mul_quantize_act(g: Tensor, u: Tensor, inv_g: Tensor | None, inv_u: Ten
     if out not in XQ_DTYPES:
         raise ValueError(f"out={out!r}: use one of {', '.join(XQ_DTYPES)}")
     xq, scales, gg = arc_silu_mul_act_cuda(g, u, starts, s, gs, out, inv_g, inv_u)
-    gg = gg if gs is None else gg.clone()
-    return xq, (scales.view(torch.uint8) if scales is not None else g.new_empty(0, 0, dtype=torch.uint8)), gg
+    return _act_outputs(g, xq, scales, gg, gs)
 
 
 @silu_mul_quantize_act.register_fake

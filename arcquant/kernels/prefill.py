@@ -77,18 +77,23 @@ def arc_matmul_prefill(xd, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.
     exact=False (fast): cuBLAS rounds the fp32 accumulator to xd's dtype and the scales are
     applied to that (a second rounding: at most one more bf16 ulp; scale_rows), saving the
     fp32 round trip through memory (~25% of the time at M = 4096)."""
+    if xd.is_cuda and not exact:
+        y = matmul_unscaled(xd, wc, ws, s)                               # (M, N) xd.dtype
+        scale_rows(y, inverse_scales(xgs, wgs), None if bias is None else bias.to(y.dtype))
+        return y.to(out_dtype)
+    wd = _augmented_weight(xd, wc, ws, s)                                # (N, K+s)
+    acc = torch.mm(xd, wd.t(), out_dtype=torch.float32) if xd.is_cuda else xd.float() @ wd.float().t()
+    y = acc / tensor_scales(xgs, wgs)
+    return (y if bias is None else y + bias.to(torch.float32)).to(out_dtype)
+
+
+def _augmented_weight(xd, wc, ws, s: int) -> torch.Tensor:
+    """The weight's code * block scale with its tail, (N, K+s) in xd's dtype, after checking that
+    xd is K+s deep."""
     k = wc.shape[1] * 2
     if xd.shape[1] != k + s:
         raise ValueError(f"xd has {xd.shape[1]} columns, expected K+s = {k + s}")
-    wd = dequantize_codes(wc, ws, s, xd.dtype)                       # (N, K+s)
-    if exact or not xd.is_cuda:
-        gs = tensor_scales(xgs, wgs)
-        acc = torch.mm(xd, wd.t(), out_dtype=torch.float32) if xd.is_cuda else xd.float() @ wd.float().t()
-        y = acc / gs
-        return (y if bias is None else y + bias.to(torch.float32)).to(out_dtype)
-    y = torch.mm(xd, wd.t())                                         # (M, N) xd.dtype
-    scale_rows(y, inverse_scales(xgs, wgs), None if bias is None else bias.to(y.dtype))
-    return y.to(out_dtype)
+    return dequantize_codes(wc, ws, s, xd.dtype)
 
 
 def tensor_scales(xgs, wgs) -> torch.Tensor:
@@ -104,10 +109,7 @@ def inverse_scales(xgs, wgs) -> torch.Tensor:
 def matmul_unscaled(xd, wc, ws, s: int) -> torch.Tensor:
     """xd (M, K+s) x the augmented weight's code * block scale -> (M, N) in xd's dtype (cuBLAS,
     fp32 accumulation, one rounding): arc_matmul_prefill's fast path before scale_rows."""
-    k = wc.shape[1] * 2
-    if xd.shape[1] != k + s:
-        raise ValueError(f"xd has {xd.shape[1]} columns, expected K+s = {k + s}")
-    return torch.mm(xd, dequantize_codes(wc, ws, s, xd.dtype).t())
+    return torch.mm(xd, _augmented_weight(xd, wc, ws, s).t())
 
 
 def scale_rows(y, inv, bias=None, cuda: bool | None = None):
