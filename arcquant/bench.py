@@ -169,6 +169,30 @@ def prefill_fusion_ab(model, tokens: int, repeats: int) -> dict:
     return out
 
 
+def greedy_logits(model, steps: int, vocab: int) -> torch.Tensor:
+    """Logits of `steps` greedy decode steps (batch 1, CUDA graph) after a fixed 128-token prompt:
+    (steps, V) float32 - for comparing two settings of the same model bit for bit."""
+    e = Engine(model, 1, PROMPT + steps + 1, graphs=True)
+    ids = torch.randint(0, vocab, (1, PROMPT), device=e.device, generator=torch.Generator(device=e.device).manual_seed(0))
+    tok, out = e.prefill(ids).argmax(-1, keepdim=True), []
+    for i in range(steps):
+        logits = e.step(tok, PROMPT + i).float()
+        out.append(logits[0].clone())
+        tok = logits.argmax(-1, keepdim=True)
+    return torch.stack(out)
+
+
+def decode_repeat(model) -> dict:
+    """Two fresh engines' 32 greedy decode steps (batch 1, CUDA graphs) from one prompt: the
+    largest |logit| difference (0: the decode step is deterministic - no race in the kernels)."""
+    vocab = model.config.vocab_size
+    d = (greedy_logits(model, 32, vocab) - greedy_logits(model, 32, vocab)).abs().max().item()
+    print(f"  arc: logits of 32 greedy steps, two engines: max |diff| {d:.3g}", flush=True)
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"decode_repeat_logits_max_abs_diff": d}
+
+
 def quantized_shape(shape: str, work: Path, calib_source: str, tokenizer_dir=None) -> tuple:
     """Random weights of `shape` written to work/model and quantized (ARC defaults, 8 x 512
     calibration tokens) to work/arc; -> (source folder, checkpoint folder)."""
@@ -212,6 +236,7 @@ def run_bench(source, checkpoint, batches=(1, 8, 32), decode: int = 64, prefill:
     row = bench_one(model, "arc", batches, decode, prefill, repeats, compile_batches)
     row["backend"] = (f"kernels for {counts['kernels']} layers (CUDA GEMVs for {counts['cuda_gemv']}), "
                       f"reference for {counts['reference']}, {counts['fused_mlps']} MLPs fused for prefill")
+    row.update(decode_repeat(model))
     if counts["fused_mlps"]:
         row.update(prefill_fusion_ab(model, prefill, repeats))
     rows.append(row)
@@ -252,6 +277,10 @@ def table(rows: list, batches, prefill: int) -> str:
             if off is not None:
                 lines += ["", f"{r['model']} prefill {prefill} graph with {what}: {off:.1f} ms ({off / base[key]:.2f}x "
                           f"BF16; all fused {r[key]:.1f} ms); logits vs fused: max |diff| {r[f'{name}_logits_max_abs_diff']:.3g}"]
+    for r in rows:
+        if "decode_repeat_logits_max_abs_diff" in r:
+            lines += ["", f"{r['model']}: logits of 32 greedy decode steps from two fresh engines: max |diff| "
+                      f"{r['decode_repeat_logits_max_abs_diff']:.3g}"]
     compiled = sorted({int(k[len("decode_tok_s_b"):-len("_compiled")]) for r in rows for k in r
                        if k.startswith("decode_tok_s_b") and k.endswith("_compiled")})
     if compiled:                                                        # torch.compile'd decode steps

@@ -53,9 +53,11 @@ INT8_MAX_M, MMA_MAX_M = 2, 32
 
 
 def cuda_gemv_config(m: int, k: int) -> dict:
-    """Launch settings of the integer GEMV, from the H200 sweep (results/cuda-gemv-h200.json):
-    4 output rows per block (2 for one token and K < 8192), 2 warps along K for deep calls."""
-    return dict(nr=2 if m == 1 and k < 8192 else 4, kw=2 if k >= 8192 and m <= 4 else 1)
+    """Launch settings of the integer GEMV, from the H200 sweeps (results/cuda-gemv-h200.json,
+    results/cuda-gemv-u-h200.json): 4 output rows per block (2 for one token and K < 8192), 2
+    warps along K for deep calls; one step's weight loads at a time (u = 1: issuing 2 or 4 steps'
+    loads first was no faster alone, and u = 2 cost ~10 % in the model's decode step)."""
+    return dict(nr=2 if m == 1 and k < 8192 else 4, kw=2 if k >= 8192 and m <= 4 else 1, u=1)
 
 
 def mma_config(m: int, n: int, k: int) -> dict:

@@ -22,7 +22,7 @@ from triton.testing import do_bench_cudagraph
 
 from arcquant.kernels import ops
 from arcquant.kernels.act_quant import block_starts
-from arcquant.kernels.cuda_act import rmsnorm_reference
+from arcquant.kernels.cuda_act import arc_rmsnorm_act_cuda, rmsnorm_reference
 
 
 def ulps(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -47,9 +47,15 @@ def check(m, k, s, dtype, out, static):
     y, xq, xs, g = ops.OPS.rmsnorm_quantize_act(x, w, 1e-5, perm, starts, s, gs, out)
     ref_y = rmsnorm_reference(x, w, 1e-5)
     rq, rs, rg = ops.OPS.quantize_act(y.cpu(), perm.cpu(), None, s, None if gs is None else gs.cpu(), out)
+    same = []                                  # other CTA counts a row: the same bits as the op's choice
+    for c in ((1, 3, 8) if m <= 32 else ()):
+        yc, xqc, xsc, gc = arc_rmsnorm_act_cuda(x, w, 1e-5, starts, s, gs, out, ctas=c)
+        xsc = xs if xsc is None else xsc.view(torch.uint8)
+        same.append(bool(torch.equal(yc, y) and torch.equal(xqc, xq) and torch.equal(xsc, xs) and torch.equal(gc, g)))
     return {"M": m, "K": k, "s": s, "dtype": str(dtype), "out": out, "static_gs": static,
             "y_differs": float((y != ref_y).float().mean()), "y_max_ulps": ulps(y, ref_y),
-            "operand_exact": bool(torch.equal(xq.cpu(), rq) and torch.equal(xs.cpu(), rs) and torch.equal(g.cpu(), rg))}
+            "operand_exact": bool(torch.equal(xq.cpu(), rq) and torch.equal(xs.cpu(), rs) and torch.equal(g.cpu(), rg)),
+            "ctas_same": all(same)}
 
 
 def timing(m, k, s):
@@ -58,8 +64,13 @@ def timing(m, k, s):
     kind = "int8" if m <= 2 else "float16" if m <= 32 else "bfloat16"   # the consumer's operand
     fused = lambda: ops.OPS.rmsnorm_quantize_act(x, w, 1e-5, perm, starts, s, None, kind)
     apart = lambda: ops.OPS.quantize_act(rmsnorm_reference(x, w, 1e-5), perm, starts, s, None, kind)
-    return {"M": m, "K": k, "s": s, "fused_us": do_bench_cudagraph(fused) * 1e3,
-            "torch_norm_then_act_us": do_bench_cudagraph(apart) * 1e3}
+    row = {"M": m, "K": k, "s": s, "fused_us": do_bench_cudagraph(fused) * 1e3,
+           "torch_norm_then_act_us": do_bench_cudagraph(apart) * 1e3}
+    if m <= 16:                                                      # CTAs a row, swept
+        row["fused_us_by_ctas"] = {c: do_bench_cudagraph(lambda: arc_rmsnorm_act_cuda(x, w, 1e-5, starts, s, None,
+                                                                                      kind, ctas=c)) * 1e3
+                                   for c in (1, 2, 4, 8, 16)}
+    return row
 
 
 def main():
@@ -73,10 +84,10 @@ def main():
                 for out in ("int8", "float16", "bfloat16"):
                     rows.append(check(m, k, s, dtype, out, static=(m == 3)))
     allowed = lambda r: 2
-    bad = [r for r in rows if not r["operand_exact"] or r["y_max_ulps"] > allowed(r)]
+    bad = [r for r in rows if not r["operand_exact"] or r["y_max_ulps"] > allowed(r) or not r["ctas_same"]]
     times = [timing(m, 4096, 256) for m in (1, 8, 2048)]
     summary = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": len(rows),
-               "operand_exact": sum(r["operand_exact"] for r in rows), "y_within_allowed_ulps": sum(r["y_max_ulps"] <= allowed(r) for r in rows),
+               "operand_exact": sum(r["operand_exact"] for r in rows), "ctas_same": sum(r["ctas_same"] for r in rows), "y_within_allowed_ulps": sum(r["y_max_ulps"] <= allowed(r) for r in rows),
                "y_max_ulps": {d: max(r["y_max_ulps"] for r in rows if r["dtype"] == d) for d in {r["dtype"] for r in rows}},
                "worst_y_differs": max(r["y_differs"] for r in rows), "failures": bad, "timing": times}
     print(json.dumps(summary, indent=1))

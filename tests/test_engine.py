@@ -84,7 +84,7 @@ def test_cuda_kernel_plumbing_equals_reference(quantized, m, path):
         acts.append(args[-1])
         return OPS.quantize_act(*args)
 
-    def int8(xi, xs, gs, wc, ws, wgs, bias, s, out_dtype, nr, kw):
+    def int8(xi, xs, gs, wc, ws, wgs, bias, s, out_dtype, nr, kw, u=1):
         calls.append("int8")
         e4m3 = lambda b: b.view(torch.float8_e4m3fn)          # scales cross the ops as their bits
         return int8_gemv_reference(xi, e4m3(xs), gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype)
@@ -133,7 +133,7 @@ def test_fused_rmsnorm_hands_its_operand_to_the_group(quantized, m, path):
     fake_ops = SimpleNamespace(
         quantize_act=lambda *a: calls.append("act") or OPS.quantize_act(*a),
         rmsnorm_quantize_act=lambda *a: calls.append("norm+act") or OPS.rmsnorm_quantize_act(*a),
-        gemv_int8=lambda xi, xs, gs, wc, ws, wgs, bias, s, out_dtype, nr, kw: calls.append("int8") or
+        gemv_int8=lambda xi, xs, gs, wc, ws, wgs, bias, s, out_dtype, nr, kw, u=1: calls.append("int8") or
         int8_gemv_reference(xi, e4m3(xs), gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype),
         gemm_mma=lambda xd, gs, wc, ws, wgs, bias, s, out_dtype, kw, occ: calls.append("mma") or
         fp16_gemm_reference(xd, gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype),
@@ -262,7 +262,7 @@ def test_stacked_group_is_one_launch_with_the_same_outputs(quantized, m, path):
     calls, e4m3 = [], lambda b: b.view(torch.float8_e4m3fn)
     fake_ops = SimpleNamespace(
         quantize_act=OPS.quantize_act,
-        gemv_int8=lambda xi, xs, gs, wc, ws, wgs, bias, s, out_dtype, nr, kw: calls.append(wc.shape[0]) or
+        gemv_int8=lambda xi, xs, gs, wc, ws, wgs, bias, s, out_dtype, nr, kw, u=1: calls.append(wc.shape[0]) or
         int8_gemv_reference(xi, e4m3(xs), gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype),
         gemm_mma=lambda xd, gs, wc, ws, wgs, bias, s, out_dtype, kw, occ: calls.append(wc.shape[0]) or
         fp16_gemm_reference(xd, gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype))
@@ -297,7 +297,7 @@ def test_stacked_group_is_one_launch_with_the_same_outputs(quantized, m, path):
 
 def test_kernel_launch_settings():
     from arcquant.gpu import cuda_gemv_config, mma_config
-    assert cuda_gemv_config(1, 4096) == dict(nr=2, kw=1) and cuda_gemv_config(2, 14336) == dict(nr=4, kw=2)
+    assert cuda_gemv_config(1, 4096) == dict(nr=2, kw=1, u=1) and cuda_gemv_config(2, 14336) == dict(nr=4, kw=2, u=1)
     assert mma_config(8, 28672, 4096) == dict(kw=4, occ=False) and mma_config(8, 4096, 14336) == dict(kw=8, occ=False)
     assert mma_config(16, 28672, 4096) == dict(kw=1, occ=False) and mma_config(32, 4096, 4096) == dict(kw=8, occ=True)
     assert mma_config(32, 28672, 4096) == dict(kw=4, occ=True) and mma_config(32, 6144, 4096) == dict(kw=4, occ=True)

@@ -242,6 +242,8 @@ def test_cuda_gemv_bad_input_is_named():
                       torch.zeros(8, 3).to(torch.float8_e4m3fn), one, 16)
     with pytest.raises(ValueError, match="1 <= M <= 8, got M=9"):
         arc_gemv_int8(torch.zeros(9, 48, dtype=torch.int8), xs, one, wc, ws, one, 16)
+    with pytest.raises(ValueError, match=r"u=4: give 1, or 2 / 4 for M <= 2 \(got M=3\)"):
+        arc_gemv_int8(torch.zeros(3, 48, dtype=torch.int8), xs, one, wc, ws, one, 16, u=4)
     with pytest.raises(ValueError, match=r"xi must be contiguous int8 \(1, 48\)"):
         arc_gemv_int8(torch.zeros(1, 48, dtype=torch.int16), xs, one, wc, ws, one, 16)
     with pytest.raises(ValueError, match="one CUDA device: xi on cpu"):
@@ -306,3 +308,16 @@ def test_cuda_activation_kernel_routing_and_refusals():
         arc_act_quant_cuda(x, starts, 16, out="fp8")
     assert ctas_per_row(1, 952) == 8 and ctas_per_row(4096, 952) == 1 and ctas_per_row(100, 952) == 8
     assert ctas_per_row(300, 272) == 3 and ctas_per_row(600, 272) == 2
+
+
+def test_cuda_norm_kernel_refuses_a_bad_cta_count():
+    """The fused RMSNorm kernel's CTAs a row (its decode split; equal bits for every count on the
+    GPU, scripts/check_norm_kernel.py): a count out of range is named before anything runs."""
+    from arcquant.kernels.cuda_act import arc_rmsnorm_act_cuda
+    x, plan = make_case(2, 64, 16, "blocks", seed=1, dtype=torch.bfloat16)
+    starts = block_starts(plan.perm.to(torch.int32))
+    for bad in (-1, 65):
+        with pytest.raises(ValueError, match=rf"ctas={bad}: give 0 \(the kernel's choice\) or 1..64 CTAs a row"):
+            arc_rmsnorm_act_cuda(x, torch.ones(64, dtype=torch.bfloat16), 1e-5, starts, 16, ctas=bad)
+    with pytest.raises(ValueError, match="needs a CUDA tensor"):
+        arc_rmsnorm_act_cuda(x, torch.ones(64, dtype=torch.bfloat16), 1e-5, starts, 16, ctas=8)

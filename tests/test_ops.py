@@ -67,6 +67,7 @@ def test_opcheck_every_op():
     calls = [(OPS.quantize_act.default, (x, perm, None, 32, None, "int8")),
              (OPS.quantize_act.default, (x, perm, None, 32, gs[:1].clone(), "float16")),
              (OPS.gemv_int8.default, (xi, xs, gs, wc, ws, gsw, bias, 32, 2, 1, torch.bfloat16)),
+             (OPS.gemv_int8.default, (xi, xs, gs, wc, ws, gsw, bias, 32, 4, 2, torch.bfloat16, 4)),
              (OPS.gemm_mma.default, (xd, gs, wc, ws, gsw, None, 32, 4, False, torch.float32)),
              (OPS.gemv_triton.default, (xd.bfloat16(), gs, wc, ws, gsw, bias, 32, True, 8, 32, 1, torch.bfloat16)),
              (OPS.prefill.default, (xd.bfloat16(), gs, wc, ws, gsw, None, 32, torch.bfloat16)),

@@ -85,10 +85,13 @@ def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
 
 
 def arc_rmsnorm_act_cuda(x: torch.Tensor, weight: torch.Tensor, eps: float, starts: torch.Tensor, s: int,
-                         gs: torch.Tensor | None = None, out: str = "int8") -> tuple:
+                         gs: torch.Tensor | None = None, out: str = "int8", ctas: int = 0) -> tuple:
     """RMSNorm fused in front of the activation kernel (the inputs of q/k/v and gate/up):
     x (M, K) -> (y (M, K) = rmsnorm_reference(x) up to two ulps where the sum of squares' order
-    matters, then xq, scales or None, gs exactly as arc_act_quant_cuda(y, ...))."""
+    matters, then xq, scales or None, gs exactly as arc_act_quant_cuda(y, ...)).
+    ctas: CTAs a row (0: the kernel's choice - up to 8 for M <= 16; the same result for any)."""
+    if not 0 <= ctas <= 64:
+        raise ValueError(f"ctas={ctas}: give 0 (the kernel's choice) or 1..64 CTAs a row")
     kind, _, xq, scales, g, g_out = _outputs(x, starts, s, gs, out, NORM_MAX_K)
     k = x.shape[1]
     if weight.shape != (k,) or weight.dtype != x.dtype or weight.device != x.device:
@@ -96,7 +99,7 @@ def arc_rmsnorm_act_cuda(x: torch.Tensor, weight: torch.Tensor, eps: float, star
     y = torch.empty_like(x)
     ext = _extension(torch.cuda.get_device_capability(x.device))
     ext.arc_rmsnorm_act(x, weight.contiguous(), float(eps), starts, g, g_out, y, xq,
-                        scales if scales is not None else xq, s, kind)
+                        scales if scales is not None else xq, s, kind, ctas)
     return y, xq, None if scales is None else scales.view(torch.float8_e4m3fn), g_out
 
 

@@ -28,7 +28,7 @@ SRCS = [Path(__file__).parent / "csrc" / f for f in ("arc_gemv.cu", "arc_act.cu"
 MAX_M, MMA_MAX_M = 8, 64
 DECL = ("void arc_gemv_dp4a(torch::Tensor xi, torch::Tensor xs, torch::Tensor xgs, torch::Tensor wc, "
         "torch::Tensor ws, torch::Tensor wgs, c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t s, "
-        "int64_t nr, int64_t kw);\n"
+        "int64_t nr, int64_t kw, int64_t u);\n"
         "void arc_gemm_mma(torch::Tensor xd, torch::Tensor xgs, torch::Tensor wc, torch::Tensor ws, "
         "torch::Tensor wgs, c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t s, int64_t kw, int64_t occ);\n"
         "void arc_act_quant(torch::Tensor x, torch::Tensor starts, torch::Tensor gs, torch::Tensor gs_out, "
@@ -36,7 +36,8 @@ DECL = ("void arc_gemv_dp4a(torch::Tensor xi, torch::Tensor xs, torch::Tensor xg
         "void arc_dequant(torch::Tensor codes, torch::Tensor scales, torch::Tensor out, int64_t s);\n"
         "void arc_scale_rows(torch::Tensor y, torch::Tensor inv, c10::optional<torch::Tensor> bias);\n"
         "void arc_rmsnorm_act(torch::Tensor x, torch::Tensor w, double eps, torch::Tensor starts, torch::Tensor gs, "
-        "torch::Tensor gs_out, torch::Tensor y, torch::Tensor xq, torch::Tensor scales, int64_t s, int64_t out);\n"
+        "torch::Tensor gs_out, torch::Tensor y, torch::Tensor xq, torch::Tensor scales, int64_t s, int64_t out, "
+        "int64_t ctas);\n"
         "void arc_silu_mul_act(torch::Tensor g, torch::Tensor u, torch::Tensor inv_g, torch::Tensor inv_u, "
         "torch::Tensor starts, torch::Tensor gs, torch::Tensor gs_out, torch::Tensor xq, torch::Tensor scales, "
         "int64_t s, int64_t out);")
@@ -127,13 +128,16 @@ def _outputs(x, n: int, bias, out_dtype):
 
 
 def arc_gemv_int8(xi, xs, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat16, nr: int = 2,
-                  kw: int = 4) -> torch.Tensor:
+                  kw: int = 4, u: int = 1) -> torch.Tensor:
     """y (M, N) = 0.25 * sum_b isum_b * ws * xs / (xgs * wgs) (+ bias); M <= 8; wgs () or (N,).
-    nr: output rows per thread block (1, 2, 4); kw: warps splitting the depth."""
+    nr: output rows per thread block (1, 2, 4); kw: warps splitting the depth; u: 32-code steps
+    whose weight loads a lane issues together (1, or 2 / 4 for M <= 2; same result for every u)."""
     m, n, k = xi.shape[0], wc.shape[0], wc.shape[1] * 2
     reason = gemv_shape_reason(k, s, m)
     if reason:
         raise ValueError(reason)
+    if u not in (1, 2, 4) or (u > 1 and m > 2):
+        raise ValueError(f"u={u}: give 1, or 2 / 4 for M <= 2 (got M={m})")
     if xi.dtype != torch.int8 or xi.shape[1] != k + s or not xi.is_contiguous():
         raise ValueError(f"xi must be contiguous int8 ({m}, {k + s}) for K={k}, s={s}; got {xi.dtype} "
                          f"{tuple(xi.shape)}")
@@ -145,7 +149,7 @@ def arc_gemv_int8(xi, xs, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.b
     y, b, ext = _outputs(xi, n, bias, out_dtype)
     ext.arc_gemv_dp4a(xi, xs.view(torch.uint8), xgs.to(torch.float32).reshape(-1).contiguous(), wc.contiguous(),
                       ws.view(torch.uint8).contiguous(), tensor_scales(wgs, n), b, y, s,
-                      nr, kw)
+                      nr, kw, u)
     return y
 
 

@@ -4,7 +4,7 @@ and CUDA graphs capture them, with a backend choice per device.
     torch.ops.arcquant.quantize_act(x, perm, starts, s, gs, out) -> (xq, scales, gs)
     torch.ops.arcquant.rmsnorm_quantize_act(x, weight, eps, perm, starts, s, gs, out) -> (y, xq, scales, gs)
     torch.ops.arcquant.silu_mul_quantize_act(g, u, inv_g, inv_u, perm, starts, s, gs, out) -> (xq, scales, gs)
-    torch.ops.arcquant.gemv_int8(xi, xs, xgs, wc, ws, wgs, bias, s, nr, kw, out_dtype)
+    torch.ops.arcquant.gemv_int8(xi, xs, xgs, wc, ws, wgs, bias, s, nr, kw, out_dtype, u=1)
     torch.ops.arcquant.gemm_mma(xd, xgs, wc, ws, wgs, bias, s, kw, out_dtype)
     torch.ops.arcquant.gemv_triton(xd, xgs, wc, ws, wgs, bias, s, fma, block_n, block_k, split_k, out_dtype)
     torch.ops.arcquant.prefill(xd, xgs, wc, ws, wgs, bias, s, out_dtype)
@@ -159,15 +159,15 @@ def _out_fake(x: Tensor, wc: Tensor, out_dtype: torch.dtype) -> Tensor:
 
 @custom_op("arcquant::gemv_int8", mutates_args=())
 def gemv_int8(xi: Tensor, xs: Tensor, xgs: Tensor, wc: Tensor, ws: Tensor, wgs: Tensor, bias: Tensor | None,
-              s: int, nr: int, kw: int, out_dtype: torch.dtype) -> Tensor:
+              s: int, nr: int, kw: int, out_dtype: torch.dtype, u: int = 1) -> Tensor:
     if xi.device.type == "cpu":                                   # no CUDA kernel on CPU: the oracle
         return _product_reference(xi, xs, xgs, wc, ws, wgs, bias, s, out_dtype)
     from .cuda_gemv import arc_gemv_int8
-    return arc_gemv_int8(xi, _e4m3(xs), xgs, wc, _e4m3(ws), wgs, s, bias, out_dtype, nr, kw)
+    return arc_gemv_int8(xi, _e4m3(xs), xgs, wc, _e4m3(ws), wgs, s, bias, out_dtype, nr, kw, u)
 
 
 @gemv_int8.register_fake
-def _(xi, xs, xgs, wc, ws, wgs, bias, s, nr, kw, out_dtype):
+def _(xi, xs, xgs, wc, ws, wgs, bias, s, nr, kw, out_dtype, u=1):
     return _out_fake(xi, wc, out_dtype)
 
 

@@ -188,7 +188,10 @@ __global__ void arc_act_kernel(const T* __restrict__ x, const int* __restrict__ 
 }
 
 
-// RMSNorm fused in front (the input of q/k/v and gate/up, decode and prefill). One CTA per row:
+// RMSNorm fused in front (the input of q/k/v and gate/up, decode and prefill). gridDim.y CTAs per
+// row (several for a few decode rows: the quantization of a row's blocks is spread over SMs); each
+// normalizes the whole row (the same arithmetic, so the same values), writes its 1/gridDim.y of y
+// and quantizes its share of the blocks:
 //   y = T(w * T(x * rsqrt(mean(x^2) + eps)))   (the transformers Llama / Qwen2 RMSNorm order:
 //   fp32 statistics, rounded to T, times the T weight, rounded again), written out (M, K);
 //   then y is quantized exactly as arc_act_kernel does with x (gs_mode 2: 2688 / max|y[m]|).
@@ -208,12 +211,13 @@ __device__ __forceinline__ float block_reduce(float a, bool is_max, float* red) 
   return a;
 }
 
-// A one-CTA row's tensor scale: 2688 / max|row| (gs_mode 2; thread 0 writes it to gs_out), else given.
+// A row's tensor scale: 2688 / max|row| (gs_mode 2; thread 0 of the row's first CTA writes it to
+// gs_out), else given.
 __device__ __forceinline__ float row_scale(float amax, int gs_mode, const float* __restrict__ gs_in,
                                            float* __restrict__ gs_out, int m) {
   if (gs_mode != 2) return gs_in[gs_mode == 1 ? m : 0];
   const float gs = __fdiv_rn(2688.f, fmaxf(amax, 1e-30f));
-  if (threadIdx.x == 0) gs_out[m] = gs;
+  if (threadIdx.x == 0 && blockIdx.y == 0) gs_out[m] = gs;
   return gs;
 }
 
@@ -249,6 +253,8 @@ __global__ void arc_rmsnorm_act_kernel(const T* __restrict__ x, const T* __restr
   }
   ss = block_reduce(ss, false, red);
   const float rstd = rsqrtf(__fadd_rn(__fmul_rn(ss, 1.f / K), eps));
+  const int y_per = (K / 8 + gridDim.y - 1) / gridDim.y;         // 8-value groups of y this CTA writes
+  const int y_lo = blockIdx.y * y_per, y_hi = y_lo + y_per;
   float amax = 0.f;
   for (int i0 = threadIdx.x; i0 < K / 8; i0 += U * blockDim.x) {
     uint4 wv[U];
@@ -271,12 +277,14 @@ __global__ void arc_rmsnorm_act_kernel(const T* __restrict__ x, const T* __restr
         ys[8 * i + j] = act_to_f<T>(h[j]);
         amax = fmaxf(amax, fabsf(ys[8 * i + j]));
       }
-      reinterpret_cast<uint4*>(y + (size_t)m * K)[i] = o;
+      if (i >= y_lo && i < y_hi) reinterpret_cast<uint4*>(y + (size_t)m * K)[i] = o;
     }
   }
   amax = block_reduce(amax, true, red);                         // also: every ys written
   const float gs = row_scale(amax, gs_mode, gs_in, gs_out, m);
-  for (int b = threadIdx.x; b < nblk; b += blockDim.x) {
+  const int b_per = (nblk + gridDim.y - 1) / gridDim.y;           // this CTA's blocks
+  const int b_hi = min(nblk, (int)(blockIdx.y + 1) * b_per);
+  for (int b = blockIdx.y * b_per + threadIdx.x; b < b_hi; b += blockDim.x) {
     const bool tail = b >= kb;
     const float4* src = reinterpret_cast<const float4*>(ys + starts[tail ? b - sb : b]);   // 64-byte aligned
     float v[16];
@@ -422,7 +430,7 @@ void arc_act_quant(torch::Tensor x, torch::Tensor starts, torch::Tensor gs, torc
 // arc_act_quant (out 0 int8, 1 fp16, 2 bf16, 3 packed).
 void arc_rmsnorm_act(torch::Tensor x, torch::Tensor w, double eps, torch::Tensor starts, torch::Tensor gs,
                      torch::Tensor gs_out, torch::Tensor y, torch::Tensor xq, torch::Tensor scales, int64_t s,
-                     int64_t out) {
+                     int64_t out, int64_t ctas) {
   const at::cuda::CUDAGuard guard(x.device());
   const ActIO io = check_act_io(x, starts, gs, gs_out, xq, scales, s, out);
   const int64_t m = x.size(0), k = x.size(1);
@@ -431,15 +439,20 @@ void arc_rmsnorm_act(torch::Tensor x, torch::Tensor w, double eps, torch::Tensor
               w.numel() == k && y.numel() == m * k && w.is_contiguous() && y.is_contiguous() &&
               reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 == 0,
               "w (K,) and y (M, K): CUDA, x's dtype, contiguous, 16-byte aligned");
+  TORCH_CHECK(ctas >= 0 && ctas <= 64, "ctas in 0 (auto) .. 64");
   if (m == 0) return;
   // decode (few rows): up to 512 threads a row for latency; prefill (many rows): 128, with the
   // kernel's 4 loads in flight a thread - ~8 rows an SM instead of 2 (registers)
   const int64_t wide = std::min<int64_t>(512, std::max<int64_t>(64, (k / 8 + 31) / 32 * 32));
   const int threads = (int)(m >= 512 ? std::min<int64_t>(128, wide) : wide);
+  // CTAs a row: several while the rows leave SMs idle (decode), so each quantizes fewer blocks
+  const int64_t nblk = (k + s) / 16;
+  const unsigned per_row = (unsigned)(ctas ? ctas : m <= 16 ? std::max<int64_t>(1, std::min<int64_t>(8, nblk / 32)) : 1);
+  const dim3 grid((unsigned)m, per_row);
   const size_t smem = (size_t)k * sizeof(float);
   auto stream = at::cuda::getCurrentCUDAStream();
   void* q = xq.data_ptr();
-#define ARC_NORM_LAUNCH(T, O) arc_rmsnorm_act_kernel<T, O><<<(unsigned)m, threads, smem, stream>>>( \
+#define ARC_NORM_LAUNCH(T, O) arc_rmsnorm_act_kernel<T, O><<<grid, threads, smem, stream>>>( \
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(w.data_ptr()), (float)eps, \
       starts.data_ptr<int>(), io.gp, io.gs_mode, io.go, reinterpret_cast<T*>(y.data_ptr()), q, io.sp, (int)k, (int)s)
   if (x.scalar_type() == at::kBFloat16) {

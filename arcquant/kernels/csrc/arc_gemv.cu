@@ -80,18 +80,66 @@ struct Codes8 {
   }
 };
 
+// One 32-code step of NR rows (two 16-blocks, the chunk j of each row) into acc: w / sb the
+// rows' 16 code bytes and 2 E4M3 scale bytes, already loaded.
+template <int M, int NR>
+__device__ __forceinline__ void gemv_step(const uint4* w, const uint32_t* sb, int j, float (*acc)[M],
+                                          const int8_t* __restrict__ xi, const uint8_t* __restrict__ xs,
+                                          int mrows, int K, int ka, int tb0) {
+  constexpr bool SPLIT = M <= 2;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {                                   // the two 16-blocks of the step
+    const int b = 2 * j + h;
+    Codes8<SPLIT> c0[NR], c1[NR];
+    float sw[NR];
+#pragma unroll
+    for (int r = 0; r < NR; ++r) {
+      c0[r] = Codes8<SPLIT>(h ? w[r].z : w[r].x);
+      c1[r] = Codes8<SPLIT>(h ? w[r].w : w[r].y);
+      sw[r] = e4m3(h ? sb[r] >> 8 : sb[r] & 0xFF);
+    }
+    const bool tail = b >= tb0;
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const int mm = min(m, mrows - 1);
+      const int8_t* xrow = xi + (size_t)mm * ka;
+      const uint8_t* xsrow = xs + (size_t)mm * (ka / 16);
+      const uint4 x = __ldg(reinterpret_cast<const uint4*>(xrow + 16 * b));
+      const float sx = e4m3(xsrow[b]);
+      uint4 x2 = make_uint4(0, 0, 0, 0);
+      float sx2 = 0.f;
+      if (tail) {                                                 // Q2: augmented block K/16 + b - tb0
+        x2 = __ldg(reinterpret_cast<const uint4*>(xrow + K + 16 * (b - tb0)));
+        sx2 = e4m3(xsrow[K / 16 + b - tb0]);
+      }
+#pragma unroll
+      for (int r = 0; r < NR; ++r) {
+        const int i1 = c0[r].dot(x.x, x.y) + c1[r].dot(x.z, x.w);
+        acc[r][m] = fmaf((float)i1, sw[r] * sx, acc[r][m]);
+        if (tail) {
+          const int i2 = c0[r].dot(x2.x, x2.y) + c1[r].dot(x2.z, x2.w);
+          acc[r][m] = fmaf((float)i2, sw[r] * sx2, acc[r][m]);
+        }
+      }
+    }
+  }
+}
+
 // Grid: one block per NR output rows; blockDim (32, KW): KW warps split the depth and meet in
 // shared memory. Rows >= N are clamped (loaded, never stored); activation rows >= mrows too.
-template <int M, int NR>
+// U: steps whose weight loads a lane issues before using the first (U * NR 16-byte loads in
+// flight; U = 1 loads and uses one step at a time). The lane's steps are summed in the same
+// order for every U, so the result does not depend on it.
+template <int M, int NR, int U>
 __global__ void arc_gemv_kernel(const int8_t* __restrict__ xi, const uint8_t* __restrict__ xs,
                                 const float* __restrict__ xgs, int xgs_per_row,
                                 const uint8_t* __restrict__ wc, const uint8_t* __restrict__ ws,
                                 const float* __restrict__ wgs, int wgs_per_row, const float* __restrict__ bias,
                                 void* __restrict__ y, int out_kind, int mrows, int N, int K, int S) {
-  constexpr bool SPLIT = M <= 2;
   const int lane = threadIdx.x, warp = threadIdx.y, kw = blockDim.y;
   const int n0 = blockIdx.x * NR;
   const int ka = K + S, chunks = K / 32, tb0 = (K - S) / 16;     // 32 codes = 2 blocks per lane step
+  const int stride = 32 * kw;
   const uint8_t* wrow[NR];
   const uint8_t* srow[NR];
 #pragma unroll
@@ -106,49 +154,22 @@ __global__ void arc_gemv_kernel(const int8_t* __restrict__ xi, const uint8_t* __
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
 
-  for (int j = warp * 32 + lane; j < chunks; j += 32 * kw) {
-    uint4 w[NR];
-    float sw[NR][2];
+  for (int j0 = warp * 32 + lane; j0 < chunks; j0 += U * stride) {
+    uint4 w[U][NR];
+    uint32_t sb[U][NR];
 #pragma unroll
-    for (int r = 0; r < NR; ++r) {
-      w[r] = ld_stream(wrow[r] + 16 * j);
-      const uint32_t sb = *reinterpret_cast<const uint16_t*>(srow[r] + 2 * j);
-      sw[r][0] = e4m3(sb & 0xFF);
-      sw[r][1] = e4m3(sb >> 8);
-    }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {                                 // the two 16-blocks of the step
-      const int b = 2 * j + h;
-      Codes8<SPLIT> c0[NR], c1[NR];
+    for (int u = 0; u < U; ++u) {                                 // every load first
+      const int j = j0 + u * stride;
 #pragma unroll
       for (int r = 0; r < NR; ++r) {
-        c0[r] = Codes8<SPLIT>(h ? w[r].z : w[r].x);
-        c1[r] = Codes8<SPLIT>(h ? w[r].w : w[r].y);
+        w[u][r] = j < chunks ? ld_stream(wrow[r] + 16 * j) : make_uint4(0, 0, 0, 0);
+        sb[u][r] = j < chunks ? *reinterpret_cast<const uint16_t*>(srow[r] + 2 * j) : 0u;
       }
-      const bool tail = b >= tb0;
+    }
 #pragma unroll
-      for (int m = 0; m < M; ++m) {
-        const int mm = min(m, mrows - 1);
-        const int8_t* xrow = xi + (size_t)mm * ka;
-        const uint8_t* xsrow = xs + (size_t)mm * (ka / 16);
-        const uint4 x = __ldg(reinterpret_cast<const uint4*>(xrow + 16 * b));
-        const float sx = e4m3(xsrow[b]);
-        uint4 x2 = make_uint4(0, 0, 0, 0);
-        float sx2 = 0.f;
-        if (tail) {                                               // Q2: augmented block K/16 + b - tb0
-          x2 = __ldg(reinterpret_cast<const uint4*>(xrow + K + 16 * (b - tb0)));
-          sx2 = e4m3(xsrow[K / 16 + b - tb0]);
-        }
-#pragma unroll
-        for (int r = 0; r < NR; ++r) {
-          const int i1 = c0[r].dot(x.x, x.y) + c1[r].dot(x.z, x.w);
-          acc[r][m] = fmaf((float)i1, sw[r][h] * sx, acc[r][m]);
-          if (tail) {
-            const int i2 = c0[r].dot(x2.x, x2.y) + c1[r].dot(x2.z, x2.w);
-            acc[r][m] = fmaf((float)i2, sw[r][h] * sx2, acc[r][m]);
-          }
-        }
-      }
+    for (int u = 0; u < U; ++u) {
+      const int j = j0 + u * stride;
+      if (j < chunks) gemv_step<M, NR>(w[u], sb[u], j, acc, xi, xs, mrows, K, ka, tb0);
     }
   }
 
@@ -179,27 +200,36 @@ __global__ void arc_gemv_kernel(const int8_t* __restrict__ xi, const uint8_t* __
   }
 }
 
-template <int M, int NR>
+template <int M, int NR, int U>
 void launch(const torch::Tensor& xi, const torch::Tensor& xs, const torch::Tensor& xgs, const torch::Tensor& wc,
             const torch::Tensor& ws, const torch::Tensor& wgs, const float* bias, torch::Tensor& y, int out_kind,
             int kw, int s) {
   const int n = wc.size(0), k = wc.size(1) * 2, mrows = xi.size(0);
   dim3 grid((n + NR - 1) / NR), block(32, kw);
   const size_t smem = sizeof(float) * kw * NR * M;
-  arc_gemv_kernel<M, NR><<<grid, block, smem, at::cuda::getCurrentCUDAStream()>>>(
+  arc_gemv_kernel<M, NR, U><<<grid, block, smem, at::cuda::getCurrentCUDAStream()>>>(
       xi.data_ptr<int8_t>(), xs.data_ptr<uint8_t>(), xgs.data_ptr<float>(), xgs.numel() > 1 ? 1 : 0,
       wc.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), wgs.data_ptr<float>(), wgs.numel() > 1 ? 1 : 0, bias, y.data_ptr(), out_kind,
       mrows, n, k, s);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <int M>
+template <int M, int U>
 void launch_nr(int nr, const torch::Tensor& xi, const torch::Tensor& xs, const torch::Tensor& xgs,
                const torch::Tensor& wc, const torch::Tensor& ws, const torch::Tensor& wgs, const float* bias,
                torch::Tensor& y, int out_kind, int kw, int s) {
-  if (nr == 1) launch<M, 1>(xi, xs, xgs, wc, ws, wgs, bias, y, out_kind, kw, s);
-  else if (nr == 2) launch<M, 2>(xi, xs, xgs, wc, ws, wgs, bias, y, out_kind, kw, s);
-  else launch<M, 4>(xi, xs, xgs, wc, ws, wgs, bias, y, out_kind, kw, s);
+  if (nr == 1) launch<M, 1, U>(xi, xs, xgs, wc, ws, wgs, bias, y, out_kind, kw, s);
+  else if (nr == 2) launch<M, 2, U>(xi, xs, xgs, wc, ws, wgs, bias, y, out_kind, kw, s);
+  else launch<M, 4, U>(xi, xs, xgs, wc, ws, wgs, bias, y, out_kind, kw, s);
+}
+
+template <int M>
+void launch_u(int u, int nr, const torch::Tensor& xi, const torch::Tensor& xs, const torch::Tensor& xgs,
+              const torch::Tensor& wc, const torch::Tensor& ws, const torch::Tensor& wgs, const float* bias,
+              torch::Tensor& y, int out_kind, int kw, int s) {
+  if (u == 1) launch_nr<M, 1>(nr, xi, xs, xgs, wc, ws, wgs, bias, y, out_kind, kw, s);
+  else if (u == 2) launch_nr<M, 2>(nr, xi, xs, xgs, wc, ws, wgs, bias, y, out_kind, kw, s);
+  else launch_nr<M, 4>(nr, xi, xs, xgs, wc, ws, wgs, bias, y, out_kind, kw, s);
 }
 
 
@@ -378,7 +408,7 @@ void launch_mma(const torch::Tensor& xd, const torch::Tensor& xgs, const torch::
 // checks only guard memory safety.
 void arc_gemv_dp4a(torch::Tensor xi, torch::Tensor xs, torch::Tensor xgs, torch::Tensor wc, torch::Tensor ws,
                    torch::Tensor wgs, c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t s, int64_t nr,
-                   int64_t kw) {
+                   int64_t kw, int64_t u) {
   const at::cuda::CUDAGuard guard(xi.device());
   const int64_t m = xi.size(0), n = wc.size(0), k = wc.size(1) * 2;
   TORCH_CHECK(xi.is_cuda() && xs.is_cuda() && wc.is_cuda() && ws.is_cuda() && y.is_cuda(), "CUDA tensors expected");
@@ -393,6 +423,7 @@ void arc_gemv_dp4a(torch::Tensor xi, torch::Tensor xs, torch::Tensor xgs, torch:
   TORCH_CHECK(xgs.numel() == 1 || xgs.numel() == m, "xgs must hold 1 or M values");
   TORCH_CHECK(wgs.is_contiguous() && (wgs.numel() == 1 || wgs.numel() == n), "wgs must hold 1 or N values");
   TORCH_CHECK(kw >= 1 && kw <= 32 && (nr == 1 || nr == 2 || nr == 4), "kw in 1..32, nr in {1, 2, 4}");
+  TORCH_CHECK(u == 1 || ((u == 2 || u == 4) && m <= 2), "u in {1, 2, 4} (2 and 4 for M <= 2)");
   const float* b = nullptr;
   if (bias.has_value()) {
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n && bias->is_cuda(), "bias: float32 (N,)");
@@ -400,10 +431,10 @@ void arc_gemv_dp4a(torch::Tensor xi, torch::Tensor xs, torch::Tensor xgs, torch:
   }
   const int out_kind = y.scalar_type() == at::kBFloat16 ? 0 : y.scalar_type() == at::kHalf ? 1 : 2;
   TORCH_CHECK(out_kind < 2 || y.scalar_type() == at::kFloat, "y: bfloat16, float16 or float32");
-  if (m == 1) launch_nr<1>(nr, xi, xs, xgs, wc, ws, wgs, b, y, out_kind, kw, s);
-  else if (m == 2) launch_nr<2>(nr, xi, xs, xgs, wc, ws, wgs, b, y, out_kind, kw, s);
-  else if (m <= 4) launch_nr<4>(nr, xi, xs, xgs, wc, ws, wgs, b, y, out_kind, kw, s);
-  else launch_nr<8>(nr, xi, xs, xgs, wc, ws, wgs, b, y, out_kind, kw, s);
+  if (m == 1) launch_u<1>((int)u, nr, xi, xs, xgs, wc, ws, wgs, b, y, out_kind, kw, s);
+  else if (m == 2) launch_u<2>((int)u, nr, xi, xs, xgs, wc, ws, wgs, b, y, out_kind, kw, s);
+  else if (m <= 4) launch_nr<4, 1>(nr, xi, xs, xgs, wc, ws, wgs, b, y, out_kind, kw, s);
+  else launch_nr<8, 1>(nr, xi, xs, xgs, wc, ws, wgs, b, y, out_kind, kw, s);
 }
 
 void arc_gemm_mma(torch::Tensor xd, torch::Tensor xgs, torch::Tensor wc, torch::Tensor ws, torch::Tensor wgs,
@@ -434,3 +465,4 @@ void arc_gemm_mma(torch::Tensor xd, torch::Tensor xgs, torch::Tensor wc, torch::
   else if (m <= 32) launch_mma<4>(xd, xgs, wc, ws, wgs, b, y, out_kind, kw, s, occ != 0);
   else launch_mma<8>(xd, xgs, wc, ws, wgs, b, y, out_kind, kw, s, occ != 0);
 }
+
