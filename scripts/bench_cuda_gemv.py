@@ -122,8 +122,6 @@ def speed(dev, models, ms, mma_off=False) -> list:
                 xi, xs, gs = arc_quantize_activation_gemv(x, perm, s, None, starts)
                 row["act_int8_us"] = bench(graphed(lambda: arc_quantize_activation_gemv(x, perm, s, None, starts)))
                 if m <= 8:
-                    xi, xs, gs = arc_quantize_activation_gemv(x, perm, s, None, starts)
-                    row["act_int8_us"] = bench(graphed(lambda: arc_quantize_activation_gemv(x, perm, s, None, starts)))
                     sweep = {f"{nr},{kw},{u}": bench(graphed(lambda: arc_gemv_int8(xi, xs, gs, wc, ws, gsw, s, None,
                                                                                    torch.bfloat16, nr, kw, u)))
                              for nr, kw, u in CONFIGS if u == 1 or m <= 2}
