@@ -137,17 +137,23 @@ __device__ __forceinline__ void emit_block(float* v, bool tail, float gs, size_t
   if (OUT == 0 || OUT == 3) scales[o] = (uint8_t)sbits;
 }
 
+// v[t] = src[i0 + t * blockDim.x] for t < U (zero past n): U 16-byte loads issued before any is used.
+template <int U>
+__device__ __forceinline__ void load_strided(const uint4* __restrict__ src, int i0, int n, uint4 (&v)[U]) {
+#pragma unroll
+  for (int t = 0; t < U; ++t) {
+    const int i = i0 + t * blockDim.x;
+    v[t] = i < n ? src[i] : make_uint4(0, 0, 0, 0);
+  }
+}
+
 template <typename T>
 __device__ float row_amax(const T* row, int K) {                   // whole CTA; K % 16 == 0
   __shared__ float red[32];
   float a = 0.f, f[8];
   for (int i0 = threadIdx.x; i0 < K / 8; i0 += 4 * blockDim.x) {   // 4 loads in flight per thread
     uint4 v[4];
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const int i = i0 + u * blockDim.x;
-      v[u] = i < K / 8 ? *reinterpret_cast<const uint4*>(row + 8 * i) : make_uint4(0, 0, 0, 0);
-    }
+    load_strided(reinterpret_cast<const uint4*>(row), i0, K / 8, v);
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
       unpack8<T>(v[u], f);
@@ -234,11 +240,7 @@ __global__ void arc_rmsnorm_act_kernel(const T* __restrict__ x, const T* __restr
   float ss = 0.f, f[8];
   for (int i0 = threadIdx.x; i0 < K / 8; i0 += U * blockDim.x) {
     uint4 v[U];
-#pragma unroll
-    for (int t = 0; t < U; ++t) {
-      const int i = i0 + t * blockDim.x;
-      if (i < K / 8) v[t] = *reinterpret_cast<const uint4*>(row + 8 * i);
-    }
+    load_strided(reinterpret_cast<const uint4*>(row), i0, K / 8, v);
 #pragma unroll
     for (int t = 0; t < U; ++t) {
       const int i = i0 + t * blockDim.x;
@@ -258,11 +260,7 @@ __global__ void arc_rmsnorm_act_kernel(const T* __restrict__ x, const T* __restr
   float amax = 0.f;
   for (int i0 = threadIdx.x; i0 < K / 8; i0 += U * blockDim.x) {
     uint4 wv[U];
-#pragma unroll
-    for (int t = 0; t < U; ++t) {
-      const int i = i0 + t * blockDim.x;
-      if (i < K / 8) wv[t] = *reinterpret_cast<const uint4*>(w + 8 * i);
-    }
+    load_strided(reinterpret_cast<const uint4*>(w), i0, K / 8, wv);
 #pragma unroll
     for (int t = 0; t < U; ++t) {
       const int i = i0 + t * blockDim.x;
@@ -321,14 +319,8 @@ __global__ void arc_silu_mul_act_kernel(const T* __restrict__ g, const T* __rest
   float amax = 0.f, gf[8], uf[8];
   for (int i0 = threadIdx.x; i0 < K / 8; i0 += U * blockDim.x) {
     uint4 gv[U], uv[U];
-#pragma unroll
-    for (int t = 0; t < U; ++t) {
-      const int i = i0 + t * blockDim.x;
-      if (i < K / 8) {
-        gv[t] = grow[i];
-        uv[t] = urow[i];
-      }
-    }
+    load_strided(grow, i0, K / 8, gv);
+    load_strided(urow, i0, K / 8, uv);
 #pragma unroll
     for (int t = 0; t < U; ++t) {
       const int i = i0 + t * blockDim.x;
