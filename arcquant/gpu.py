@@ -50,6 +50,7 @@ def gemv_config(m: int, k: int) -> dict:
 
 
 INT8_MAX_M, MMA_MAX_M = 2, 32
+WIDE_N = 16384                 # output rows from which the tensor-core GEMV has blocks enough (kw small)
 
 
 def cuda_gemv_config(m: int, k: int) -> dict:
@@ -62,10 +63,13 @@ def cuda_gemv_config(m: int, k: int) -> dict:
 
 def mma_config(m: int, n: int, k: int) -> dict:
     """Launch settings of the tensor-core GEMV, from the H200 sweeps (results/cuda-gemv-h200.json,
-    results/cuda-gemv-v10-h200.json): kw warps splitting the depth - many for thin or deep
-    layers, few for wide ones (enough blocks already); occ: the register-bounded entry point,
-    which wins for M > 16 (4 token tiles: 150 -> 128 registers, 3 -> 4 blocks per SM)."""
-    wide = n * k > 64 * 2 ** 20
+    results/cuda-gemv-v10-h200.json): kw warps splitting the depth - many for layers of few
+    output rows (few blocks of 16 rows), few for wide ones (enough blocks already); occ: the
+    register-bounded entry point, which wins for M > 16 (4 token tiles: 150 -> 128 registers,
+    3 -> 4 blocks per SM). Wide means N >= 16384 rows (gate/up), not N * K: Qwen2.5-7B's
+    down_proj (N 3584, K 18944) has only 224 blocks and needs kw = 8 (35 vs 51 us at M = 4..8,
+    44 vs 213 us at M = 16 in those sweeps)."""
+    wide = n >= WIDE_N
     if m <= 8:
         return dict(kw=4 if wide else 8, occ=False)
     if m <= 16:

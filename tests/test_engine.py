@@ -301,6 +301,10 @@ def test_kernel_launch_settings():
     assert mma_config(8, 28672, 4096) == dict(kw=4, occ=False) and mma_config(8, 4096, 14336) == dict(kw=8, occ=False)
     assert mma_config(16, 28672, 4096) == dict(kw=1, occ=False) and mma_config(32, 4096, 4096) == dict(kw=8, occ=True)
     assert mma_config(32, 28672, 4096) == dict(kw=4, occ=True) and mma_config(32, 6144, 4096) == dict(kw=4, occ=True)
+    # few output rows, deep (Qwen2.5-7B down_proj): many warps along K at every M (the sweeps' best)
+    assert [mma_config(m, 3584, 18944) for m in (8, 16, 32)] == [dict(kw=8, occ=False), dict(kw=8, occ=False),
+                                                                 dict(kw=8, occ=True)]
+    assert mma_config(8, 37888, 3584) == dict(kw=4, occ=False)                       # Qwen gate/up: wide
     assert gemv_config(1, 4096)["fma"] and gemv_config(4, 14336)["block_n"] == 2
     assert not gemv_config(8, 4096)["fma"]
 
