@@ -364,3 +364,24 @@ def test_bench_table_ratios_and_graph_prefill_column():
     arc["prefill_ms_2048_graph"] = 97.5
     lines = table([base, stacked, arc], [1], 2048).splitlines()
     assert lines[-1] == "arc vs bf16-stacked: decode b1 1.25x, prefill 2048 graph 1.25x the latency"
+
+
+def test_layer_benchmark_tables_state_the_measured_ranges():
+    """scripts/bench_layers.py --md on the committed H200 result: the three target lines give the
+    min / max computed here from its rows (the GPU run itself needs CUDA)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    res = root / "results" / "bench-layers-v23-h200.json"
+    md = subprocess.run([sys.executable, str(root / "scripts" / "bench_layers.py"), "--md", str(res)],
+                        capture_output=True, text=True, check=True).stdout
+    d = json.loads(res.read_text())
+    dec = [r["speedup_both_vs_bf16"] for r in d["rows"] if r["M"] <= 16 and r["model"].startswith("llama")]
+    assert f"{min(dec):.2f}x - {max(dec):.2f}x" in md
+    pct = [100 * r["act_GBps"] / d["header"]["copy_GBps"] for r in d["rows"] if r["M"] == 4096]
+    assert f"{min(pct):.0f} - {max(pct):.0f} %" in md
+    assert md.count("\n| ") == len(d["rows"]) + 1                 # header row + one per measured row
+    bad = subprocess.run([sys.executable, str(root / "scripts" / "bench_layers.py")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--out FILE" in bad.stderr
