@@ -1,4 +1,5 @@
-"""Decode (GEMV kernel) and prefill (dequantize once + cuBLAS) ARC paths vs cuBLAS BF16.
+"""Decode (Triton GEMV kernel) and prefill (dequantize once + cuBLAS) ARC paths vs cuBLAS BF16
+(results v1-v5; the decode GEMVs the model runs are CUDA now: scripts/bench_layers.py).
 
     PYTHONPATH=. python3 scripts/bench_hopper_paths.py --out results/bench-paths.json
 

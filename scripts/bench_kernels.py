@@ -1,4 +1,6 @@
-"""GPU exactness and speed of the ARC kernels (run on the device machine).
+"""GPU exactness and speed of the first ARC kernels (run on the device machine). Kept for the
+history of results/kernels-hopper.md (v1-v4): it times the Triton GEMM and GEMV, which are now
+fallbacks; the per-layer benchmark of the kernels the model runs is scripts/bench_layers.py.
 
     PYTHONPATH=. python3 scripts/bench_kernels.py --out results/bench-kernels.json
 
