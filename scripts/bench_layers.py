@@ -24,20 +24,23 @@ the same run (clone of 1 GiB).
 import argparse
 import json
 import os
+import sys
+from pathlib import Path
 
 import torch
 import triton
 from triton.testing import do_bench
 
-from arcquant import arc
-from arcquant.formats import get_format
-from arcquant.gpu import use_kernels
-from arcquant.kernels.prefill import dequantize_codes
-from arcquant.qlinear import QuantLinear
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_hopper_paths import SHAPES, graphed  # noqa: E402
+
+from arcquant import arc  # noqa: E402
+from arcquant.formats import get_format  # noqa: E402
+from arcquant.gpu import use_kernels  # noqa: E402
+from arcquant.kernels.prefill import dequantize_codes  # noqa: E402
+from arcquant.qlinear import QuantLinear  # noqa: E402
 
 F = get_format("nvfp4")
-SHAPES = {"llama-3.1-8b": [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)],
-          "qwen2.5-7b": [("qkv", 3584, 4608), ("o", 3584, 3584), ("gate_up", 3584, 37888), ("down", 18944, 3584)]}
 NORMED = ("qkv", "gate_up")                                       # inputs that come from an RMSNorm
 MS = [1, 4, 16, 64, 256, 1024, 4096, 8192]
 
@@ -66,14 +69,7 @@ def make_layer(k, n, s, hot, dev, seed):
 
 def timed(fn) -> float:
     """Median microseconds of fn replayed from a CUDA graph, L2 flushed before each replay."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    us = do_bench(g.replay, warmup=25, rep=100, return_mode="median") * 1e3
-    del g
-    return us
+    return do_bench(graphed(fn), warmup=25, rep=100, return_mode="median") * 1e3
 
 
 def rel_err_fp32(q, x):

@@ -25,6 +25,9 @@ from arcquant.kernels.act_quant import block_starts
 from arcquant.kernels.cuda_act import arc_rmsnorm_act_cuda, rmsnorm_reference
 
 
+ALLOWED_ULPS = 2                          # y vs torch's formula, bf16 and fp16 (see above)
+
+
 def ulps(a: torch.Tensor, b: torch.Tensor) -> int:
     ia, ib = a.view(torch.int16).int(), b.view(torch.int16).int()
     return int((ia - ib).abs().max())
@@ -83,11 +86,10 @@ def main():
             for dtype in (torch.bfloat16, torch.float16):
                 for out in ("int8", "float16", "bfloat16"):
                     rows.append(check(m, k, s, dtype, out, static=(m == 3)))
-    allowed = lambda r: 2
-    bad = [r for r in rows if not r["operand_exact"] or r["y_max_ulps"] > allowed(r) or not r["ctas_same"]]
+    bad = [r for r in rows if not r["operand_exact"] or r["y_max_ulps"] > ALLOWED_ULPS or not r["ctas_same"]]
     times = [timing(m, 4096, 256) for m in (1, 8, 2048)]
     summary = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": len(rows),
-               "operand_exact": sum(r["operand_exact"] for r in rows), "ctas_same": sum(r["ctas_same"] for r in rows), "y_within_allowed_ulps": sum(r["y_max_ulps"] <= allowed(r) for r in rows),
+               "operand_exact": sum(r["operand_exact"] for r in rows), "ctas_same": sum(r["ctas_same"] for r in rows), "y_within_allowed_ulps": sum(r["y_max_ulps"] <= ALLOWED_ULPS for r in rows),
                "y_max_ulps": {d: max(r["y_max_ulps"] for r in rows if r["dtype"] == d) for d in {r["dtype"] for r in rows}},
                "worst_y_differs": max(r["y_differs"] for r in rows), "failures": bad, "timing": times}
     print(json.dumps(summary, indent=1))

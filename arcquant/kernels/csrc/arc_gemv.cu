@@ -465,4 +465,3 @@ void arc_gemm_mma(torch::Tensor xd, torch::Tensor xgs, torch::Tensor wc, torch::
   else if (m <= 32) launch_mma<4>(xd, xgs, wc, ws, wgs, b, y, out_kind, kw, s, occ != 0);
   else launch_mma<8>(xd, xgs, wc, ws, wgs, b, y, out_kind, kw, s, occ != 0);
 }
-
