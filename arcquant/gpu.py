@@ -51,6 +51,7 @@ def gemv_config(m: int, k: int) -> dict:
 
 INT8_MAX_M, MMA_MAX_M = 2, 32
 WIDE_N = 16384                 # output rows from which the tensor-core GEMV has blocks enough (kw small)
+VERY_WIDE_N = 32768            # ... and from which 9 - 16 tokens do better with kw = 4 and occ (mma_config)
 
 
 def cuda_gemv_config(m: int, k: int) -> dict:
@@ -68,11 +69,15 @@ def mma_config(m: int, n: int, k: int) -> dict:
     register-bounded entry point, which wins for M > 16 (4 token tiles: 150 -> 128 registers,
     3 -> 4 blocks per SM). Wide means N >= 16384 rows (gate/up), not N * K: Qwen2.5-7B's
     down_proj (N 3584, K 18944) has only 224 blocks and needs kw = 8 (35 vs 51 us at M = 4..8,
-    44 vs 213 us at M = 16 in those sweeps)."""
+    44 vs 213 us at M = 16 in those sweeps). Very wide (N >= 32768, Qwen2.5-7B gate/up's 2368 blocks)
+    at 9 - 16 tokens: kw = 4 with occ (76.0 vs 103.4 us for kw = 1 at M = 16 in cuda-gemv-v10; Llama's
+    gate/up, 1792 blocks, keeps kw = 1: 66.1 vs 84.4 us)."""
     wide = n >= WIDE_N
     if m <= 8:
         return dict(kw=4 if wide else 8, occ=False)
     if m <= 16:
+        if n >= VERY_WIDE_N:
+            return dict(kw=4, occ=True)
         return dict(kw=1 if wide else 8 if k >= 8192 or n <= 4096 else 4, occ=False)
     return dict(kw=8 if n <= 4096 and not wide else 4, occ=True)
 

@@ -305,6 +305,8 @@ def test_kernel_launch_settings():
     assert [mma_config(m, 3584, 18944) for m in (8, 16, 32)] == [dict(kw=8, occ=False), dict(kw=8, occ=False),
                                                                  dict(kw=8, occ=True)]
     assert mma_config(8, 37888, 3584) == dict(kw=4, occ=False)                       # Qwen gate/up: wide
+    assert mma_config(16, 37888, 3584) == dict(kw=4, occ=True) and mma_config(12, 37888, 3584) == dict(kw=4, occ=True)
+    assert mma_config(16, 28672, 4096) == dict(kw=1, occ=False)                      # Llama gate/up: 1792 blocks
     assert gemv_config(1, 4096)["fma"] and gemv_config(4, 14336)["block_n"] == 2
     assert not gemv_config(8, 4096)["fma"]
 

@@ -308,6 +308,7 @@ def test_cuda_activation_kernel_routing_and_refusals():
         arc_act_quant_cuda(x, starts, 16, out="fp8")
     assert ctas_per_row(1, 952) == 8 and ctas_per_row(4096, 952) == 1 and ctas_per_row(100, 952) == 8
     assert ctas_per_row(300, 272) == 3 and ctas_per_row(600, 272) == 2
+    assert ctas_per_row(0, 272) == 3                                     # no rows: no division by zero
 
 
 def test_cuda_norm_kernel_refuses_a_bad_cta_count():

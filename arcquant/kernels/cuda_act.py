@@ -33,8 +33,9 @@ def cuda_act_reason(x: torch.Tensor, starts: torch.Tensor | None) -> str | None:
 
 
 def ctas_per_row(m: int, nblk: int) -> int:
-    """Enough thread blocks to fill the card (~TARGET_CTAS), at most one thread per 16-block."""
-    return max(1, min(-(-TARGET_CTAS // m), -(-nblk // THREADS)))
+    """Enough thread blocks to fill the card (~TARGET_CTAS), at most one thread per 16-block
+    (M = 0 rows: 1, nothing is launched)."""
+    return max(1, min(-(-TARGET_CTAS // max(m, 1)), -(-nblk // THREADS)))
 
 
 def _outputs(x: torch.Tensor, starts: torch.Tensor, s: int, gs: torch.Tensor | None, out: str,

@@ -170,39 +170,6 @@ __device__ float row_amax(const T* row, int K) {                   // whole CTA;
   return a;
 }
 
-template <typename T, int OUT>
-__global__ void arc_act_kernel(const T* __restrict__ x, const int* __restrict__ starts, const float* __restrict__ gs_in,
-                               int gs_mode, float* __restrict__ gs_out, void* __restrict__ xq,
-                               uint8_t* __restrict__ scales, int K, int S) {
-  const int m = blockIdx.x, nblk = (K + S) / 16, kb = K / 16, sb = S / 16;
-  const T* row = x + (size_t)m * K;
-  float gs;
-  if (gs_mode == 2) {
-    gs = __fdiv_rn(2688.f, fmaxf(row_amax<T>(row, K), 1e-30f));
-    if (blockIdx.y == 0 && threadIdx.x == 0) gs_out[m] = gs;
-  } else {
-    gs = gs_in[gs_mode == 1 ? m : 0];
-  }
-  for (int b = blockIdx.y * blockDim.x + threadIdx.x; b < nblk; b += gridDim.y * blockDim.x) {
-    const bool tail = b >= kb;
-    const T* src = row + starts[tail ? b - sb : b];
-    float v[16];
-    unpack8<T>(*reinterpret_cast<const uint4*>(src), v);
-    unpack8<T>(*reinterpret_cast<const uint4*>(src + 8), v + 8);
-    emit_block<OUT>(v, tail, gs, (size_t)m * nblk + b, xq, scales);
-  }
-}
-
-
-// RMSNorm fused in front (the input of q/k/v and gate/up, decode and prefill). gridDim.y CTAs per
-// row (several for a few decode rows: the quantization of a row's blocks is spread over SMs); each
-// normalizes the whole row (the same arithmetic, so the same values), writes its 1/gridDim.y of y
-// and quantizes its share of the blocks:
-//   y = T(w * T(x * rsqrt(mean(x^2) + eps)))   (the transformers Llama / Qwen2 RMSNorm order:
-//   fp32 statistics, rounded to T, times the T weight, rounded again), written out (M, K);
-//   then y is quantized exactly as arc_act_kernel does with x (gs_mode 2: 2688 / max|y[m]|).
-// The sum of squares is a CTA tree, so y can differ from torch's (another order) by one ulp of
-// T where rsqrt lands near a rounding boundary; the quantized operand is exact for the y written.
 __device__ __forceinline__ float block_reduce(float a, bool is_max, float* red) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
@@ -227,6 +194,33 @@ __device__ __forceinline__ float row_scale(float amax, int gs_mode, const float*
   return gs;
 }
 
+template <typename T, int OUT>
+__global__ void arc_act_kernel(const T* __restrict__ x, const int* __restrict__ starts, const float* __restrict__ gs_in,
+                               int gs_mode, float* __restrict__ gs_out, void* __restrict__ xq,
+                               uint8_t* __restrict__ scales, int K, int S) {
+  const int m = blockIdx.x, nblk = (K + S) / 16, kb = K / 16, sb = S / 16;
+  const T* row = x + (size_t)m * K;
+  const float gs = row_scale(gs_mode == 2 ? row_amax<T>(row, K) : 0.f, gs_mode, gs_in, gs_out, m);
+  for (int b = blockIdx.y * blockDim.x + threadIdx.x; b < nblk; b += gridDim.y * blockDim.x) {
+    const bool tail = b >= kb;
+    const T* src = row + starts[tail ? b - sb : b];
+    float v[16];
+    unpack8<T>(*reinterpret_cast<const uint4*>(src), v);
+    unpack8<T>(*reinterpret_cast<const uint4*>(src + 8), v + 8);
+    emit_block<OUT>(v, tail, gs, (size_t)m * nblk + b, xq, scales);
+  }
+}
+
+
+// RMSNorm fused in front (the input of q/k/v and gate/up, decode and prefill). gridDim.y CTAs per
+// row (several for a few decode rows: the quantization of a row's blocks is spread over SMs); each
+// normalizes the whole row (the same arithmetic, so the same values), writes its 1/gridDim.y of y
+// and quantizes its share of the blocks:
+//   y = T(w * T(x * rsqrt(mean(x^2) + eps)))   (the transformers Llama / Qwen2 RMSNorm order:
+//   fp32 statistics, rounded to T, times the T weight, rounded again), written out (M, K);
+//   then y is quantized exactly as arc_act_kernel does with x (gs_mode 2: 2688 / max|y[m]|).
+// The sum of squares is a CTA tree, so y can differ from torch's (another order) by one ulp of
+// T where rsqrt lands near a rounding boundary; the quantized operand is exact for the y written.
 template <typename T, int OUT>
 __global__ void arc_rmsnorm_act_kernel(const T* __restrict__ x, const T* __restrict__ w, float eps,
                                        const int* __restrict__ starts, const float* __restrict__ gs_in, int gs_mode,
@@ -356,6 +350,7 @@ template <typename T>
 void launch_act(const torch::Tensor& x, const torch::Tensor& starts, const float* gs_in, int gs_mode, float* gs_out,
                 torch::Tensor& xq, uint8_t* scales, int s, int out, int ctas) {
   const int m = x.size(0), k = x.size(1);
+  if (m == 0) return;                                             // an empty grid is a launch error
   dim3 grid(m, ctas), block(128);                                 // rows on x: no 65535 limit
   auto stream = at::cuda::getCurrentCUDAStream();
   const T* xp = reinterpret_cast<const T*>(x.data_ptr());
