@@ -81,19 +81,23 @@ def test_e2m1_matches_slow_reference_on_random_and_grid_points():
     assert fast == [slow_e2m1(v) for v in x.tolist()]
 
 
-def test_e2m1_by_one_rint_equals_the_thresholds():
-    """The CUDA activation kernel's E2M1 rounding (csrc/arc_act.cu e2m1_mag / e2m1_code: |q| scaled
-    by 2, 1 or 1/2, one round-to-nearest-even, scaled back, clamped at 6; the code from 2|v|'s
-    exponent and top mantissa bit), written in torch float32, against e2m1_round on every tie,
-    its float32 neighbours, a fine grid, saturation and -0."""
-    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.0, 2.5, 3.5, 4.0, 5.0, 6.0, 7.0, 1e30, float("inf"), 0.0])
-    a = torch.cat([ties, torch.linspace(0, 9, 200_001)])
-    a = torch.cat([a, torch.nextafter(a, torch.full_like(a, 1e38)), torch.nextafter(a, torch.zeros_like(a))])
+def test_e2m1_by_one_rounded_add_equals_the_thresholds():
+    """The CUDA activation kernel's E2M1 rounding (csrc/arc_act.cu e2m1_mag / e2m1_code: |q| plus
+    P = max(2^floor(log2 |q|), 1) * 1.5 * 2^22 rounded once to nearest-even, minus P, clamped at 6
+    (fminf: a NaN sum, from |q| = inf, gives 6); the code from 2|v|'s exponent and top mantissa
+    bit), written in torch float32, against e2m1_round on every tie, its float32 neighbours, a fine
+    grid, random magnitudes over the whole float32 range (subnormals to overflow), saturation, -0."""
+    g = torch.Generator().manual_seed(0)
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.0, 2.5, 3.5, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 1e30, 3e38,
+                         float("inf"), 0.0, 1e-40])
+    wide = torch.rand(200_000, generator=g) * 2.0 ** torch.randint(-149, 128, (200_000,), generator=g).float()
+    a = torch.cat([ties, torch.linspace(0, 9, 200_001), wide])
+    a = torch.cat([a, torch.nextafter(a, torch.full_like(a, float("inf"))), torch.nextafter(a, torch.zeros_like(a))])
     q = torch.cat([a, -a, torch.tensor([-0.0])])
     a = q.abs()
-    f = torch.where(a < 2, 2.0, torch.where(a < 4, 1.0, 0.5))
-    inv = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0))
-    mag = torch.clamp_max(torch.round(a * f) * inv, 6.0)                  # torch.round: ties to even
+    big_p = torch.clamp_min((a.view(torch.int32) & 0x7F800000).view(torch.float32), 1.0) * 6291456.0   # exact
+    r = (a + big_p) - big_p                                               # one RNE add; the subtraction is exact
+    mag = torch.clamp_max(torch.nan_to_num(r, nan=6.0), 6.0)              # fminf(NaN, 6) = 6
     v2 = 2 * mag
     code = torch.where(v2 < 2, v2.to(torch.int32), (v2.view(torch.int32) >> 22) - 254)
     code = code | (torch.signbit(q).to(torch.int32) << 3)

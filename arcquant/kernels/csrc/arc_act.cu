@@ -56,15 +56,19 @@ __device__ __forceinline__ float e4m3_rne(float v, uint32_t& bits) {   // v >= 0
   return __half2float(__half(__nv_cvt_fp8_to_halfraw(b, __NV_E4M3)));
 }
 
-// |q| -> E2M1 magnitude, round to nearest, ties to even code, saturating at 6, NaN -> 0: the
-// grid has step 0.5 below 2, 1 below 4, 2 above, so one rint of |q| scaled by a power of two
-// (exact) does it - the same decisions as the 7 thresholds of formats/e2m1.py (checked on every
-// tie and its neighbours): 0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4.
-__device__ __forceinline__ float e2m1_mag(float a) {
-  const float f = a < 2.f ? 2.f : a < 4.f ? 1.f : 0.5f;
-  const float inv = a < 2.f ? 0.5f : a < 4.f ? 1.f : 2.f;
-  const float r = fminf(__fmul_rn(rintf(__fmul_rn(a, f)), inv), 6.f);
-  return a == a ? r : 0.f;
+// |q| -> E2M1 magnitude, round to nearest, ties to even code, saturating at 6, NaN -> 0. The grid
+// has step 0.5 below 2, 1 below 4 and 2 above: step p / 2 with p = 2^floor(log2 |q|), at least 1.
+// P = p * 1.5 * 2^22 (exact) lies in the binade whose ulp is p / 2, so one round-to-nearest-even
+// of |q| + P rounds |q| to that step (ties to even multiples: the even codes) and subtracting P is
+// exact; above 8 the step grows with p, the result stays >= 8 and is clamped to 6. Two FMAs and
+// the exponent mask instead of two compares and four selects around a multiply-rint-multiply (v12,
+// measured issue-bound: results/ncu-act-v24-h200.txt). The same decisions as the 7 thresholds of
+// formats/e2m1.py (tests/test_formats.py: every tie and its neighbours): 0.25 -> 0, 0.75 -> 1,
+// 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4, 7 -> 6.
+__device__ __forceinline__ float e2m1_mag(float q) {                    // of |q|
+  const float p = fmaxf(__uint_as_float(__float_as_uint(q) & 0x7F800000u), 1.f);   // the mask drops the sign
+  const float r = __fmaf_rn(p, -6291456.f, __fmaf_rn(p, 6291456.f, fabsf(q)));    // 6291456 = 1.5 * 2^22
+  return q == q ? fminf(r, 6.f) : 0.f;
 }
 
 // E2M1 magnitude -> its 3-bit code: 2v < 2 -> 2v (0, 1), else 2 * exponent + mantissa bit of 2v.
@@ -85,7 +89,7 @@ __device__ __forceinline__ void quant16(const float* x, float gs, float* val, ui
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
     const float q = __fmul_rn(x[j], recip);
-    const float m = e2m1_mag(fabsf(q));
+    const float m = e2m1_mag(q);
     val[j] = copysignf(m, q);                                      // -0 keeps its sign, as the reference
     if (CODES) code[j] = e2m1_code(m) | ((__float_as_uint(q) >> 31) << 3);
   }
@@ -231,6 +235,13 @@ __global__ void arc_rmsnorm_act_kernel(const T* __restrict__ x, const T* __restr
   const int m = blockIdx.x, nblk = (K + S) / 16, kb = K / 16, sb = S / 16;
   const T* row = x + (size_t)m * K;
   constexpr int U = 4;                                           // 16-byte loads in flight a thread
+  // issued with x's first loads, not after the reductions (decode: one round trip to memory, not three):
+  // w's first step and the start of this thread's first block
+  const int b_per = (nblk + gridDim.y - 1) / gridDim.y;           // this CTA's blocks
+  const int b0 = blockIdx.y * b_per + threadIdx.x, b_hi = min(nblk, (int)(blockIdx.y + 1) * b_per);
+  const int st0 = b0 < b_hi ? starts[b0 >= kb ? b0 - sb : b0] : 0;
+  uint4 w0[U];
+  load_strided(reinterpret_cast<const uint4*>(w), threadIdx.x, K / 8, w0);
   float ss = 0.f, f[8];
   for (int i0 = threadIdx.x; i0 < K / 8; i0 += U * blockDim.x) {
     uint4 v[U];
@@ -254,7 +265,12 @@ __global__ void arc_rmsnorm_act_kernel(const T* __restrict__ x, const T* __restr
   float amax = 0.f;
   for (int i0 = threadIdx.x; i0 < K / 8; i0 += U * blockDim.x) {
     uint4 wv[U];
-    load_strided(reinterpret_cast<const uint4*>(w), i0, K / 8, wv);
+    if (i0 == (int)threadIdx.x) {
+#pragma unroll
+      for (int t = 0; t < U; ++t) wv[t] = w0[t];
+    } else {
+      load_strided(reinterpret_cast<const uint4*>(w), i0, K / 8, wv);
+    }
 #pragma unroll
     for (int t = 0; t < U; ++t) {
       const int i = i0 + t * blockDim.x;
@@ -274,11 +290,10 @@ __global__ void arc_rmsnorm_act_kernel(const T* __restrict__ x, const T* __restr
   }
   amax = block_reduce(amax, true, red);                         // also: every ys written
   const float gs = row_scale(amax, gs_mode, gs_in, gs_out, m);
-  const int b_per = (nblk + gridDim.y - 1) / gridDim.y;           // this CTA's blocks
-  const int b_hi = min(nblk, (int)(blockIdx.y + 1) * b_per);
-  for (int b = blockIdx.y * b_per + threadIdx.x; b < b_hi; b += blockDim.x) {
+  for (int b = b0; b < b_hi; b += blockDim.x) {
     const bool tail = b >= kb;
-    const float4* src = reinterpret_cast<const float4*>(ys + starts[tail ? b - sb : b]);   // 64-byte aligned
+    const int st = b == b0 ? st0 : starts[tail ? b - sb : b];
+    const float4* src = reinterpret_cast<const float4*>(ys + st);                          // 64-byte aligned
     float v[16];
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
