@@ -137,14 +137,24 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-        """Greedy: ids (B, T) -> (B, new_tokens) token ids."""
+        """Greedy: ids (B, T) -> (B, new_tokens) token ids. Logits that hold NaN or Inf at any step
+        are an error, raised once the tokens are made (a device-side flag, read once: no host sync
+        per step). The kernel path does not check each layer's input as the reference path does
+        (qlinear.FINITE: one more reduction per layer call); a NaN or Inf there reaches the logits
+        through the residual stream."""
         if ids.shape[1] + new_tokens > self.max_len:
             raise ValueError(f"{ids.shape[1]} prompt + {new_tokens} new tokens exceed max_len={self.max_len}")
         logits = self.prefill(ids)
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
         out = []
         for i in range(new_tokens):
+            finite &= torch.isfinite(logits).all()
             tok = logits.argmax(-1, keepdim=True)                      # (B, 1)
             out.append(tok.clone())
             if i + 1 < new_tokens:
                 logits = self.step(tok, ids.shape[1] + i)
+        if not bool(finite):
+            raise ValueError(f"NaN or Inf in the logits within the {new_tokens} generated steps: the model's "
+                             "activations or weights hold NaN / Inf (4-bit formats cannot represent them); "
+                             "check the input ids and the checkpoint's tensors")
         return torch.cat(out, 1)

@@ -33,6 +33,23 @@ def test_engine_greedy_equals_transformers_generate(fresh_smollm):
         e.generate(ids, 64)
 
 
+def test_engine_names_non_finite_logits():
+    """A NaN that reaches the logits (here through an embedding row) is an error naming NaN / Inf,
+    raised once after generation (the kernel path does not check each layer's input)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.tensor([[3, 5, 7, 9]])
+    e = Engine(model, 1, 16, graphs=False)
+    assert e.generate(ids, 3).shape == (1, 3)                          # finite: tokens as usual
+    with torch.no_grad():
+        model.model.embed_tokens.weight[7, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf in the logits within the 3 generated steps"):
+        e.generate(ids, 3)
+
+
 def test_kv_cache_size():
     from transformers import LlamaConfig
     cfg = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=32)
