@@ -311,6 +311,19 @@ def test_cuda_activation_kernel_routing_and_refusals():
     assert ctas_per_row(0, 272) == 3                                     # no rows: no division by zero
 
 
+def test_cuda_activation_kernel_takes_many_rows_or_deep_ones(monkeypatch):
+    """Which sizes go to the CUDA activation kernel where it can run (results/act-crossover-h200.json):
+    at least 33 rows, or any rows deeper than 16384 (Qwen2.5-7B down_proj's 18944: CUDA 11 vs Triton
+    15 us at one token); Triton for decode rows of K <= 16384 (it is 0.6-1.5 us faster there)."""
+    from arcquant.kernels import act_quant, cuda_act
+    monkeypatch.setattr(cuda_act, "cuda_act_reason", lambda x, starts: None)     # as on a GPU that builds it
+    routed = lambda m, k: act_quant._cuda(torch.empty(m, k, dtype=torch.bfloat16), None)
+    assert routed(33, 4096) and routed(1, 18944) and routed(16, 16400) and routed(4096, 14336)
+    assert not routed(32, 4096) and not routed(1, 14336) and not routed(8, 16384)
+    monkeypatch.setattr(act_quant, "CUDA_KERNEL", False)
+    assert not routed(4096, 18944)
+
+
 def test_cuda_norm_kernel_refuses_a_bad_cta_count():
     """The fused RMSNorm kernel's CTAs a row (its decode split; equal bits for every count on the
     GPU, scripts/check_norm_kernel.py): a count out of range is named before anything runs."""

@@ -26,17 +26,19 @@ from .fp4_jit import e2m1_decode, tail_to_main
 # are many long rows; then one amax pass first (H200, M = 4096: K = 14336 470 -> 222 us, but
 # K = 4096 78 -> 229 us: results/act-kernel-h200.json)
 ROW_AMAX_MAX_M, ROW_AMAX_MAX_K = 32, 8192
-# The CUDA kernel (cuda_act.py) for at least CUDA_MIN_M rows: at M = 4096 it takes 0.6-0.8x the
-# Triton time, but at decode sizes (M <= 16) 10.6-17 us against Triton's 7.5-9.5 us (H200,
-# results/act-kernel-h200.json, results/cuda-gemv-cuda-act-h200.json). CUDA_KERNEL=False: Triton always.
-CUDA_KERNEL, CUDA_MIN_M = True, 33
+# The CUDA kernel (cuda_act.py) for at least CUDA_MIN_M rows, or rows deeper than CUDA_MIN_K: at
+# M = 4096 it takes 0.6-0.8x the Triton time; at decode sizes (M <= 32, the model's call, H200,
+# results/act-crossover-h200.json) 0.6-1.5 us slower for K = 4096 and 14336 (7.9-10.9 against
+# 7.2-10.8 us), but 3.6-4.5 us faster for K = 18944 (Qwen2.5-7B down_proj: 10.8-11.8 against
+# 14.4-16.3 us, where Triton's rows span 19 tiles). CUDA_KERNEL=False: Triton always.
+CUDA_KERNEL, CUDA_MIN_M, CUDA_MIN_K = True, 33, 16384
 _DEQUANTIZED_OUT = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def _cuda(x: torch.Tensor, starts) -> bool:
     """Whether the CUDA activation kernel (cuda_act.py) takes this input (a device that cannot
     build it says why once in the log)."""
-    if not CUDA_KERNEL or x.shape[0] < CUDA_MIN_M:
+    if not CUDA_KERNEL or (x.shape[0] < CUDA_MIN_M and x.shape[1] <= CUDA_MIN_K):
         return False
     from .cuda_act import cuda_act_reason
     return cuda_act_reason(x, starts) is None
