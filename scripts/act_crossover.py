@@ -6,8 +6,8 @@ int8 operand of the integer GEMV and the fp16 one of the tensor-core GEMV) timed
 
 Input depths 4096 (Llama q/k/v, o, gate/up), 14336 / 18944 (Llama / Qwen down), s = 6.25 % of K,
 M = 1 ... 64 bf16 rows with outlier channels, a random whole-block order; each call captured in a
-CUDA graph, median of do_bench with the L2 flushed (bench_layers.timed). Both kernels are bit-exact against the reference
-(scripts/check_act_kernel.py, tests/test_kernels.py).
+CUDA graph, median of do_bench with the L2 flushed (bench_layers.timed). Both kernels are bit-exact
+against the reference (scripts/check_act_kernel.py, tests/test_kernels.py).
 """
 import argparse
 import json
