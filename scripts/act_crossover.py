@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_hopper_paths import run_header  # noqa: E402
 from bench_layers import timed  # noqa: E402
 
 from arcquant.kernels import act_quant  # noqa: E402
@@ -28,8 +28,7 @@ def main():
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     dev = "cuda"
-    head = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda, "CUDA_MIN_M": act_quant.CUDA_MIN_M, "CUDA_MIN_K": act_quant.CUDA_MIN_K}
+    head = run_header(CUDA_MIN_M=act_quant.CUDA_MIN_M, CUDA_MIN_K=act_quant.CUDA_MIN_K)
     print(json.dumps(head), flush=True)
     rows = []
     for k in (4096, 14336, 18944):

@@ -40,6 +40,12 @@ def bench(fn):
     return do_bench(fn, warmup=10, rep=40, return_mode="median") * 1000.0          # us
 
 
+def run_header(**extra) -> dict:
+    """What every result file names: the card and the versions (plus extra fields)."""
+    return {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, **extra}
+
+
 def graphed(fn):
     fn()                                                                            # compile
     torch.cuda.synchronize()
@@ -178,8 +184,7 @@ def main():
     ap_ms = a.ms
     dev = "cuda"
     torch.manual_seed(0)
-    head = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "copy_GBps": copy_bandwidth(dev)}
+    head = run_header(copy_GBps=copy_bandwidth(dev))
     print(head, flush=True)
     rows = []
     for model in a.models:

@@ -28,11 +28,10 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_hopper_paths import SHAPES, graphed  # noqa: E402
+from bench_hopper_paths import SHAPES, graphed, run_header  # noqa: E402
 
 from arcquant import arc  # noqa: E402
 from arcquant.formats import get_format  # noqa: E402
@@ -190,9 +189,7 @@ def main():
     if not a.out:
         ap.error("give --out FILE (or --md FILE to print a result)")
     dev = "cuda"
-    head = {"card": torch.cuda.get_device_properties(0).name, "torch": torch.__version__,
-            "triton": triton.__version__, "cuda": torch.version.cuda}
-    head["copy_GBps"] = copy_bandwidth(dev)
+    head = run_header(copy_GBps=copy_bandwidth(dev))
     print(json.dumps(head), flush=True)
     rows = []
     for model in a.shapes:

@@ -15,27 +15,17 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_hopper_paths import run_header  # noqa: E402
 from sweep_act import exact_cuda_ties, ref  # noqa: E402
 
 from arcquant.formats import e2m1, get_format  # noqa: E402
-from arcquant.kernels import cuda_act  # noqa: E402
+from arcquant.kernels.cuda_act import arc_act_quant_cuda  # noqa: E402
 from arcquant.kernels.act_quant import block_starts  # noqa: E402
-from arcquant.kernels.cuda_gemv import _extension  # noqa: E402
 
 F = get_format("nvfp4")
 OUTS = ("int8", "float16", "bfloat16", "packed")
-
-
-def run(x, starts, s, gs, out, ctas):
-    """The extension called with a given CTA count a row (0: the wrapper's choice)."""
-    kind, nblk, xq, scales, g, g_out = cuda_act._outputs(x, starts, s, gs, out)
-    c = ctas or cuda_act.ctas_per_row(x.shape[0], nblk)
-    _extension(torch.cuda.get_device_capability(x.device)).arc_act_quant(
-        x, starts, g, g_out, xq, scales if scales is not None else xq, s, kind, c)
-    return xq, scales, g_out
 
 
 def case(m, k, s, dtype, dev, seed):
@@ -59,11 +49,11 @@ def exact(x, perm, s, gs_kind) -> bool:
     ok = True
     for ctas in (1, 0):
         for out in OUTS:
-            xq, sc, g = run(x, starts, s, gs, out, ctas)
+            xq, sc, g = arc_act_quant_cuda(x, starts, s, gs, out, ctas)
             if out == "int8":
-                ok &= torch.equal(xq.float(), 2 * e2m1.e2m1_decode(codes)) and torch.equal(sc, sb)
+                ok &= torch.equal(xq.float(), 2 * e2m1.e2m1_decode(codes)) and torch.equal(sc.view(torch.uint8), sb)
             elif out == "packed":
-                ok &= torch.equal(xq, F.module.pack(codes)) and torch.equal(sc, sb)
+                ok &= torch.equal(xq, F.module.pack(codes)) and torch.equal(sc.view(torch.uint8), sb)
             else:
                 ok &= torch.equal(xq.float(), deq)
             if gs is None:
@@ -76,10 +66,9 @@ def main():
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     dev = "cuda"
-    head = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda, "ties_bit_exact": exact_cuda_ties(dev)}
+    head = run_header(ties_bit_exact=exact_cuda_ties(dev))
     x0, p0 = case(1, 64, 16, torch.bfloat16, dev, 0)
-    xq0, _, g0 = run(x0[:0], block_starts(p0), 16, None, "int8", 0)       # no rows: empty outputs, no launch
+    xq0, _, g0 = arc_act_quant_cuda(x0[:0], block_starts(p0), 16, None, "int8")   # no rows: empty outputs, no launch
     head["empty_input_ok"] = xq0.shape == (0, 80) and g0.shape == (0,)
     print(json.dumps(head), flush=True)
     checks, n_ok = [], 0

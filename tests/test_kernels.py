@@ -306,6 +306,8 @@ def test_cuda_activation_kernel_routing_and_refusals():
         arc_act_quant_cuda(x, starts, 16)
     with pytest.raises(ValueError, match="out='fp8': use one of int8, float16, bfloat16, packed"):
         arc_act_quant_cuda(x, starts, 16, out="fp8")
+    with pytest.raises(ValueError, match=r"ctas=-1: give 0 \(the wrapper's choice\)"):
+        arc_act_quant_cuda(x, starts, 16, ctas=-1)
     assert ctas_per_row(1, 952) == 8 and ctas_per_row(4096, 952) == 1 and ctas_per_row(100, 952) == 8
     assert ctas_per_row(300, 272) == 3 and ctas_per_row(600, 272) == 2
     assert ctas_per_row(0, 272) == 3                                     # no rows: no division by zero

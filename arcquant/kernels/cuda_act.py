@@ -66,12 +66,15 @@ def _outputs(x: torch.Tensor, starts: torch.Tensor, s: int, gs: torch.Tensor | N
 
 
 def arc_act_quant_cuda(x: torch.Tensor, starts: torch.Tensor, s: int, gs: torch.Tensor | None = None,
-                       out: str = "int8") -> tuple:
-    """x (M, K) -> (xq, scales or None, gs (M,) or as given); see the module docstring."""
+                       out: str = "int8", ctas: int = 0) -> tuple:
+    """x (M, K) -> (xq, scales or None, gs (M,) or as given); see the module docstring.
+    ctas: CTAs a row (0: ctas_per_row's choice; the same bits for any count)."""
+    if ctas < 0:
+        raise ValueError(f"ctas={ctas}: give 0 (the wrapper's choice) or a number of CTAs a row >= 1")
     kind, nblk, xq, scales, g, g_out = _outputs(x, starts, s, gs, out)
     ext = _extension(torch.cuda.get_device_capability(x.device))
     ext.arc_act_quant(x, starts, g, g_out, xq, scales if scales is not None else xq, s, kind,
-                      ctas_per_row(x.shape[0], nblk))
+                      ctas or ctas_per_row(x.shape[0], nblk))
     return xq, None if scales is None else scales.view(torch.float8_e4m3fn), g_out
 
 
