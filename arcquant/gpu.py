@@ -71,9 +71,19 @@ def mma_config(m: int, n: int, k: int) -> dict:
     down_proj (N 3584, K 18944) has only 224 blocks and needs kw = 8 (35 vs 51 us at M = 4..8,
     44 vs 213 us at M = 16 in those sweeps). Very wide (N >= 32768, Qwen2.5-7B gate/up's 2368 blocks)
     at 9 - 16 tokens: kw = 4 with occ (76.0 vs 103.4 us for kw = 1 at M = 16 in cuda-gemv-v10; Llama's
-    gate/up, 1792 blocks, keeps kw = 1: 66.1 vs 84.4 us)."""
+    gate/up, 1792 blocks, keeps kw = 1: 66.1 vs 84.4 us).
+    st / xs: the cp.async-pipelined kernel for up to 8 tokens, where it won (results/mma-pipe-v2-h200.json,
+    mma-pipe-v3-h200.json, same-run comparisons): wide but not very wide layers (Llama gate/up M = 4 /
+    8: 42.5 / 43.4 vs 49.6 / 51.8 us; Qwen's 37888 rows: even, so not) and deep ones (K >= 8192,
+    K % 1024 == 0: Llama down, 26.8 / 28.4 vs 31.0 / 31.3 us; Qwen's 18944 is no multiple of 1024).
+    At 9 - 16 tokens it was not reliably faster (Llama gate/up M = 16: 62.5 - 73.7 us over two runs
+    vs 66.3 - 66.7 for kw = 1; results/bench-layers-v27-h200.json ran it: 72.1), so not there."""
     wide = n >= WIDE_N
     if m <= 8:
+        if wide and n < VERY_WIDE_N and k % 512 == 0:
+            return dict(kw=4, occ=False, st=2, xs=False)
+        if k >= 8192 and k % 1024 == 0:
+            return dict(kw=8, occ=False, st=2, xs=False)
         return dict(kw=4 if wide else 8, occ=False)
     if m <= 16:
         if n >= VERY_WIDE_N:

@@ -152,7 +152,7 @@ def test_fused_rmsnorm_hands_its_operand_to_the_group(quantized, m, path):
         rmsnorm_quantize_act=lambda *a: calls.append("norm+act") or OPS.rmsnorm_quantize_act(*a),
         gemv_int8=lambda xi, xs, gs, wc, ws, wgs, bias, s, out_dtype, nr, kw, u=1: calls.append("int8") or
         int8_gemv_reference(xi, e4m3(xs), gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype),
-        gemm_mma=lambda xd, gs, wc, ws, wgs, bias, s, out_dtype, kw, occ: calls.append("mma") or
+        gemm_mma=lambda xd, gs, wc, ws, wgs, bias, s, out_dtype, kw, occ, **pipe: calls.append("mma") or
         fp16_gemm_reference(xd, gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype),
         prefill=lambda xd, gs, wc, ws, wgs, bias, s, out_dtype: calls.append("prefill") or
         fp16_gemm_reference(xd, gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype))
@@ -205,7 +205,7 @@ def test_fused_mlp_prefill_equals_the_unfused_layers(quantized, m):
 
     fake_ops = SimpleNamespace(quantize_act=spy("quantize_act"), prefill_unscaled=spy("prefill_unscaled"),
                                silu_mul_quantize_act=spy("silu_mul_quantize_act"), prefill=prefill,
-                               gemm_mma=lambda xd, gs, wc, ws, wgs, bias, s, out_dtype, kw, occ: calls.append("mma")
+                               gemm_mma=lambda xd, gs, wc, ws, wgs, bias, s, out_dtype, kw, occ, **pipe: calls.append("mma")
                                or fp16_gemm_reference(xd, gs, wc, ws.view(torch.float8_e4m3fn), wgs, s, bias).to(out_dtype))
     projs = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     with torch.no_grad():
@@ -281,7 +281,7 @@ def test_stacked_group_is_one_launch_with_the_same_outputs(quantized, m, path):
         quantize_act=OPS.quantize_act,
         gemv_int8=lambda xi, xs, gs, wc, ws, wgs, bias, s, out_dtype, nr, kw, u=1: calls.append(wc.shape[0]) or
         int8_gemv_reference(xi, e4m3(xs), gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype),
-        gemm_mma=lambda xd, gs, wc, ws, wgs, bias, s, out_dtype, kw, occ: calls.append(wc.shape[0]) or
+        gemm_mma=lambda xd, gs, wc, ws, wgs, bias, s, out_dtype, kw, occ, **pipe: calls.append(wc.shape[0]) or
         fp16_gemm_reference(xd, gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype))
     x = (torch.randn(1, m, attn.q_proj.in_features, generator=torch.Generator().manual_seed(m)) * 3).bfloat16()
     before = {k: v.clone() for k, v in attn.state_dict().items()}
@@ -315,15 +315,17 @@ def test_stacked_group_is_one_launch_with_the_same_outputs(quantized, m, path):
 def test_kernel_launch_settings():
     from arcquant.gpu import cuda_gemv_config, mma_config
     assert cuda_gemv_config(1, 4096) == dict(nr=2, kw=1, u=1) and cuda_gemv_config(2, 14336) == dict(nr=4, kw=2, u=1)
-    assert mma_config(8, 28672, 4096) == dict(kw=4, occ=False) and mma_config(8, 4096, 14336) == dict(kw=8, occ=False)
-    assert mma_config(16, 28672, 4096) == dict(kw=1, occ=False) and mma_config(32, 4096, 4096) == dict(kw=8, occ=True)
+    pipe = lambda kw, st, xs: dict(kw=kw, occ=False, st=st, xs=xs)                  # the cp.async-pipelined kernel
+    assert mma_config(8, 28672, 4096) == pipe(4, 2, False) and mma_config(8, 4096, 14336) == pipe(8, 2, False)
+    assert mma_config(16, 28672, 4096) == dict(kw=1, occ=False) and mma_config(16, 4096, 14336) == dict(kw=8, occ=False)
+    assert mma_config(32, 4096, 4096) == dict(kw=8, occ=True) and mma_config(8, 6144, 4096) == dict(kw=8, occ=False)
     assert mma_config(32, 28672, 4096) == dict(kw=4, occ=True) and mma_config(32, 6144, 4096) == dict(kw=4, occ=True)
-    # few output rows, deep (Qwen2.5-7B down_proj): many warps along K at every M (the sweeps' best)
+    # few output rows, deep (Qwen2.5-7B down_proj, K % 1024 != 0: not pipelined): many warps along K at every M
     assert [mma_config(m, 3584, 18944) for m in (8, 16, 32)] == [dict(kw=8, occ=False), dict(kw=8, occ=False),
                                                                  dict(kw=8, occ=True)]
-    assert mma_config(8, 37888, 3584) == dict(kw=4, occ=False)                       # Qwen gate/up: wide
+    assert mma_config(8, 37888, 3584) == dict(kw=4, occ=False)                       # Qwen gate/up: very wide
     assert mma_config(16, 37888, 3584) == dict(kw=4, occ=True) and mma_config(12, 37888, 3584) == dict(kw=4, occ=True)
-    assert mma_config(16, 28672, 4096) == dict(kw=1, occ=False)                      # Llama gate/up: 1792 blocks
+    assert mma_config(8, 28672, 3840) == dict(kw=4, occ=False)                       # K % 512 != 0: not pipelined
     assert gemv_config(1, 4096)["fma"] and gemv_config(4, 14336)["block_n"] == 2
     assert not gemv_config(8, 4096)["fma"]
 

@@ -3,6 +3,7 @@
 Activation quantization must be bit-exact (codes and scale bits); the GEMM computes the same
 exact products as the reference and may differ only by fp32 summation order."""
 import os
+import re
 
 import pytest
 import torch
@@ -289,6 +290,27 @@ def test_fp16_gemm_reference_is_the_arc_product():
         arc_gemm_mma(torch.zeros(65, 128, dtype=torch.float16), gs, nvfp4.pack(qw.codes), qw.scales, gsw, 32)
     with pytest.raises(ValueError, match="one CUDA device: xd on cpu"):
         arc_gemm_mma(xd, gs, nvfp4.pack(qw.codes), qw.scales, gsw, 32)
+
+
+def test_pipelined_mma_gemv_takes_whole_stages_and_names_what_it_refuses():
+    """The cp.async-pipelined MMA GEMV (run on the GPU by scripts/bench_mma_pipe.py: bit-equal to
+    arc_gemm_mma with the same kw and within 1e-6 of fp16_gemm_reference on 720 cases) copies
+    whole stages of kw * 128 columns; other shapes are named, and arc_gemm_mma(st > 0) falls back
+    to the unpipelined kernel for them."""
+    from arcquant.kernels.cuda_gemv import arc_gemm_mma_pipe, pipe_shape_reason
+    wc, ws = torch.zeros(32, 2048, dtype=torch.uint8), torch.zeros(32, 256, dtype=torch.uint8)
+    xd = torch.zeros(8, 4096 + 64, dtype=torch.float16)
+    assert pipe_shape_reason(xd, wc, ws, 4) is None and pipe_shape_reason(xd, wc, ws, 8) is None
+    assert "K=3584 is not a multiple" in pipe_shape_reason(xd, wc[:, :1792], ws[:, :224], 8)
+    assert pipe_shape_reason(xd, wc[:, :1792], ws[:, :224], 4) is None         # 3584 = 7 * 512
+    assert "1 <= M <= 16, got M=17" in pipe_shape_reason(torch.zeros(17, 4160, dtype=torch.float16), wc, ws, 4)
+    shifted = torch.zeros(8 * 4160 + 4, dtype=torch.float16)[4:].view(8, 4160)          # starts 8 bytes in
+    assert "16-byte boundaries" in pipe_shape_reason(shifted, wc, ws, 4)
+    gs = torch.ones(8)
+    with pytest.raises(ValueError, match=re.escape("kw=2, st=3: the pipelined MMA GEMV takes kw in (4, 8)")):
+        arc_gemm_mma_pipe(xd, gs, wc, ws.view(torch.float8_e4m3fn), torch.ones(()), 64, kw=2)
+    with pytest.raises(ValueError, match="one CUDA device: xd on cpu"):
+        arc_gemm_mma_pipe(xd, gs, wc, ws.view(torch.float8_e4m3fn), torch.ones(()), 64)
 
 
 def test_cuda_activation_kernel_routing_and_refusals():

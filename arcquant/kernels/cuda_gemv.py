@@ -25,12 +25,15 @@ from pathlib import Path
 import torch
 
 SRCS = [Path(__file__).parent / "csrc" / f for f in ("arc_gemv.cu", "arc_act.cu", "arc_dequant.cu")]   # one extension
-MAX_M, MMA_MAX_M = 8, 64
+MAX_M, MMA_MAX_M, PIPE_MAX_M = 8, 64, 16
 DECL = ("void arc_gemv_dp4a(torch::Tensor xi, torch::Tensor xs, torch::Tensor xgs, torch::Tensor wc, "
         "torch::Tensor ws, torch::Tensor wgs, c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t s, "
         "int64_t nr, int64_t kw, int64_t u);\n"
         "void arc_gemm_mma(torch::Tensor xd, torch::Tensor xgs, torch::Tensor wc, torch::Tensor ws, "
         "torch::Tensor wgs, c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t s, int64_t kw, int64_t occ);\n"
+        "void arc_gemm_mma_pipe(torch::Tensor xd, torch::Tensor xgs, torch::Tensor wc, torch::Tensor ws, "
+        "torch::Tensor wgs, c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t s, int64_t kw, int64_t st, "
+        "int64_t xs);\n"
         "void arc_act_quant(torch::Tensor x, torch::Tensor starts, torch::Tensor gs, torch::Tensor gs_out, "
         "torch::Tensor xq, torch::Tensor scales, int64_t s, int64_t out, int64_t ctas);\n"
         "void arc_dequant(torch::Tensor codes, torch::Tensor scales, torch::Tensor out, int64_t s);\n"
@@ -53,8 +56,8 @@ def _extension(capability: tuple):
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
     try:
         return load_inline(name="arcquant_gemv", cpp_sources=DECL, cuda_sources=[f.read_text() for f in SRCS],
-                           functions=["arc_gemv_dp4a", "arc_gemm_mma", "arc_act_quant", "arc_dequant", "arc_scale_rows",
-                                      "arc_rmsnorm_act", "arc_silu_mul_act"], extra_cuda_cflags=["-O3"],
+                           functions=["arc_gemv_dp4a", "arc_gemm_mma", "arc_gemm_mma_pipe", "arc_act_quant",
+                                      "arc_dequant", "arc_scale_rows", "arc_rmsnorm_act", "arc_silu_mul_act"], extra_cuda_cflags=["-O3"],
                            build_directory=str(build))
     finally:
         if old is None:
@@ -154,10 +157,12 @@ def arc_gemv_int8(xi, xs, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.b
 
 
 def arc_gemm_mma(xd, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat16, kw: int = 4,
-                 occ: bool = False) -> torch.Tensor:
+                 occ: bool = False, st: int = 0, xs: bool = False) -> torch.Tensor:
     """y (M, N) = xd @ dequant(W_aug)^T / (xgs * wgs) (+ bias) on tensor cores; M <= 64; wgs () or (N,).
     xd (M, K+s) float16 = code * block scale; kw: warps splitting the depth (1..8); occ: the
-    entry point with a register bound (more resident warps, see the .cu file)."""
+    entry point with a register bound (more resident warps, see the .cu file). st > 0: the
+    cp.async-pipelined kernel (arc_gemm_mma_pipe, st stages, xs: activations staged too) where
+    it takes these operands (pipe_shape_reason), else this one - the same bits either way."""
     m, n, k = xd.shape[0], wc.shape[0], wc.shape[1] * 2
     if not 1 <= m <= MMA_MAX_M:
         raise ValueError(f"the MMA GEMV handles 1 <= M <= {MMA_MAX_M}, got M={m}")
@@ -165,6 +170,8 @@ def arc_gemm_mma(xd, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat
         raise ValueError(f"xd must be contiguous float16 ({m}, {k + s}) for K={k}, s={s}; got {xd.dtype} "
                          f"{tuple(xd.shape)}")
     _check_weight_and_devices(wc, ws, {"xd": xd, "wc": wc, "ws": ws})
+    if st and kw in (4, 8) and pipe_shape_reason(xd, wc, ws, kw) is None:
+        return arc_gemm_mma_pipe(xd, xgs, wc, ws, wgs, s, bias, out_dtype, kw, st, xs)
     if xd.data_ptr() % 16 or wc.data_ptr() % 8:
         raise ValueError("xd must start on a 16-byte and wc on an 8-byte boundary (take a fresh, contiguous tensor)")
     kw = max(1, min(kw, 8, 32 // -(-m // 8)))
@@ -172,6 +179,40 @@ def arc_gemm_mma(xd, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat
     ext.arc_gemm_mma(xd, xgs.to(torch.float32).reshape(-1).contiguous(), wc.contiguous(),
                      ws.view(torch.uint8).contiguous(), tensor_scales(wgs, n), b, y, s, kw,
                      int(occ))
+    return y
+
+
+def pipe_shape_reason(xd, wc, ws, kw: int) -> str | None:
+    """Why the cp.async-pipelined MMA GEMV cannot take these operands with kw warps (None: it can)."""
+    m, k = xd.shape[0], wc.shape[1] * 2
+    if not 1 <= m <= PIPE_MAX_M:
+        return f"the pipelined MMA GEMV handles 1 <= M <= {PIPE_MAX_M}, got M={m}"
+    if k % (128 * kw):
+        return (f"the pipelined MMA GEMV copies whole stages of kw * 128 = {128 * kw} columns: K={k} is not a "
+                f"multiple (fewer warps, or the unpipelined kernel)")
+    if any(t.data_ptr() % 16 for t in (xd, wc, ws)):
+        return "xd, wc and ws must start on 16-byte boundaries for the pipelined MMA GEMV"
+    return None
+
+
+def arc_gemm_mma_pipe(xd, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat16, kw: int = 4,
+                      st: int = 3, xs: bool = False) -> torch.Tensor:
+    """arc_gemm_mma with its weight (and with xs its activation) tiles streamed through shared
+    memory by cp.async, st stages in flight; M <= 16, K % (128 * kw) == 0. Same bits as arc_gemm_mma
+    with the same kw (same MMA tiles, same per-warp order). kw in {4, 8}, st in 2..4."""
+    m, n, k = xd.shape[0], wc.shape[0], wc.shape[1] * 2
+    if kw not in (4, 8) or st not in (2, 3, 4):
+        raise ValueError(f"kw={kw}, st={st}: the pipelined MMA GEMV takes kw in (4, 8) and st in (2, 3, 4)")
+    if xd.dtype != torch.float16 or xd.shape[1] != k + s or not xd.is_contiguous():
+        raise ValueError(f"xd must be contiguous float16 ({m}, {k + s}) for K={k}, s={s}; got {xd.dtype} "
+                         f"{tuple(xd.shape)}")
+    _check_weight_and_devices(wc, ws, {"xd": xd, "wc": wc, "ws": ws})
+    reason = pipe_shape_reason(xd, wc, ws, kw)
+    if reason:
+        raise ValueError(reason)
+    y, b, ext = _outputs(xd, n, bias, out_dtype)
+    ext.arc_gemm_mma_pipe(xd, xgs.to(torch.float32).reshape(-1).contiguous(), wc.contiguous(),
+                          ws.view(torch.uint8).contiguous(), tensor_scales(wgs, n), b, y, s, kw, st, int(xs))
     return y
 
 

@@ -5,7 +5,7 @@ and CUDA graphs capture them, with a backend choice per device.
     torch.ops.arcquant.rmsnorm_quantize_act(x, weight, eps, perm, starts, s, gs, out) -> (y, xq, scales, gs)
     torch.ops.arcquant.silu_mul_quantize_act(g, u, inv_g, inv_u, perm, starts, s, gs, out) -> (xq, scales, gs)
     torch.ops.arcquant.gemv_int8(xi, xs, xgs, wc, ws, wgs, bias, s, nr, kw, out_dtype, u=1)
-    torch.ops.arcquant.gemm_mma(xd, xgs, wc, ws, wgs, bias, s, kw, out_dtype)
+    torch.ops.arcquant.gemm_mma(xd, xgs, wc, ws, wgs, bias, s, kw, occ, out_dtype, st=0, xs=False)
     torch.ops.arcquant.gemv_triton(xd, xgs, wc, ws, wgs, bias, s, fma, block_n, block_k, split_k, out_dtype)
     torch.ops.arcquant.prefill(xd, xgs, wc, ws, wgs, bias, s, out_dtype)
     torch.ops.arcquant.prefill_unscaled(xd, wc, ws, s) -> xd @ dequant(W)^T, no tensor scales
@@ -173,15 +173,15 @@ def _(xi, xs, xgs, wc, ws, wgs, bias, s, nr, kw, out_dtype, u=1):
 
 @custom_op("arcquant::gemm_mma", mutates_args=())
 def gemm_mma(xd: Tensor, xgs: Tensor, wc: Tensor, ws: Tensor, wgs: Tensor, bias: Tensor | None, s: int, kw: int,
-             occ: bool, out_dtype: torch.dtype) -> Tensor:
+             occ: bool, out_dtype: torch.dtype, st: int = 0, xs: bool = False) -> Tensor:
     if xd.device.type == "cpu":
         return _product_reference(xd, None, xgs, wc, ws, wgs, bias, s, out_dtype)
     from .cuda_gemv import arc_gemm_mma
-    return arc_gemm_mma(xd, xgs, wc, _e4m3(ws), wgs, s, bias, out_dtype, kw, occ)
+    return arc_gemm_mma(xd, xgs, wc, _e4m3(ws), wgs, s, bias, out_dtype, kw, occ, st, xs)
 
 
 @gemm_mma.register_fake
-def _(xd, xgs, wc, ws, wgs, bias, s, kw, occ, out_dtype):
+def _(xd, xgs, wc, ws, wgs, bias, s, kw, occ, out_dtype, st=0, xs=False):
     return _out_fake(xd, wc, out_dtype)
 
 

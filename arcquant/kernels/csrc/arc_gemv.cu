@@ -244,7 +244,8 @@ void launch_u(int u, int nr, const torch::Tensor& xi, const torch::Tensor& xs, c
 //   y = acc / (xgs(m) * wgs(n)) (+ bias); wgs one value or one per row, as above
 // Decode of 4 codes (16 bits c) -> 2 half2: PRMT of the magnitudes' fp16 high bytes (c & 0x7777
 // as selector), PRMT of 0x80 bytes with c (sign-replicate: 0xFF where the code is negative)
-// shifted onto bit 7, both merged by one LOP3; two PRMTs interleave zero low bytes.
+// shifted onto bit 7, both merged by one LOP3; two PRMTs interleave zero low bytes. Only c's
+// low 16 bits are read (a PRMT selector's upper half is ignored, c & 0x7777 clears it).
 
 constexpr uint32_t HB_LO = 0x3E3C3800u;   // fp16 high bytes of 0, 0.5, 1, 1.5
 constexpr uint32_t HB_HI = 0x46444240u;   // 2, 3, 4, 6
@@ -319,7 +320,7 @@ __device__ __forceinline__ void mma_body(const __half* __restrict__ xd, const fl
         const uint32_t words[2] = {cur.w[r][q].x, cur.w[r][q].y};
 #pragma unroll
         for (int i = 0; i < 4; ++i)
-          decode4((words[i >> 1] >> (16 * (i & 1))) & 0xFFFFu, s2, a[r][4 * q + i][0], a[r][4 * q + i][1]);
+          decode4(words[i >> 1] >> (16 * (i & 1)), s2, a[r][4 * q + i][0], a[r][4 * q + i][1]);
       }
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
@@ -402,6 +403,224 @@ void launch_mma(const torch::Tensor& xd, const torch::Tensor& xgs, const torch::
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// The tensor-core GEMV with its operands streamed through shared memory by cp.async (M <= 16):
+// the same MMA tiles, decode and per-warp step order as mma_body (so the same bits for the same
+// kw), but the loads are decoupled from their use. A stage is kw steps of 128 depth (one per
+// warp) of the block's 16 weight rows: 16-byte copies of contiguous row segments, ST stages in
+// flight. The main part's stages come first (K % (kw * 128) == 0: whole stages, no bounds), then
+// the tail's (augmented blocks K/16.., copied from the main blocks they repeat, zero past s).
+// The block's E4M3 scales (16 rows x K/16 bytes, plus a zeroed pad the tail's last stage reads)
+// are copied once with the first stage; the activation tile (code * block scale) of a stage is
+// copied with it (XS) or read from global memory (L2).
+// Shared layout: codes [ST][16][CP] (CP = kw*64 + 64: rows g, g+1 of a quarter warp land on
+// different banks), scales [16][K/16 + kw*8], activations [ST][8*MT][AP] (AP = kw*256 + 64, its
+// 16-byte chunks XOR-swizzled by their block pair: c ^ ((c >> 2) & 3)).
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async8(void* dst, const void* src, bool valid) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(d), "l"(src), "r"(valid ? 8 : 0));
+}
+
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
+
+template <int N>
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
+template <int KW>
+struct PipeGeom {
+  static constexpr int SB = KW * 8;                              // 16-blocks a stage
+  static constexpr int CP = KW * 64 + 64;                        // code row pitch (bytes)
+  static constexpr int AP = KW * 256 + 64;                       // activation row pitch (bytes)
+};
+
+// The activation tile of a stage: MT*8 token rows x kw*128 depth (fp16) from augmented block ab;
+// blocks from `lim` on (the tail's end) and rows >= mrows are zero-filled; chunks swizzled.
+template <int MT, int KW>
+__device__ __forceinline__ void copy_acts(uint8_t* as, const __half* __restrict__ xd, int ab, int lim, int mrows,
+                                          int ka) {
+  const int tid = threadIdx.y * 32 + threadIdx.x;
+#pragma unroll
+  for (int i = 0; i < 4 * MT; ++i) {                             // MT*8 rows x 16*KW chunks / (32*KW)
+    const int idx = tid + i * 32 * KW, m = idx / (16 * KW), c = idx % (16 * KW);
+    const bool ok = m < mrows && c / 2 < lim;
+    cp_async16(as + m * PipeGeom<KW>::AP + 16 * (c ^ ((c >> 2) & 3)),
+               xd + (ok ? (size_t)m * ka + 16 * ab + 8 * c : 0), ok);
+  }
+}
+
+template <int MT, int KW, int ST, bool XS>
+__global__ void __launch_bounds__(32 * KW) arc_gemm_mma_pipe_kernel(MMA_PARAMS) {
+  using G = PipeGeom<KW>;
+  constexpr int SB = G::SB;
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int lane = threadIdx.x, warp = threadIdx.y, tid = warp * 32 + lane;
+  const int g = lane >> 2, t = lane & 3, n0 = blockIdx.x * 16;
+  const int ka = K + S, kb = K / 16, sb = S / 16, SP = kb + SB;
+  const int nmain = kb / SB, nst = nmain + (sb + SB - 1) / SB;
+  uint8_t* cs = smem;                                            // [ST][16][CP]
+  uint8_t* ss = cs + ST * 16 * G::CP;                            // [16][SP]
+  uint8_t* as = ss + 16 * SP;                                    // [ST][8*MT][AP] (XS)
+
+  for (int idx = tid; idx < kb; idx += 32 * KW) {                // 16 rows x kb/16 chunks = kb copies
+    const int r = idx / (kb / 16), c = idx % (kb / 16);
+    cp_async16(ss + r * SP + 16 * c, ws + (size_t)min(n0 + r, N - 1) * kb + 16 * c, true);
+  }
+  if (tid < SB)                                                  // the pad: 16 rows x SB bytes
+    *reinterpret_cast<uint4*>(ss + (tid / (SB / 16)) * SP + kb + 16 * (tid % (SB / 16))) = make_uint4(0, 0, 0, 0);
+  const uint8_t* row[2];                                         // this thread's two 16-byte slots
+  int slot[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {                                  // 16 rows x SB/2 slots / (32*KW) threads
+    const int idx = tid + i * 32 * KW, r = idx / (SB / 2);
+    row[i] = wc + (size_t)min(n0 + r, N - 1) * (K / 2);
+    slot[i] = idx % (SB / 2);
+  }
+  auto issue = [&](int nx) {                                     // stage nx's copies
+    uint8_t* cb = cs + (nx % ST) * 16 * G::CP;
+    const int jb = (nx - nmain) * SB;                            // tail: first block of the stage
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      uint8_t* dst = cb + (tid + i * 32 * KW) / (SB / 2) * G::CP + 16 * slot[i];
+      const int j = jb + 2 * slot[i];
+      if (nx < nmain) {
+        cp_async16(dst, row[i] + 8 * (nx * SB + 2 * slot[i]), true);
+      } else if ((sb & 1) == 0) {
+        cp_async16(dst, row[i] + (j < sb ? 8 * (kb - sb + j) : 0), j < sb);
+      } else {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) cp_async8(dst + 8 * h, row[i] + (j + h < sb ? 8 * (kb - sb + j + h) : 0), j + h < sb);
+      }
+    }
+    if (XS) copy_acts<MT, KW>(as + (nx % ST) * 8 * MT * G::AP, xd, nx < nmain ? nx * SB : kb + jb,
+                              nx < nmain ? SB : sb - jb, mrows, ka);
+  };
+#pragma unroll
+  for (int p = 0; p < ST - 1; ++p) {                             // prologue: stages 0 .. ST-2
+    if (p < nst) issue(p);
+    cp_commit();
+  }
+  float acc[MT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  const int lb = warp * 8 + 2 * t;                               // the lane's first block in a stage
+
+  for (int st = 0; st < nst; ++st) {
+    cp_wait<ST - 2>();                                           // this thread's copies of stage st
+    __syncthreads();                                             // everyone's; buffer st-1 is free
+    if (st + ST - 1 < nst) issue(st + ST - 1);
+    cp_commit();
+    const int buf = st % ST, jb = (st - nmain) * SB;
+    const bool tail = st >= nmain;
+    const int sbase = tail ? kb - sb + jb : st * SB;             // main block of the stage's first
+    const uint8_t* crow = cs + (buf * 16 + g) * G::CP + lb * 8;
+    const uint4 wv[2] = {*reinterpret_cast<const uint4*>(crow), *reinterpret_cast<const uint4*>(crow + 8 * G::CP)};
+    const uint8_t* srow = ss + g * SP + sbase + lb;
+    uint32_t a[2][8][2];                                         // [row half][4-code group][lo/hi]
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const uint32_t sc = srow[r * 8 * SP + q];                 // 0 past the tail (codes are 0 too)
+        const __half2 s2 = __half2half2(__half(__nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)sc, __NV_E4M3)));
+        const uint32_t words[2] = {q ? wv[r].z : wv[r].x, q ? wv[r].w : wv[r].y};
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          decode4(words[i >> 1] >> (16 * (i & 1)), s2, a[r][4 * q + i][0], a[r][4 * q + i][1]);
+      }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const int m = mt * 8 + g;
+      uint4 xv[4];
+      if (XS) {
+        const uint8_t* arow = as + (buf * 8 * MT + m) * G::AP + 64 * (warp * 4 + t);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) xv[i] = *reinterpret_cast<const uint4*>(arow + 16 * (i ^ t));
+      } else {
+        const int ab = tail ? kb + jb : st * SB;                 // augmented block of the stage's first
+        const int lim = tail ? sb - jb : SB;
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const bool ok = m < mrows && lb + q < lim;
+          const uint4* p = reinterpret_cast<const uint4*>(xd + (size_t)m * ka + 16 * (ab + lb + q));
+          xv[2 * q] = ok ? __ldg(p) : make_uint4(0, 0, 0, 0);
+          xv[2 * q + 1] = ok ? __ldg(p + 1) : make_uint4(0, 0, 0, 0);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const uint4 v = xv[i >> 1];
+        const uint32_t b0r = (i & 1) ? v.z : v.x, b1r = (i & 1) ? v.w : v.y;
+        mma16816(acc[mt], a[0][i][0], a[1][i][0], a[0][i][1], a[1][i][1], b0r, b1r);
+      }
+    }
+  }
+  cp_wait<0>();
+  __syncthreads();                                               // the code buffers become the reduction
+  float* red = reinterpret_cast<float*>(smem);                   // (KW, MT * 4 * 32)
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) red[(warp * MT * 4 + mt * 4 + e) * 32 + lane] = acc[mt][e];
+  __syncthreads();
+  if (warp != 0) return;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float v = 0.f;
+      for (int q = 0; q < KW; ++q) v += red[(q * MT * 4 + mt * 4 + e) * 32 + lane];
+      const int n = n0 + g + (e >= 2 ? 8 : 0), m = mt * 8 + 2 * t + (e & 1);
+      if (n < N && m < mrows) {
+        v = v / ((xgs_per_row ? xgs[m] : xgs[0]) * wgs[wgs_per_row ? n : 0]);
+        if (bias != nullptr) v += bias[n];
+        const size_t o = (size_t)m * N + n;
+        if (out_kind == 0) reinterpret_cast<__nv_bfloat16*>(y)[o] = __float2bfloat16(v);
+        else if (out_kind == 1) reinterpret_cast<__half*>(y)[o] = __float2half(v);
+        else reinterpret_cast<float*>(y)[o] = v;
+      }
+    }
+}
+
+template <int MT, int KW, int ST, bool XS>
+void launch_pipe(const torch::Tensor& xd, const torch::Tensor& xgs, const torch::Tensor& wc, const torch::Tensor& ws,
+                 const torch::Tensor& wgs, const float* bias, torch::Tensor& y, int out_kind, int s) {
+  using G = PipeGeom<KW>;
+  const int n = wc.size(0), k = wc.size(1) * 2, mrows = xd.size(0);
+  const size_t smem = std::max<size_t>(ST * 16 * G::CP + 16 * (k / 16 + G::SB) + (XS ? ST * 8 * MT * G::AP : 0),
+                                       sizeof(float) * KW * MT * 4 * 32);
+  auto kernel = arc_gemm_mma_pipe_kernel<MT, KW, ST, XS>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  kernel<<<dim3((n + 15) / 16), dim3(32, KW), smem, at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const __half*>(xd.data_ptr<at::Half>()), xgs.data_ptr<float>(), xgs.numel() > 1 ? 1 : 0,
+      wc.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), wgs.data_ptr<float>(), wgs.numel() > 1 ? 1 : 0, bias,
+      y.data_ptr(), out_kind, mrows, n, k, s);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <int MT, int KW, int ST>
+void launch_pipe_xs(bool xs, const torch::Tensor& xd, const torch::Tensor& xgs, const torch::Tensor& wc,
+                    const torch::Tensor& ws, const torch::Tensor& wgs, const float* bias, torch::Tensor& y,
+                    int out_kind, int s) {
+  if (xs) launch_pipe<MT, KW, ST, true>(xd, xgs, wc, ws, wgs, bias, y, out_kind, s);
+  else launch_pipe<MT, KW, ST, false>(xd, xgs, wc, ws, wgs, bias, y, out_kind, s);
+}
+
+template <int MT, int KW>
+void launch_pipe_st(int st, bool xs, const torch::Tensor& xd, const torch::Tensor& xgs, const torch::Tensor& wc,
+                    const torch::Tensor& ws, const torch::Tensor& wgs, const float* bias, torch::Tensor& y,
+                    int out_kind, int s) {
+  if (st == 2) launch_pipe_xs<MT, KW, 2>(xs, xd, xgs, wc, ws, wgs, bias, y, out_kind, s);
+  else if (st == 3) launch_pipe_xs<MT, KW, 3>(xs, xd, xgs, wc, ws, wgs, bias, y, out_kind, s);
+  else launch_pipe_xs<MT, KW, 4>(xs, xd, xgs, wc, ws, wgs, bias, y, out_kind, s);
+}
+
 }  // namespace
 
 // Shapes and dtypes are checked in arcquant/kernels/cuda_gemv.py (clear messages); these
@@ -464,4 +683,40 @@ void arc_gemm_mma(torch::Tensor xd, torch::Tensor xgs, torch::Tensor wc, torch::
   else if (m <= 16) launch_mma<2>(xd, xgs, wc, ws, wgs, b, y, out_kind, kw, s, occ != 0);
   else if (m <= 32) launch_mma<4>(xd, xgs, wc, ws, wgs, b, y, out_kind, kw, s, occ != 0);
   else launch_mma<8>(xd, xgs, wc, ws, wgs, b, y, out_kind, kw, s, occ != 0);
+}
+
+void arc_gemm_mma_pipe(torch::Tensor xd, torch::Tensor xgs, torch::Tensor wc, torch::Tensor ws, torch::Tensor wgs,
+                       c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t s, int64_t kw, int64_t st,
+                       int64_t xs) {
+  const at::cuda::CUDAGuard guard(xd.device());
+  const int64_t m = xd.size(0), n = wc.size(0), k = wc.size(1) * 2;
+  TORCH_CHECK(xd.is_cuda() && wc.is_cuda() && ws.is_cuda() && y.is_cuda(), "CUDA tensors expected");
+  TORCH_CHECK(xd.scalar_type() == at::kHalf && wc.scalar_type() == at::kByte && ws.scalar_type() == at::kByte &&
+              xgs.scalar_type() == at::kFloat && wgs.scalar_type() == at::kFloat,
+              "dtypes: xd float16, wc/ws uint8, xgs/wgs float32");
+  TORCH_CHECK(m >= 1 && m <= 16 && k % (128 * kw) == 0 && s % 16 == 0 && s >= 0 && s <= k,
+              "need 1 <= M <= 16, K % (128 * kw) == 0");
+  TORCH_CHECK(xd.is_contiguous() && wc.is_contiguous() && ws.is_contiguous() && y.is_contiguous(),
+              "contiguous tensors expected");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(xd.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(wc.data_ptr()) % 16 == 0 &&
+              reinterpret_cast<uintptr_t>(ws.data_ptr()) % 16 == 0, "xd, wc and ws must start on 16-byte boundaries");
+  TORCH_CHECK(xd.size(1) == k + s && ws.size(0) == n && ws.size(1) == k / 16 && y.size(0) == m && y.size(1) == n,
+              "shape mismatch");
+  TORCH_CHECK(xgs.numel() == 1 || xgs.numel() == m, "xgs must hold 1 or M values");
+  TORCH_CHECK(wgs.is_contiguous() && (wgs.numel() == 1 || wgs.numel() == n), "wgs must hold 1 or N values");
+  TORCH_CHECK((kw == 4 || kw == 8) && st >= 2 && st <= 4, "kw in {4, 8}, st in 2..4");
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n && bias->is_cuda(), "bias: float32 (N,)");
+    b = bias->data_ptr<float>();
+  }
+  const int out_kind = y.scalar_type() == at::kBFloat16 ? 0 : y.scalar_type() == at::kHalf ? 1 : 2;
+  TORCH_CHECK(out_kind < 2 || y.scalar_type() == at::kFloat, "y: bfloat16, float16 or float32");
+  if (m <= 8) {
+    if (kw == 4) launch_pipe_st<1, 4>((int)st, xs != 0, xd, xgs, wc, ws, wgs, b, y, out_kind, s);
+    else launch_pipe_st<1, 8>((int)st, xs != 0, xd, xgs, wc, ws, wgs, b, y, out_kind, s);
+  } else {
+    if (kw == 4) launch_pipe_st<2, 4>((int)st, xs != 0, xd, xgs, wc, ws, wgs, b, y, out_kind, s);
+    else launch_pipe_st<2, 8>((int)st, xs != 0, xd, xgs, wc, ws, wgs, b, y, out_kind, s);
+  }
 }
