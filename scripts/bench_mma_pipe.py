@@ -92,7 +92,8 @@ def speed(dev, ms, models) -> list:
                 print(f"{model:13s} {name:8s} M={m:3d} bf16 {r['bf16_us']:7.1f} model({kind}) {r['model_us']:7.1f} "
                       f"mma {min(r['mma_us'].values()):7.1f} pipe {r['pipe_best_us']:7.1f} [{best}] "
                       f"{r['pipe_GBps']:5.0f} GB/s (model {r['model_GBps']:5.0f})  "
-                      f"x{r['bf16_us'] / r['pipe_best_us']:.2f} vs x{r['bf16_us'] / r['model_us']:.2f} BF16", flush=True)
+                      f"x{r['bf16_us'] / r['pipe_best_us']:.2f} vs x{r['bf16_us'] / r['model_us']:.2f} BF16",
+                      flush=True)
     return rows
 
 

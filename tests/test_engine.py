@@ -205,8 +205,8 @@ def test_fused_mlp_prefill_equals_the_unfused_layers(quantized, m):
 
     fake_ops = SimpleNamespace(quantize_act=spy("quantize_act"), prefill_unscaled=spy("prefill_unscaled"),
                                silu_mul_quantize_act=spy("silu_mul_quantize_act"), prefill=prefill,
-                               gemm_mma=lambda xd, gs, wc, ws, wgs, bias, s, out_dtype, kw, occ, **pipe: calls.append("mma")
-                               or fp16_gemm_reference(xd, gs, wc, ws.view(torch.float8_e4m3fn), wgs, s, bias).to(out_dtype))
+                               gemm_mma=lambda xd, gs, wc, ws, wgs, bias, s, out_dtype, kw, occ, **pipe:
+                               calls.append("mma") or fp16_gemm_reference(xd, gs, wc, ws.view(torch.float8_e4m3fn), wgs, s, bias).to(out_dtype))
     projs = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     with torch.no_grad():
         for p in projs:

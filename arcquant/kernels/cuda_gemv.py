@@ -57,8 +57,8 @@ def _extension(capability: tuple):
     try:
         return load_inline(name="arcquant_gemv", cpp_sources=DECL, cuda_sources=[f.read_text() for f in SRCS],
                            functions=["arc_gemv_dp4a", "arc_gemm_mma", "arc_gemm_mma_pipe", "arc_act_quant",
-                                      "arc_dequant", "arc_scale_rows", "arc_rmsnorm_act", "arc_silu_mul_act"], extra_cuda_cflags=["-O3"],
-                           build_directory=str(build))
+                                      "arc_dequant", "arc_scale_rows", "arc_rmsnorm_act", "arc_silu_mul_act"],
+                           extra_cuda_cflags=["-O3"], build_directory=str(build))
     finally:
         if old is None:
             os.environ.pop("TORCH_CUDA_ARCH_LIST")

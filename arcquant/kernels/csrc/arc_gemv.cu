@@ -495,7 +495,8 @@ __global__ void __launch_bounds__(32 * KW) arc_gemm_mma_pipe_kernel(MMA_PARAMS) 
         cp_async16(dst, row[i] + (j < sb ? 8 * (kb - sb + j) : 0), j < sb);
       } else {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) cp_async8(dst + 8 * h, row[i] + (j + h < sb ? 8 * (kb - sb + j + h) : 0), j + h < sb);
+        for (int h = 0; h < 2; ++h)
+          cp_async8(dst + 8 * h, row[i] + (j + h < sb ? 8 * (kb - sb + j + h) : 0), j + h < sb);
       }
     }
     if (XS) copy_acts<MT, KW>(as + (nx % ST) * 8 * MT * G::AP, xd, nx < nmain ? nx * SB : kb + jb,
@@ -698,8 +699,8 @@ void arc_gemm_mma_pipe(torch::Tensor xd, torch::Tensor xgs, torch::Tensor wc, to
               "need 1 <= M <= 16, K % (128 * kw) == 0");
   TORCH_CHECK(xd.is_contiguous() && wc.is_contiguous() && ws.is_contiguous() && y.is_contiguous(),
               "contiguous tensors expected");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(xd.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(wc.data_ptr()) % 16 == 0 &&
-              reinterpret_cast<uintptr_t>(ws.data_ptr()) % 16 == 0, "xd, wc and ws must start on 16-byte boundaries");
+  const auto aligned = [](const torch::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
+  TORCH_CHECK(aligned(xd) && aligned(wc) && aligned(ws), "xd, wc and ws must start on 16-byte boundaries");
   TORCH_CHECK(xd.size(1) == k + s && ws.size(0) == n && ws.size(1) == k / 16 && y.size(0) == m && y.size(1) == n,
               "shape mismatch");
   TORCH_CHECK(xgs.numel() == 1 || xgs.numel() == m, "xgs must hold 1 or M values");
