@@ -19,11 +19,10 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_hopper_paths import SHAPES, copy_bandwidth, graphed, make_layer, make_x  # noqa: E402
+from bench_hopper_paths import SHAPES, copy_bandwidth, graphed, make_layer, make_x, run_header  # noqa: E402
 
 from arcquant import arc  # noqa: E402
 from arcquant.formats import e2m1, get_format, nvfp4  # noqa: E402
@@ -221,8 +220,7 @@ def main():
     if reason:
         raise SystemExit(reason)
     torch.manual_seed(0)
-    head = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda, "copy_GBps": copy_bandwidth(dev)}
+    head = run_header(copy_GBps=copy_bandwidth(dev))
     print(head, flush=True)
     result = {"header": head}
     for kind in a.exactness:

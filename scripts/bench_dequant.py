@@ -16,11 +16,10 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_hopper_paths import SHAPES, copy_bandwidth  # noqa: E402
+from bench_hopper_paths import SHAPES, copy_bandwidth, run_header  # noqa: E402
 
 from arcquant.formats import nvfp4  # noqa: E402
 from arcquant.kernels.prefill import dequantize_codes, scale_rows  # noqa: E402
@@ -96,8 +95,7 @@ def main():
     a = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    head = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda, "copy_GBps": copy_bandwidth(dev)}
+    head = run_header(copy_GBps=copy_bandwidth(dev))
     print(head, flush=True)
     ex = exactness(dev)
     ok = sum(all(v for k_, v in r.items() if k_.endswith(("triton", "reference"))) for r in ex)

@@ -16,11 +16,10 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_cuda_gemv import bench  # noqa: E402
-from bench_hopper_paths import graphed, make_layer, make_x  # noqa: E402
+from bench_hopper_paths import graphed, make_layer, make_x, run_header  # noqa: E402
 
 from arcquant.gpu import cuda_gemv_config, mma_config  # noqa: E402
 from arcquant.kernels.act_quant import arc_quantize_activation_gemv  # noqa: E402
@@ -70,8 +69,7 @@ def main():
     ap.add_argument("--ms", nargs="+", type=int, default=[1, 2, 8, 16, 32])
     a = ap.parse_args()
     torch.manual_seed(0)
-    head = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda}
+    head = run_header()
     print(head, flush=True)
     rows = [run(model, name, k, ns, m, "cuda") for model, groups in GROUPS.items()
             for name, (k, ns) in groups.items() for m in a.ms]
