@@ -156,6 +156,15 @@ def arc_gemv_int8(xi, xs, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.b
     return y
 
 
+def _check_mma_operands(xd, wc, ws, s: int) -> None:
+    """The checks both tensor-core GEMVs share: xd float16 (M, K+s) contiguous, the weight, one device."""
+    m, k = xd.shape[0], wc.shape[1] * 2
+    if xd.dtype != torch.float16 or xd.shape[1] != k + s or not xd.is_contiguous():
+        raise ValueError(f"xd must be contiguous float16 ({m}, {k + s}) for K={k}, s={s}; got {xd.dtype} "
+                         f"{tuple(xd.shape)}")
+    _check_weight_and_devices(wc, ws, {"xd": xd, "wc": wc, "ws": ws})
+
+
 def arc_gemm_mma(xd, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat16, kw: int = 4,
                  occ: bool = False, st: int = 0, xs: bool = False) -> torch.Tensor:
     """y (M, N) = xd @ dequant(W_aug)^T / (xgs * wgs) (+ bias) on tensor cores; M <= 64; wgs () or (N,).
@@ -163,15 +172,13 @@ def arc_gemm_mma(xd, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat
     entry point with a register bound (more resident warps, see the .cu file). st > 0: the
     cp.async-pipelined kernel (arc_gemm_mma_pipe, st stages, xs: activations staged too) where
     it takes these operands (pipe_shape_reason), else this one - the same bits either way."""
-    m, n, k = xd.shape[0], wc.shape[0], wc.shape[1] * 2
+    m, n = xd.shape[0], wc.shape[0]
     if not 1 <= m <= MMA_MAX_M:
         raise ValueError(f"the MMA GEMV handles 1 <= M <= {MMA_MAX_M}, got M={m}")
-    if xd.dtype != torch.float16 or xd.shape[1] != k + s or not xd.is_contiguous():
-        raise ValueError(f"xd must be contiguous float16 ({m}, {k + s}) for K={k}, s={s}; got {xd.dtype} "
-                         f"{tuple(xd.shape)}")
-    _check_weight_and_devices(wc, ws, {"xd": xd, "wc": wc, "ws": ws})
+    _check_mma_operands(xd, wc, ws, s)
     if st and kw in (4, 8) and pipe_shape_reason(xd, wc, ws, kw) is None:
-        return arc_gemm_mma_pipe(xd, xgs, wc, ws, wgs, s, bias, out_dtype, kw, st, xs)
+        _check_pipe_settings(kw, st)
+        return _launch_pipe(xd, xgs, wc, ws, wgs, s, bias, out_dtype, kw, st, xs)
     if xd.data_ptr() % 16 or wc.data_ptr() % 8:
         raise ValueError("xd must start on a 16-byte and wc on an 8-byte boundary (take a fresh, contiguous tensor)")
     kw = max(1, min(kw, 8, 32 // -(-m // 8)))
@@ -200,19 +207,24 @@ def arc_gemm_mma_pipe(xd, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.b
     """arc_gemm_mma with its weight (and with xs its activation) tiles streamed through shared
     memory by cp.async, st stages in flight; M <= 16, K % (128 * kw) == 0. Same bits as arc_gemm_mma
     with the same kw (same MMA tiles, same per-warp order). kw in {4, 8}, st in 2..4."""
-    m, n, k = xd.shape[0], wc.shape[0], wc.shape[1] * 2
-    if kw not in (4, 8) or st not in (2, 3, 4):
-        raise ValueError(f"kw={kw}, st={st}: the pipelined MMA GEMV takes kw in (4, 8) and st in (2, 3, 4)")
-    if xd.dtype != torch.float16 or xd.shape[1] != k + s or not xd.is_contiguous():
-        raise ValueError(f"xd must be contiguous float16 ({m}, {k + s}) for K={k}, s={s}; got {xd.dtype} "
-                         f"{tuple(xd.shape)}")
-    _check_weight_and_devices(wc, ws, {"xd": xd, "wc": wc, "ws": ws})
+    _check_pipe_settings(kw, st)
+    _check_mma_operands(xd, wc, ws, s)
     reason = pipe_shape_reason(xd, wc, ws, kw)
     if reason:
         raise ValueError(reason)
-    y, b, ext = _outputs(xd, n, bias, out_dtype)
+    return _launch_pipe(xd, xgs, wc, ws, wgs, s, bias, out_dtype, kw, st, xs)
+
+
+def _check_pipe_settings(kw: int, st: int) -> None:
+    if kw not in (4, 8) or st not in (2, 3, 4):
+        raise ValueError(f"kw={kw}, st={st}: the pipelined MMA GEMV takes kw in (4, 8) and st in (2, 3, 4)")
+
+
+def _launch_pipe(xd, xgs, wc, ws, wgs, s, bias, out_dtype, kw, st, xs) -> torch.Tensor:
+    """The pipelined kernel's launch, its operands already checked (arc_gemm_mma / arc_gemm_mma_pipe)."""
+    y, b, ext = _outputs(xd, wc.shape[0], bias, out_dtype)
     ext.arc_gemm_mma_pipe(xd, xgs.to(torch.float32).reshape(-1).contiguous(), wc.contiguous(),
-                          ws.view(torch.uint8).contiguous(), tensor_scales(wgs, n), b, y, s, kw, st, int(xs))
+                          ws.view(torch.uint8).contiguous(), tensor_scales(wgs, wc.shape[0]), b, y, s, kw, st, int(xs))
     return y
 
 
