@@ -169,6 +169,24 @@ def prefill_fusion_ab(model, tokens: int, repeats: int) -> dict:
     return out
 
 
+def decode_pipeline_ab(model, batches, decode: int, repeats: int) -> dict:
+    """The same run's A/B of the pipelined decode GEMV: decode tokens/s at the batches of 3 - 16
+    tokens again with gpu.pipelined_gemv off (every tensor-core GEMV unpipelined; fresh engines,
+    so fresh CUDA graphs)."""
+    from .gpu import pipelined_gemv
+    vocab, out = model.config.vocab_size, {}
+    try:
+        pipelined_gemv(False)
+        for b in (b for b in batches if 3 <= b <= 16):
+            out[f"decode_tok_s_b{b}_unpipelined"] = decode_tokens_per_s(model, b, decode, repeats, vocab)
+            print(f"  arc, pipelined GEMV off: decode b{b} {out[f'decode_tok_s_b{b}_unpipelined']:.1f} tok/s", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+    finally:
+        pipelined_gemv(True)
+    return out
+
+
 def greedy_logits(model, steps: int, vocab: int) -> torch.Tensor:
     """Logits of `steps` greedy decode steps (batch 1, CUDA graph) after a fixed 128-token prompt:
     (steps, V) float32 - for comparing two settings of the same model bit for bit."""
@@ -237,6 +255,8 @@ def run_bench(source, checkpoint, batches=(1, 8, 32), decode: int = 64, prefill:
     row["backend"] = (f"kernels for {counts['kernels']} layers (CUDA GEMVs for {counts['cuda_gemv']}), "
                       f"reference for {counts['reference']}, {counts['fused_mlps']} MLPs fused for prefill")
     row.update(decode_repeat(model))
+    if counts["cuda_gemv"]:
+        row.update(decode_pipeline_ab(model, batches, decode, repeats))
     if counts["fused_mlps"]:
         row.update(prefill_fusion_ab(model, prefill, repeats))
     rows.append(row)
@@ -277,6 +297,12 @@ def table(rows: list, batches, prefill: int) -> str:
             if off is not None:
                 lines += ["", f"{r['model']} prefill {prefill} graph with {what}: {off:.1f} ms ({off / base[key]:.2f}x "
                           f"BF16; all fused {r[key]:.1f} ms); logits vs fused: max |diff| {r[f'{name}_logits_max_abs_diff']:.3g}"]
+    for r in rows:                                                      # the pipelined GEMV's A/B
+        for b in batches:
+            off = r.get(f"decode_tok_s_b{b}_unpipelined")
+            if off is not None:
+                lines += ["", f"{r['model']} decode b{b} with the pipelined GEMV off: {off:.1f} tok/s "
+                          f"({off / base[f'decode_tok_s_b{b}']:.2f}x BF16; on: {r[f'decode_tok_s_b{b}']:.1f})"]
     for r in rows:
         if "decode_repeat_logits_max_abs_diff" in r:
             lines += ["", f"{r['model']}: logits of 32 greedy decode steps from two fresh engines: max |diff| "

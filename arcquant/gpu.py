@@ -62,7 +62,7 @@ def cuda_gemv_config(m: int, k: int) -> dict:
     return dict(nr=2 if m == 1 and k < 8192 else 4, kw=2 if k >= 8192 and m <= 4 else 1, u=1)
 
 
-def mma_config(m: int, n: int, k: int) -> dict:
+def mma_config(m: int, n: int, k: int, pipelined: bool = True) -> dict:
     """Launch settings of the tensor-core GEMV, from the H200 sweeps (results/cuda-gemv-h200.json,
     results/cuda-gemv-v10-h200.json): kw warps splitting the depth - many for layers of few
     output rows (few blocks of 16 rows), few for wide ones (enough blocks already); occ: the
@@ -72,24 +72,45 @@ def mma_config(m: int, n: int, k: int) -> dict:
     44 vs 213 us at M = 16 in those sweeps). Very wide (N >= 32768, Qwen2.5-7B gate/up's 2368 blocks)
     at 9 - 16 tokens: kw = 4 with occ (76.0 vs 103.4 us for kw = 1 at M = 16 in cuda-gemv-v10; Llama's
     gate/up, 1792 blocks, keeps kw = 1: 66.1 vs 84.4 us).
-    st / xs: the cp.async-pipelined kernel for up to 8 tokens, where it won (results/mma-pipe-v2-h200.json,
-    mma-pipe-v3-h200.json, same-run comparisons): wide but not very wide layers (Llama gate/up M = 4 /
-    8: 42.5 / 43.4 vs 49.6 / 51.8 us; Qwen's 37888 rows: even, so not) and deep ones (K >= 8192,
-    K % 1024 == 0: Llama down, 26.8 / 28.4 vs 31.0 / 31.3 us; Qwen's 18944 is no multiple of 1024).
-    At 9 - 16 tokens it was not reliably faster (Llama gate/up M = 16: 62.5 - 73.7 us over two runs
-    vs 66.3 - 66.7 for kw = 1; results/bench-layers-v27-h200.json ran it: 72.1), so not there."""
+    st / xs: the cp.async-pipelined kernel (whole stages: K % (kw * 128) == 0), from the same-run
+    sweep after the shift-and-mask decode (v26, results/mma-pipe-v5-h200.json, us at M = 3 / 4 / 8
+    against the unpipelined kernel): up to 8 tokens for every layer with K % 512 == 0 - wide ones
+    (gate/up) with kw 4, 2 stages, activations from L2 (Llama 39.0 / 38.8 / 42.5 vs 45.8 / 46.8 /
+    50.5; Qwen 42.8 / 43.5 / 49.6 vs 53.9 / 55.0 / 58.9), the others with 3 stages and activations
+    staged, kw 8 where K % 1024 == 0 and K >= 8192 (Llama down 23.9 / 24.1 / 25.0 vs 33.9 / 34.3 / 35.8
+    at kw 8; Qwen down, kw 4: 32.2 / 32.2 / 33.2 vs 40.0 / 41.0 / 43.6; Llama o 12.5 / 12.6 / 13.2 vs
+    14.3 / 14.3 / 14.8; Qwen q/k/v 14.3 / 14.7 / 15.2 vs 14.1 / 14.1 / 14.6, the one small loss kept
+    for one rule). At 9 - 16 tokens only very wide layers (Qwen gate/up M = 16: 72.4 vs 81.2) and deep
+    ones with K % 1024 == 0 (Llama down: 33.3 vs 35.2); Llama gate/up keeps kw = 1 (62.8 vs 64.7 here,
+    62.5 - 73.7 in v25's two runs). pipelined=False: the unpipelined kernel everywhere (for A/B timing:
+    pipelined_gemv)."""
     wide = n >= WIDE_N
-    if m <= 8:
-        if wide and n < VERY_WIDE_N and k % 512 == 0:
+    if pipelined and m <= 8 and k % 512 == 0:         # the pipelined kernel, whole stages of kw * 128
+        if wide:
             return dict(kw=4, occ=False, st=2, xs=False)
-        if k >= 8192 and k % 1024 == 0:
-            return dict(kw=8, occ=False, st=2, xs=False)
+        return dict(kw=8 if k >= 8192 and k % 1024 == 0 else 4, occ=False, st=3, xs=True)
+    if m <= 8:
         return dict(kw=4 if wide else 8, occ=False)
     if m <= 16:
+        if pipelined and n >= VERY_WIDE_N and k % 512 == 0:
+            return dict(kw=4, occ=False, st=3, xs=True)
+        if pipelined and k >= 8192 and k % 1024 == 0:
+            return dict(kw=4, occ=False, st=4, xs=True)
         if n >= VERY_WIDE_N:
             return dict(kw=4, occ=True)
         return dict(kw=1 if wide else 8 if k >= 8192 or n <= 4096 else 4, occ=False)
     return dict(kw=8 if n <= 4096 and not wide else 4, occ=True)
+
+
+_PIPELINED = [True]
+
+
+def pipelined_gemv(enable: bool) -> None:
+    """Whether the decode GEMVs take the cp.async-pipelined tensor-core kernel where mma_config
+    chooses it (default) or the unpipelined one everywhere - for same-run A/B timing
+    (bench.decode_pipeline_ab). A captured CUDA graph keeps the kernels it captured."""
+    _PIPELINED[0] = bool(enable)
+    log.info("arcquant decode GEMVs: pipelined tensor-core kernel %s", "on" if enable else "off")
 
 
 def kernel_reason(q: QuantLinear) -> str | None:
@@ -138,7 +159,7 @@ class KernelPath:
         return nvfp4.global_scale_from_amax(x.abs().amax().float())             # dynamic: whole batch
 
     def quantize(self, q: QuantLinear, x2: torch.Tensor, out: str):
-        """-> (xq, scales, gs): the activation operand as `out` (int8 / float16 / bfloat16)."""
+        """-> (xq, scales, gs): the activation operand as `out` (int8 / mma / bfloat16)."""
         if self.pad:
             x2 = F.pad(x2, (0, self.pad))
         x2 = x2.contiguous()
@@ -147,7 +168,7 @@ class KernelPath:
 
     def path(self, m: int) -> str:
         if self.cuda_reason is None and m <= MMA_MAX_M:
-            return "int8" if m <= self.int8_max_m else "float16"
+            return "int8" if m <= self.int8_max_m else "mma"
         return "bfloat16"
 
     def operand(self, q: QuantLinear, x: torch.Tensor) -> tuple:
@@ -177,8 +198,8 @@ class KernelPath:
         """One kernel launch: the quantized operand times the packed weight w (N rows)."""
         if kind == "int8":
             return self.ops.gemv_int8(xq, xs, gs, *w, bias, self.s, out_dtype=out_dtype, **cuda_gemv_config(m, k))
-        if kind == "float16":
-            return self.ops.gemm_mma(xq, gs, *w, bias, self.s, out_dtype=out_dtype, **mma_config(m, n, k))
+        if kind == "mma":
+            return self.ops.gemm_mma(xq, gs, *w, bias, self.s, out_dtype=out_dtype, **mma_config(m, n, k, _PIPELINED[0]))
         if m <= GEMV_MAX_M:
             return self.ops.gemv_triton(xq, gs, *w, bias, self.s, out_dtype=out_dtype, **gemv_config(m, k))
         return self.ops.prefill(xq, gs, *w, bias, self.s, out_dtype=out_dtype)
@@ -241,7 +262,7 @@ NORM_CONSUMERS = {"input_layernorm": ("self_attn", "q_proj"), "post_attention_la
 class FusedNormQuant(torch.nn.Module):
     """An RMSNorm that also quantizes its output for the layers reading it, in one kernel
     (torch.ops.arcquant.rmsnorm_quantize_act), for every input size (the operand of the consumer's
-    path: int8 / float16 for the decode GEMVs, bfloat16 for prefill), and leaves the operand in
+    path: int8 / mma for the decode GEMVs, bfloat16 for prefill), and leaves the operand in
     their SharedInput cache; under torch.compile or for another dtype: the norm as it was."""
 
     def __init__(self, norm: torch.nn.Module, consumer: QuantLinear):

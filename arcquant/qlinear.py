@@ -258,7 +258,7 @@ class QuantLinear(nn.Module):
         FINITE.check(x, amax, "the activations")
         if self._kernel_quantizes(x):                     # the fused kernel: code * block scale, exact
             from .kernels.act_quant import arc_quantize_activation_gemv
-            xq, _, _ = arc_quantize_activation_gemv(x.contiguous(), self.perm, self.s, gs, out="float16")
+            xq, _, _ = arc_quantize_activation_gemv(x.contiguous(), self.perm, self.s, gs, out="bfloat16")
             return xq.to(torch.float32) / gs              # as nvfp4.dequantize: one rounding
         codes, scales = arc.quantize_activation(x, self.plan, self.fmt, gs, check=False)
         return self.fmt.dequantize(codes, scales, gs)

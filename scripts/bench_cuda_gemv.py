@@ -92,7 +92,7 @@ def exactness_mma(dev) -> list:
         for s in (0, 16, 64, 448):
             for m in (1, 3, 13, 64):
                 n, plan, gsw, wc, ws, x, perm, gsx, codes, scales, bias = _case(k, s, m, dev)
-                xd, _, gs = arc_quantize_activation_gemv(x, perm, s, None, block_starts(perm), out="float16")
+                xd, _, gs = arc_quantize_activation_gemv(x, perm, s, None, block_starts(perm), out="mma")
                 act_exact = bool(torch.equal(xd.float(), F.dequantize(codes, scales, torch.tensor(1.0, device=dev))))
                 ref = fp16_gemm_reference(xd, gs, wc, ws, gsw, s, bias)
                 rel = lambda y, r: ((y.double() - r).norm() / r.norm()).item()
@@ -139,9 +139,9 @@ def speed(dev, models, ms, mma_off=False) -> list:
                         a, b, g = arc_quantize_activation_gemv(x, perm, s, None, starts)
                         return arc_gemv_int8(a, b, g, wc, ws, gsw, s, None, torch.bfloat16, nr, kw, u)
                     row["int8_step_us"] = bench(graphed(step))
-                xd, _, gs = arc_quantize_activation_gemv(x, perm, s, None, starts, out="float16")
+                xd, _, gs = arc_quantize_activation_gemv(x, perm, s, None, starts, out="mma")
                 row["act_fp16_us"] = bench(graphed(lambda: arc_quantize_activation_gemv(x, perm, s, None, starts,
-                                                                                       out="float16")))
+                                                                                       out="mma")))
                 msweep = {f"{kw},{int(occ)}": bench(graphed(lambda: arc_gemm_mma(xd, gs, wc, ws, gsw, s, None,
                                                                                 torch.bfloat16, kw, occ)))
                           for kw in MMA_KW for occ in (False, True)}
@@ -151,7 +151,7 @@ def speed(dev, models, ms, mma_off=False) -> list:
                            mma_unbounded_us=min(v for c, v in msweep.items() if c.endswith(",0")))
 
                 def mma_step():
-                    a, _, g = arc_quantize_activation_gemv(x, perm, s, None, starts, out="float16")
+                    a, _, g = arc_quantize_activation_gemv(x, perm, s, None, starts, out="mma")
                     return arc_gemm_mma(a, g, wc, ws, gsw, s, None, torch.bfloat16, kw, occ)
                 row["mma_step_us"] = bench(graphed(mma_step))
                 row["step_us"] = min(row["mma_step_us"], row.get("int8_step_us", float("inf")))

@@ -5,7 +5,8 @@ Random weights of each shape (outlier channels injected) are written, quantized 
 defaults (8 x 512 calibration tokens), then both models are timed one after the other on the
 same GPU: decode tokens/s at batch 1/8/32 (CUDA graphs, 64 steps after a 128-token prompt,
 median of 5), prefill of 2048 tokens, weight bytes, peak memory, and a per-op profile of one
-decode step. Writes OUT.json and OUT.md.
+decode step; for ARC also the same run's A/Bs: the prefill with its fusions off, the decode at 3 - 16
+tokens with the pipelined GEMV off, and two engines' greedy logits. Writes OUT.json and OUT.md.
 """
 import argparse
 import json

@@ -26,8 +26,8 @@ PIPES = [(kw, st, xs) for kw in (4, 8) for st in (2, 3, 4) for xs in (False, Tru
 
 
 def operand(q, x):
-    """The float16 operand (code * block scale) of the MMA kernels and its per-token scale."""
-    xd, _, gs = q.kernel.quantize(q, x, "float16")
+    """The "mma" operand (float16 code * block scale) of the MMA kernels and its per-token scale."""
+    xd, _, gs = q.kernel.quantize(q, x, "mma")
     return xd, gs
 
 

@@ -23,9 +23,10 @@ from sweep_act import exact_cuda_ties, ref  # noqa: E402
 from arcquant.formats import e2m1, get_format  # noqa: E402
 from arcquant.kernels.cuda_act import arc_act_quant_cuda  # noqa: E402
 from arcquant.kernels.act_quant import block_starts  # noqa: E402
+from arcquant.kernels.cuda_gemv import to_mma_order  # noqa: E402
 
 F = get_format("nvfp4")
-OUTS = ("int8", "float16", "bfloat16", "packed")
+OUTS = ("int8", "mma", "bfloat16", "packed")
 
 
 def case(m, k, s, dtype, dev, seed):
@@ -54,8 +55,8 @@ def exact(x, perm, s, gs_kind) -> bool:
                 ok &= torch.equal(xq.float(), 2 * e2m1.e2m1_decode(codes)) and torch.equal(sc.view(torch.uint8), sb)
             elif out == "packed":
                 ok &= torch.equal(xq, F.module.pack(codes)) and torch.equal(sc.view(torch.uint8), sb)
-            else:
-                ok &= torch.equal(xq.float(), deq)
+            else:                                        # mma: in the tensor-core GEMV's column order
+                ok &= torch.equal(xq.float(), to_mma_order(deq) if out == "mma" else deq)
             if gs is None:
                 ok &= torch.equal(g, g_ref.reshape(-1))
     return bool(ok)

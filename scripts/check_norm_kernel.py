@@ -64,7 +64,7 @@ def check(m, k, s, dtype, out, static):
 def timing(m, k, s):
     x, w, perm = case(m, k, s, torch.bfloat16, 1)
     starts = block_starts(perm)
-    kind = "int8" if m <= 2 else "float16" if m <= 32 else "bfloat16"   # the consumer's operand
+    kind = "int8" if m <= 2 else "mma" if m <= 32 else "bfloat16"   # the consumer's operand
     fused = lambda: ops.OPS.rmsnorm_quantize_act(x, w, 1e-5, perm, starts, s, None, kind)
     apart = lambda: ops.OPS.quantize_act(rmsnorm_reference(x, w, 1e-5), perm, starts, s, None, kind)
     row = {"M": m, "K": k, "s": s, "fused_us": do_bench_cudagraph(fused) * 1e3,
@@ -84,7 +84,7 @@ def main():
     for m in (1, 3, 8, 16, 32, 100, 600):                  # 100, 600: prefill-sized (600: 128 threads a row)
         for k, s in ((576, 64), (1040, 16), (3584, 448), (4096, 0), (4096, 256)):
             for dtype in (torch.bfloat16, torch.float16):
-                for out in ("int8", "float16", "bfloat16"):
+                for out in ("int8", "mma", "bfloat16"):
                     rows.append(check(m, k, s, dtype, out, static=(m == 3)))
     bad = [r for r in rows if not r["operand_exact"] or r["y_max_ulps"] > ALLOWED_ULPS or not r["ctas_same"]]
     times = [timing(m, 4096, 256) for m in (1, 8, 2048)]

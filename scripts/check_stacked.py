@@ -40,7 +40,7 @@ def run(model, name, k, ns, m, dev) -> dict:
     x = make_x(m, k, dev)
     int8 = m <= 2
     xq, xs, gs = arc_quantize_activation_gemv(x, plan.perm.to(torch.int32), s, None, None,
-                                              "int8" if int8 else "float16")
+                                              "int8" if int8 else "mma")
     if int8:
         one = lambda wc_, ws_, wgs_, b_, dt=torch.float32: arc_gemv_int8(xq, xs, gs, wc_, ws_, wgs_, s, b_, dt,
                                                                          **cuda_gemv_config(m, k))

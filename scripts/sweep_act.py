@@ -24,6 +24,7 @@ from arcquant.formats import get_format
 from arcquant.formats import e2m1
 from arcquant.kernels import act_quant
 from arcquant.kernels.cuda_act import arc_act_quant_cuda
+from arcquant.kernels.cuda_gemv import from_mma_order
 
 F = get_format("nvfp4")
 DEPTHS = {"llama q/k/v, o, gate/up": 4096, "llama down": 14336, "qwen q/k/v, o, gate/up": 3584, "qwen down": 18944}
@@ -57,11 +58,11 @@ def exact_cuda(x, perm, s, gs, starts, token: bool = True) -> bool:
     sb = scales.view(torch.uint8)
     c, sc, _ = arc_act_quant_cuda(x, starts, s, gs, "packed")
     xd, _, _ = arc_act_quant_cuda(x, starts, s, gs, "bfloat16")
-    xh, _, _ = arc_act_quant_cuda(x, starts, s, gs, "float16")
+    xh, _, _ = arc_act_quant_cuda(x, starts, s, gs, "mma")
     xi, xs, g = arc_act_quant_cuda(x, starts, s, None if token else gs, "int8")
     deq = F.dequantize(codes, scales, torch.tensor(1.0, device=x.device))
     return (torch.equal(c, F.module.pack(codes)) and torch.equal(sc.view(torch.uint8), sb)
-            and torch.equal(xd.float(), deq) and torch.equal(xh.float(), deq)
+            and torch.equal(xd.float(), deq) and torch.equal(from_mma_order(xh).float(), deq)
             and torch.equal(xi.float(), 2 * e2m1.e2m1_decode(codes)) and torch.equal(xs.view(torch.uint8), sb)
             and torch.equal(g, gs.reshape(-1)))
 

@@ -124,7 +124,7 @@ def test_cuda_kernel_plumbing_equals_reference(quantized, m, path):
             for p in projs:
                 p.kernel = None
     assert calls == [path] * 3
-    assert acts == [path if path == "int8" else "float16"]     # q, k and v share one quantized input
+    assert acts == [path]     # q, k and v share one quantized input
     for g, r in zip(got, refs):
         assert g.dtype == torch.bfloat16 and g.shape == r.shape
         assert ((g.float() - r).norm() / r.norm()) < 4e-3
@@ -155,7 +155,7 @@ def test_fused_rmsnorm_hands_its_operand_to_the_group(quantized, m, path):
         gemm_mma=lambda xd, gs, wc, ws, wgs, bias, s, out_dtype, kw, occ, **pipe: calls.append("mma") or
         fp16_gemm_reference(xd, gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype),
         prefill=lambda xd, gs, wc, ws, wgs, bias, s, out_dtype: calls.append("prefill") or
-        fp16_gemm_reference(xd, gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype))
+        fp16_gemm_reference(xd, gs, wc, e4m3(ws), wgs, s, bias, mma_order=False).to(out_dtype))
     norm_b = norm.to(torch.bfloat16)
     with torch.no_grad():
         want_y = norm_b(x)
@@ -316,15 +316,22 @@ def test_kernel_launch_settings():
     from arcquant.gpu import cuda_gemv_config, mma_config
     assert cuda_gemv_config(1, 4096) == dict(nr=2, kw=1, u=1) and cuda_gemv_config(2, 14336) == dict(nr=4, kw=2, u=1)
     pipe = lambda kw, st, xs: dict(kw=kw, occ=False, st=st, xs=xs)                  # the cp.async-pipelined kernel
-    assert mma_config(8, 28672, 4096) == pipe(4, 2, False) and mma_config(8, 4096, 14336) == pipe(8, 2, False)
-    assert mma_config(16, 28672, 4096) == dict(kw=1, occ=False) and mma_config(16, 4096, 14336) == dict(kw=8, occ=False)
-    assert mma_config(32, 4096, 4096) == dict(kw=8, occ=True) and mma_config(8, 6144, 4096) == dict(kw=8, occ=False)
-    assert mma_config(32, 28672, 4096) == dict(kw=4, occ=True) and mma_config(32, 6144, 4096) == dict(kw=4, occ=True)
-    # few output rows, deep (Qwen2.5-7B down_proj, K % 1024 != 0: not pipelined): many warps along K at every M
-    assert [mma_config(m, 3584, 18944) for m in (8, 16, 32)] == [dict(kw=8, occ=False), dict(kw=8, occ=False),
-                                                                 dict(kw=8, occ=True)]
-    assert mma_config(8, 37888, 3584) == dict(kw=4, occ=False)                       # Qwen gate/up: very wide
-    assert mma_config(16, 37888, 3584) == dict(kw=4, occ=True) and mma_config(12, 37888, 3584) == dict(kw=4, occ=True)
+    # up to 8 tokens, K % 512 == 0: pipelined; wide (gate/up) from L2, the others with staged activations
+    assert mma_config(8, 28672, 4096) == pipe(4, 2, False) and mma_config(8, 37888, 3584) == pipe(4, 2, False)
+    assert mma_config(8, 4096, 14336) == pipe(8, 3, True) and mma_config(4, 3584, 18944) == pipe(4, 3, True)
+    assert mma_config(3, 6144, 4096) == pipe(4, 3, True) and mma_config(8, 3584, 3584) == pipe(4, 3, True)
+    # 9 - 16 tokens: pipelined only very wide (Qwen gate/up) and deep with K % 1024 == 0 (Llama down)
+    assert mma_config(16, 37888, 3584) == pipe(4, 3, True) and mma_config(12, 4096, 14336) == pipe(4, 4, True)
+    assert mma_config(16, 28672, 4096) == dict(kw=1, occ=False) and mma_config(16, 3584, 18944) == dict(kw=8, occ=False)
+    assert mma_config(16, 6144, 4096) == dict(kw=4, occ=False) and mma_config(16, 4096, 4096) == dict(kw=8, occ=False)
+    # 17 - 32 tokens: the register-bounded entry, many warps along K for few output rows
+    assert mma_config(32, 4096, 4096) == dict(kw=8, occ=True) and mma_config(32, 28672, 4096) == dict(kw=4, occ=True)
+    assert mma_config(32, 6144, 4096) == dict(kw=4, occ=True) and mma_config(32, 3584, 18944) == dict(kw=8, occ=True)
+    # pipelined=False (gpu.pipelined_gemv(False), the e2e A/B): the unpipelined kernel's settings
+    assert mma_config(8, 28672, 4096, False) == dict(kw=4, occ=False) and mma_config(8, 4096, 14336, False) == dict(
+        kw=8, occ=False)
+    assert mma_config(16, 37888, 3584, False) == dict(kw=4, occ=True) and mma_config(16, 4096, 14336, False) == dict(
+        kw=8, occ=False)
     assert mma_config(8, 28672, 3840) == dict(kw=4, occ=False)                       # K % 512 != 0: not pipelined
     assert gemv_config(1, 4096)["fma"] and gemv_config(4, 14336)["block_n"] == 2
     assert not gemv_config(8, 4096)["fma"]
@@ -385,6 +392,9 @@ def test_bench_table_ratios_and_graph_prefill_column():
     arc["prefill_ms_2048_graph"] = 97.5
     lines = table([base, stacked, arc], [1], 2048).splitlines()
     assert lines[-1] == "arc vs bf16-stacked: decode b1 1.25x, prefill 2048 graph 1.25x the latency"
+    arc8 = dict(arc, decode_tok_s_b8=1150.0, decode_tok_s_b8_unpipelined=1100.0)   # the pipelined GEMV's A/B
+    last = table([dict(base, decode_tok_s_b8=880.0), arc8], [1, 8], 2048).splitlines()[-1]
+    assert last == "arc decode b8 with the pipelined GEMV off: 1100.0 tok/s (1.25x BF16; on: 1150.0)"
 
 
 def test_layer_benchmark_tables_state_the_measured_ranges():

@@ -164,8 +164,8 @@ def test_kernel_bad_input_is_named():
 from arcquant.formats import e2m1                                          # noqa: E402
 from arcquant.kernels.act_quant import arc_quantize_activation_gemv       # noqa: E402
 from arcquant.kernels.cuda_gemv import (arc_gemm_mma, arc_gemv_int8, fp16_gemm_reference,  # noqa: E402
-                                        int8_gemv_reference,
-                                        prmt_reference)
+                                        from_mma_order, int8_gemv_reference, mma_decode_reference,
+                                        prmt_reference, to_mma_order)
 
 
 @pytest.mark.parametrize("m,k,s,order,mode", [(3, 64, 16, "sorted", "token"), (2, 208, 48, "blocks", "dynamic"),
@@ -255,34 +255,35 @@ def test_cuda_gemv_bad_input_is_named():
         tensor_scales(torch.ones(3), 8)
 
 
-def test_prmt_decode_to_fp16_bits():
-    """The MMA kernel's decode4 (csrc/arc_gemv.cu), emulated: 4 codes -> two half2 words holding
-    the fp16 bits of their E2M1 values, for all 65536 groups of 4 codes."""
-    c = torch.arange(2 ** 16, dtype=torch.int64)
-    mag = prmt_reference(0x3E3C3800, 0x46444240, c & 0x7777)
-    sgn = prmt_reference(0x80808080, 0x80808080, c)
-    hb = mag | ((sgn << 7) & 0x80808080)
-    lo, hi = prmt_reference_words(hb, 0x1404), prmt_reference_words(hb, 0x3424)
-    halves = torch.stack([lo & 0xFFFF, lo >> 16, hi & 0xFFFF, hi >> 16], 1).to(torch.int32).to(torch.int16)
-    got = halves.view(torch.float16).float()
-    want = e2m1.e2m1_decode(torch.stack([(c >> 4 * i) & 0xF for i in range(4)], 1).to(torch.uint8))
-    assert torch.equal(got, want)
-    assert torch.equal(torch.signbit(got), torch.stack([(c >> 4 * i + 3) & 1 for i in range(4)], 1).bool())
+def test_mma_decode_places_e2m1_codes_as_fp16_bits_exactly():
+    """The MMA kernels' decode8 (csrc/arc_gemv.cu), emulated: a word of 8 codes -> 4 half2 holding
+    codes (j, j + 4) as their E2M1 value * 2^-14, for every code in every nibble; and times every
+    finite E4M3 block scale (subnormals too) the fp16 product is exact - the value the kernel feeds
+    the MMA is code * scale * 2^-14 with no rounding."""
+    g = torch.Generator().manual_seed(0)
+    words = torch.cat([torch.randint(0, 2 ** 32, (2000,), generator=g, dtype=torch.int64),
+                       torch.tensor([sum(c << 4 * i for i in range(8)) for c in range(16)])])
+    h = mma_decode_reference(words)                                        # (n, 4) words
+    got = torch.stack([h & 0xFFFF, h >> 16], -1).to(torch.int32).to(torch.int16).view(torch.float16)   # (n, 4, 2)
+    codes = torch.stack([(words >> 4 * i) & 0xF for i in range(8)], 1).to(torch.uint8)
+    want = e2m1.e2m1_decode(codes)[:, [0, 4, 1, 5, 2, 6, 3, 7]].reshape(-1, 4, 2)   # to_mma_order of the word
+    assert torch.equal(got.float() * 2 ** 14, want)
+    assert torch.equal(torch.signbit(got.float()), torch.signbit(want))
+    scales = torch.arange(1, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float16)   # all finite > 0
+    prod = got.flatten()[:, None] * scales[None, :]                        # fp16 x fp16, rounded to fp16
+    assert torch.equal(prod.double(), got.flatten().double()[:, None] * scales.double()[None, :])
 
 
-def prmt_reference_words(a: torch.Tensor, sel: int) -> torch.Tensor:
-    """prmt.b32 d, a, 0, sel with a per-element word a (the interleave step of decode4)."""
-    out = torch.zeros_like(a)
-    for i in range(4):
-        nib = (sel >> 4 * i) & 0xF
-        byte = (a >> 8 * (nib & 7)) & 0xFF if (nib & 7) < 4 else torch.zeros_like(a)
-        out |= byte << 8 * i
-    return out
+def test_mma_order_round_trips_and_pairs_columns_j_and_j_plus_4():
+    x = torch.arange(48.).reshape(2, 24)
+    y = to_mma_order(x)
+    assert y[0, :8].tolist() == [0, 4, 1, 5, 2, 6, 3, 7] and y[1, 8:16].tolist() == [32, 36, 33, 37, 34, 38, 35, 39]
+    assert torch.equal(from_mma_order(y), x)
 
 
 def test_fp16_gemm_reference_is_the_arc_product():
     x, plan, gsx, gsw, qw, b, ref = _reference_case(5, 24, 96, 32, "token", True)
-    xd, none, gs = arc_quantize_activation_gemv(x, plan.perm.to(torch.int32), 32, None, out="float16")
+    xd, none, gs = arc_quantize_activation_gemv(x, plan.perm.to(torch.int32), 32, None, out="mma")
     assert none is None and xd.dtype == torch.float16
     y = fp16_gemm_reference(xd, gs, nvfp4.pack(qw.codes), qw.scales, gsw, 32, b)
     assert ((y - ref).norm() / ref.norm()).item() < 1e-6
@@ -326,7 +327,7 @@ def test_cuda_activation_kernel_routing_and_refusals():
     assert not act_quant._cuda(x, starts)                                # CPU: the Triton / reference path
     with pytest.raises(ValueError, match="needs a CUDA tensor"):
         arc_act_quant_cuda(x, starts, 16)
-    with pytest.raises(ValueError, match="out='fp8': use one of int8, float16, bfloat16, packed"):
+    with pytest.raises(ValueError, match="out='fp8': use one of int8, mma, bfloat16, packed"):
         arc_act_quant_cuda(x, starts, 16, out="fp8")
     with pytest.raises(ValueError, match=r"ctas=-1: give 0 \(the wrapper's choice\)"):
         arc_act_quant_cuda(x, starts, 16, ctas=-1)

@@ -27,7 +27,7 @@ def case(m=3, k=96, s=32, n=24, seed=0):
     return x, perm.to(torch.int32), nvfp4.pack(codes), scales.view(torch.uint8), gsw, torch.randn(n, generator=g)
 
 
-@pytest.mark.parametrize("out", ["int8", "float16", "bfloat16"])
+@pytest.mark.parametrize("out", ["int8", "mma", "bfloat16"])
 @pytest.mark.parametrize("per_token", [True, False])
 def test_quantize_act_reference_equals_triton_kernel(out, per_token):
     x, perm, *_ = case()
@@ -63,15 +63,16 @@ def test_products_reference_equals_triton_kernels():
 def test_opcheck_every_op():
     x, perm, wc, ws, gsw, bias = case()
     xi, xs, gs = OPS.quantize_act(x, perm, None, 32, None, "int8")
-    xd, _, _ = OPS.quantize_act(x, perm, None, 32, None, "float16")
+    xd, _, _ = OPS.quantize_act(x, perm, None, 32, None, "mma")
+    xb, _, _ = OPS.quantize_act(x, perm, None, 32, None, "bfloat16")
     calls = [(OPS.quantize_act.default, (x, perm, None, 32, None, "int8")),
-             (OPS.quantize_act.default, (x, perm, None, 32, gs[:1].clone(), "float16")),
+             (OPS.quantize_act.default, (x, perm, None, 32, gs[:1].clone(), "mma")),
              (OPS.gemv_int8.default, (xi, xs, gs, wc, ws, gsw, bias, 32, 2, 1, torch.bfloat16)),
              (OPS.gemv_int8.default, (xi, xs, gs, wc, ws, gsw, bias, 32, 4, 2, torch.bfloat16, 4)),
              (OPS.gemm_mma.default, (xd, gs, wc, ws, gsw, None, 32, 4, False, torch.float32)),
-             (OPS.gemv_triton.default, (xd.bfloat16(), gs, wc, ws, gsw, bias, 32, True, 8, 32, 1, torch.bfloat16)),
-             (OPS.prefill.default, (xd.bfloat16(), gs, wc, ws, gsw, None, 32, torch.bfloat16)),
-             (OPS.prefill_unscaled.default, (xd.bfloat16(), wc, ws, 32)),
+             (OPS.gemv_triton.default, (xb, gs, wc, ws, gsw, bias, 32, True, 8, 32, 1, torch.bfloat16)),
+             (OPS.prefill.default, (xb, gs, wc, ws, gsw, None, 32, torch.bfloat16)),
+             (OPS.prefill_unscaled.default, (xb, wc, ws, 32)),
              (OPS.silu_mul_quantize_act.default, (x, x * 0.5, gs + 1, gs + 2, perm, None, 32, None, "bfloat16")),
              (OPS.silu_mul_quantize_act.default, (x, x * 0.5, None, None, perm, None, 32, gs[:1].clone(), "int8"))]
     for op, args in calls:
@@ -82,7 +83,7 @@ def test_torch_compile_traces_the_ops_without_breaks():
     x, perm, wc, ws, gsw, bias = case()
 
     def linear(x):
-        xd, _, gs = OPS.quantize_act(x, perm, None, 32, None, "float16")
+        xd, _, gs = OPS.quantize_act(x, perm, None, 32, None, "mma")
         return OPS.gemm_mma(xd, gs, wc, ws, gsw, bias, 32, 4, True, torch.bfloat16)
     torch._dynamo.reset()
     compiled = torch.compile(linear, backend="aot_eager", fullgraph=True)

@@ -32,7 +32,6 @@ ROW_AMAX_MAX_M, ROW_AMAX_MAX_K = 32, 8192
 # 7.2-10.8 us), but 3.6-4.5 us faster for K = 18944 (Qwen2.5-7B down_proj: 10.8-11.8 against
 # 14.4-16.3 us, where Triton's rows span 19 tiles). CUDA_KERNEL=False: Triton always.
 CUDA_KERNEL, CUDA_MIN_M, CUDA_MIN_K = True, 33, 16384
-_DEQUANTIZED_OUT = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def _cuda(x: torch.Tensor, starts) -> bool:
@@ -96,6 +95,7 @@ def _arc_act_quant_kernel(
     ROW_AMAX: tl.constexpr,                                   # per-token scale computed here -> gs_ptr
     ROW_TILES: tl.constexpr,                                  # cdiv(K, 1024) (with ROW_AMAX)
     BLOCK_PERM: tl.constexpr,                                 # perm_ptr holds (K/16,) block starts
+    MMA_ORDER: tl.constexpr,                                  # xd's 8-column groups as 0,4,1,5,2,6,3,7
 ):
     m = tl.program_id(0)
     if ROW_AMAX:                                                  # 448*6 / max|x[m, :]|, as nvfp4.global_scale_from_amax
@@ -128,7 +128,10 @@ def _arc_act_quant_kernel(
     else:
         code2, sbits2, vs2, val2 = code1, sbits1, vs1, val1
     if DEQUANTIZED:                                               # code * block scale (Hopper GEMMs)
-        tl.store(xd_ptr + m * stride_dm + c, tl.where(is_tail, vs2, vs1).to(xd_ptr.dtype.element_ty), mask=valid)
+        vd = tl.where(is_tail, vs2, vs1)
+        if MMA_ORDER:                                             # cuda_gemv.to_mma_order, in registers
+            vd = tl.reshape(tl.permute(tl.reshape(vd, (NB, 2, 2, 4)), (0, 1, 3, 2)), (NB, 16))
+        tl.store(xd_ptr + m * stride_dm + c, vd.to(xd_ptr.dtype.element_ty), mask=valid)
     if INT8:                                                      # 2 * value: -12..12 (the CUDA GEMV)
         tl.store(xi_ptr + m * stride_im + c, (tl.where(is_tail, val2, val1) * 2.0).to(tl.int8), mask=valid)
     if PACKED or INT8:
@@ -183,9 +186,10 @@ def arc_quantize_activation(x: torch.Tensor, perm: torch.Tensor, s: int, gs: tor
     if dequantized not in (None, torch.float16, torch.bfloat16) or (dequantized is None and not packed):
         raise ValueError(f"dequantized={dequantized}: use None, torch.float16 or torch.bfloat16, and ask "
                          "for at least one output")
-    if _cuda(x, starts) and packed != (dequantized is not None):   # one output: the CUDA kernel
+    if _cuda(x, starts) and packed != (dequantized is not None) and dequantized != torch.float16:
+        # one output: the CUDA kernel (its float16 output is in the MMA order, so not for float16 here)
         from .cuda_act import arc_act_quant_cuda
-        xq, sc, _ = arc_act_quant_cuda(x, starts, s, gs, "packed" if packed else _DEQUANTIZED_OUT[dequantized])
+        xq, sc, _ = arc_act_quant_cuda(x, starts, s, gs, "packed" if packed else "bfloat16")
         return (xq, sc) if packed else (None, None, xq)
     rows = m if packed else 1
     codes = torch.empty(rows, (k + s) // 2, dtype=torch.uint8, device=x.device)
@@ -196,7 +200,7 @@ def arc_quantize_activation(x: torch.Tensor, perm: torch.Tensor, s: int, gs: tor
     _arc_act_quant_kernel[grid](x, perm if starts is None else starts, gs, codes, scales, xd, xd, k, s, x.stride(0),
                                 codes.stride(0), scales.stride(0), xd.stride(0), 0, GS_PER_ROW=gs.numel() > 1,
                                 NB=nb, PACKED=packed, DEQUANTIZED=dequantized is not None, INT8=False,
-                                ROW_AMAX=False, ROW_TILES=1, BLOCK_PERM=starts is not None)
+                                ROW_AMAX=False, ROW_TILES=1, BLOCK_PERM=starts is not None, MMA_ORDER=False)
     out = (codes, scales.view(torch.float8_e4m3fn)) if packed else (None, None)
     return out if dequantized is None else (*out, xd)
 
@@ -205,7 +209,8 @@ def arc_quantize_activation_gemv(x: torch.Tensor, perm: torch.Tensor, s: int, gs
                                  starts: torch.Tensor | None = None, out: str = "int8", blocks_per_program: int = 64):
     """x (M, K) -> the operands of the CUDA GEMVs (kernels/cuda_gemv.py): (xq, scales, gs) with
     out="int8": xq (M, K+s) int8 = 2 * E2M1 value, scales (M, (K+s)/16) float8_e4m3fn;
-    out="float16" / "bfloat16": xq (M, K+s) = code * block scale (exact in both), scales None.
+    out="bfloat16": xq (M, K+s) = code * block scale (exact), scales None;
+    out="mma": the same in float16, each 8 columns in the tensor-core GEMV's order (cuda_gemv.to_mma_order).
     gs=None: the per-token tensor scale 448*6/max|x[m]| is computed and returned as (M,), in the
     kernel (Triton, for many rows of K > ROW_AMAX_MAX_K: one amax pass first).
     On a CUDA device with the 'blocks' order (starts given), bf16 / fp16 input and at least
@@ -235,5 +240,6 @@ def arc_quantize_activation_gemv(x: torch.Tensor, perm: torch.Tensor, s: int, gs
                                 x.stride(0), 0, scales.stride(0), xq.stride(0), xq.stride(0),
                                 GS_PER_ROW=row_amax or gs_buf.numel() > 1, NB=blocks_per_program, PACKED=False,
                                 DEQUANTIZED=not int8, INT8=int8, ROW_AMAX=row_amax,
-                                ROW_TILES=triton.cdiv(k, 1024) if row_amax else 1, BLOCK_PERM=starts is not None)
+                                ROW_TILES=triton.cdiv(k, 1024) if row_amax else 1, BLOCK_PERM=starts is not None,
+                                MMA_ORDER=out == "mma")
     return xq, scales.view(torch.float8_e4m3fn) if int8 else None, gs_buf

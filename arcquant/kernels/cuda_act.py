@@ -4,7 +4,9 @@ Same outputs, bit for bit, as act_quant.arc_quantize_activation_gemv / arc_quant
 (and arcquant.arc.quantize_activation, the oracle) for whole-block permutations ('blocks',
 the default order: `starts` from act_quant.block_starts) and bf16 / fp16 inputs:
     out="int8":             xq (M, K+s) int8 = 2 * E2M1 value, scales (M, (K+s)/16) E4M3
-    out="float16"/"bfloat16": xq (M, K+s) = code * block scale (exact), scales None
+    out="mma":              xq (M, K+s) float16 = code * block scale (exact), each 8 columns in the
+                            tensor-core GEMV's order (cuda_gemv.to_mma_order), scales None
+    out="bfloat16":         xq (M, K+s) = code * block scale (exact), scales None
     out="packed":           codes (M, (K+s)/2) uint8 (element 2i in the low nibble), scales
 gs=None: the per-token scale 448*6/max|x[m]| is computed in the kernel and returned (M,).
 Why CUDA: the Triton kernel is instruction-bound (~220 instructions per element, see the .cu
@@ -14,7 +16,7 @@ import torch
 
 from .cuda_gemv import _extension, logged_reason
 
-OUTS = {"int8": (0, torch.int8), "float16": (1, torch.float16), "bfloat16": (2, torch.bfloat16),
+OUTS = {"int8": (0, torch.int8), "mma": (1, torch.float16), "bfloat16": (2, torch.bfloat16),
         "packed": (3, torch.uint8)}
 THREADS, TARGET_CTAS = 128, 1024
 

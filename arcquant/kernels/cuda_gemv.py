@@ -8,7 +8,8 @@ instructions (the code's sign bit doubles as PRMT's sign-replicate flag, see the
 and DP4A multiplies 4 of them with the int8 activation in one; Triton exposes neither.
 
 Operands (from act_quant.arc_quantize_activation_gemv): xi (M, K+s) int8 = 2 * E2M1 value,
-xs (M, (K+s)/16) E4M3 (or, for the MMA kernel, xd (M, K+s) float16 = code * block scale);
+xs (M, (K+s)/16) E4M3 (or, for the MMA kernel, xd (M, K+s) float16 = code * block scale,
+out="mma": each 8 columns in to_mma_order, the order its decode pairs the weight codes);
 weights as stored: wc (N, K/2) uint8, ws (N, K/16) E4M3. The oracles are int8_gemv_reference
 and fp16_gemm_reference (float64); the extension is built on first use with torch's loader
 (needs nvcc) into ~/.cache/arcquant/ext (ARCQUANT_EXT_DIR overrides).
@@ -168,7 +169,8 @@ def _check_mma_operands(xd, wc, ws, s: int) -> None:
 def arc_gemm_mma(xd, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat16, kw: int = 4,
                  occ: bool = False, st: int = 0, xs: bool = False) -> torch.Tensor:
     """y (M, N) = xd @ dequant(W_aug)^T / (xgs * wgs) (+ bias) on tensor cores; M <= 64; wgs () or (N,).
-    xd (M, K+s) float16 = code * block scale; kw: warps splitting the depth (1..8); occ: the
+    xd (M, K+s) float16 = code * block scale in to_mma_order (quantize_act out="mma"); kw: warps
+    splitting the depth (1..8); occ: the
     entry point with a register bound (more resident warps, see the .cu file). st > 0: the
     cp.async-pipelined kernel (arc_gemm_mma_pipe, st stages, xs: activations staged too) where
     it takes these operands (pipe_shape_reason), else this one - the same bits either way."""
@@ -228,12 +230,29 @@ def _launch_pipe(xd, xgs, wc, ws, wgs, s, bias, out_dtype, kw, st, xs) -> torch.
     return y
 
 
-def fp16_gemm_reference(xd, xgs, wc, ws, wgs, s: int, bias=None) -> torch.Tensor:
-    """The MMA kernel's oracle (float64): xd (code * block scale) times the augmented weight."""
+MMA_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)     # column j of each 8 in the MMA operand holds column MMA_ORDER[j]
+
+
+def to_mma_order(x: torch.Tensor) -> torch.Tensor:
+    """(..., C) -> the same columns, each 8 in MMA_ORDER: the tensor-core GEMV decodes codes j and
+    j + 4 of a packed word into one half2 (csrc/arc_gemv.cu, decode8), so the activation operand
+    ("mma") pairs its columns the same way. C % 8 == 0."""
+    return x.unflatten(-1, (-1, 2, 4)).transpose(-1, -2).flatten(-3)
+
+
+def from_mma_order(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of to_mma_order."""
+    return x.unflatten(-1, (-1, 4, 2)).transpose(-1, -2).flatten(-3)
+
+
+def fp16_gemm_reference(xd, xgs, wc, ws, wgs, s: int, bias=None, mma_order: bool = True) -> torch.Tensor:
+    """The MMA kernel's oracle (float64): xd (code * block scale; in to_mma_order unless mma_order
+    is False: the Triton GEMV's and the prefill's operand) times the augmented weight."""
     from ..formats import nvfp4
     k = wc.shape[1] * 2
     w = nvfp4.dequantize(nvfp4.unpack(wc), ws, torch.tensor(1.0)).double()        # (N, K) code * scale
-    y = xd.double() @ torch.cat([w, w[:, k - s:]], 1).T / (xgs.double().reshape(-1, 1) * wgs.double().reshape(-1))
+    xn = from_mma_order(xd) if mma_order else xd
+    y = xn.double() @ torch.cat([w, w[:, k - s:]], 1).T / (xgs.double().reshape(-1, 1) * wgs.double().reshape(-1))
     return y if bias is None else y + bias.double()
 
 
@@ -246,6 +265,17 @@ def int8_gemv_reference(xi, xs, xgs, wc, ws, wgs, s: int, bias=None) -> torch.Te
     x = (xi.double() / 2).unflatten(-1, (-1, 16)) * xs.double().unsqueeze(-1)     # (M, (K+s)/16, 16)
     y = x.flatten(-2) @ w_aug.T / (xgs.double().reshape(-1, 1) * wgs.double().reshape(-1))
     return y if bias is None else y + bias.double()
+
+
+def mma_decode_reference(words: torch.Tensor) -> torch.Tensor:
+    """The tensor-core GEMVs' decode8 (csrc/arc_gemv.cu) on int64 tensors of 32-bit words of 8 E2M1
+    codes (code i in nibble i) -> (..., 4) words: half2 j holds codes j (low half) and j + 4 (high)
+    as fp16 bits whose value is the code's E2M1 value * 2^-14: the sign to bit 15, the 3 magnitude
+    bits to 9..11 (exponent's low two bits, mantissa's top bit), in both halves at once."""
+    sgn, mag = 0x80008000, 0x0E000E00
+    out = [(((words << (12 - 4 * j)) & sgn) | (((words << (9 - 4 * j)) if j < 3 else (words >> 3)) & mag))
+           for j in range(4)]
+    return torch.stack(out, -1) & 0xFFFFFFFF
 
 
 def prmt_reference(a: int, b: int, sel: torch.Tensor) -> torch.Tensor:

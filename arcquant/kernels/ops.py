@@ -5,7 +5,7 @@ and CUDA graphs capture them, with a backend choice per device.
     torch.ops.arcquant.rmsnorm_quantize_act(x, weight, eps, perm, starts, s, gs, out) -> (y, xq, scales, gs)
     torch.ops.arcquant.silu_mul_quantize_act(g, u, inv_g, inv_u, perm, starts, s, gs, out) -> (xq, scales, gs)
     torch.ops.arcquant.gemv_int8(xi, xs, xgs, wc, ws, wgs, bias, s, nr, kw, out_dtype, u=1)
-    torch.ops.arcquant.gemm_mma(xd, xgs, wc, ws, wgs, bias, s, kw, occ, out_dtype, st=0, xs=False)
+    torch.ops.arcquant.gemm_mma(xd, xgs, wc, ws, wgs, bias, s, kw, occ, out_dtype, st=0, xs=False)   (xd: "mma")
     torch.ops.arcquant.gemv_triton(xd, xgs, wc, ws, wgs, bias, s, fma, block_n, block_k, split_k, out_dtype)
     torch.ops.arcquant.prefill(xd, xgs, wc, ws, wgs, bias, s, out_dtype)
     torch.ops.arcquant.prefill_unscaled(xd, wc, ws, s) -> xd @ dequant(W)^T, no tensor scales
@@ -51,14 +51,15 @@ def _reference(x: Tensor) -> bool:
     return x.device.type == "cpu" and _state["cpu"] != "triton"
 
 
-XQ_DTYPES = {"int8": torch.int8, "float16": torch.float16, "bfloat16": torch.bfloat16}   # quantize_act's `out`
+XQ_DTYPES = {"int8": torch.int8, "mma": torch.float16, "bfloat16": torch.bfloat16}   # quantize_act's `out`
 
 
 # ---- activation quantization ---------------------------------------------------------------
 @custom_op("arcquant::quantize_act", mutates_args=())
 def quantize_act(x: Tensor, perm: Tensor, starts: Tensor | None, s: int, gs: Tensor | None,
                  out: str) -> tuple[Tensor, Tensor, Tensor]:
-    """x (M, K) -> xq (M, K+s) (int8: 2 * E2M1 value; float16/bfloat16: code * block scale),
+    """x (M, K) -> xq (M, K+s) (int8: 2 * E2M1 value; bfloat16: code * block scale; mma: the same in
+    float16, each 8 columns in the tensor-core GEMV's order, cuda_gemv.to_mma_order),
     scales (M, (K+s)/16) E4M3 bits as uint8 (int8) or (0, 0), gs (M,) or as given."""
     if _reference(x):
         return _quantize_act_reference(x, perm, s, gs, out)
@@ -97,6 +98,9 @@ def _quantize_act_reference(x, perm, s, gs, out):
     if out == "int8":
         return (2 * e2m1.e2m1_decode(codes)).to(torch.int8), scales.view(torch.uint8), g
     xq = fmt.dequantize(codes, scales, torch.tensor(1.0)).to(XQ_DTYPES[out])      # code * block scale
+    if out == "mma":
+        from .cuda_gemv import to_mma_order
+        xq = to_mma_order(xq)
     return xq, x.new_empty(0, 0, dtype=torch.uint8), g
 
 
@@ -145,11 +149,11 @@ def _e4m3(bits: Tensor | None) -> Tensor | None:
     return None if bits is None else bits.view(torch.float8_e4m3fn)
 
 
-def _product_reference(xq, xs, xgs, wc, ws, wgs, bias, s, out_dtype):
+def _product_reference(xq, xs, xgs, wc, ws, wgs, bias, s, out_dtype, mma_order=False):
     from .cuda_gemv import fp16_gemm_reference, int8_gemv_reference
     xs, ws = _e4m3(xs), _e4m3(ws)
     y = int8_gemv_reference(xq, xs, xgs, wc, ws, wgs, s, bias) if xq.dtype == torch.int8 else \
-        fp16_gemm_reference(xq, xgs, wc, ws, wgs, s, bias)
+        fp16_gemm_reference(xq, xgs, wc, ws, wgs, s, bias, mma_order)
     return y.to(out_dtype)
 
 
@@ -174,8 +178,8 @@ def _(xi, xs, xgs, wc, ws, wgs, bias, s, nr, kw, out_dtype, u=1):
 @custom_op("arcquant::gemm_mma", mutates_args=())
 def gemm_mma(xd: Tensor, xgs: Tensor, wc: Tensor, ws: Tensor, wgs: Tensor, bias: Tensor | None, s: int, kw: int,
              occ: bool, out_dtype: torch.dtype, st: int = 0, xs: bool = False) -> Tensor:
-    if xd.device.type == "cpu":
-        return _product_reference(xd, None, xgs, wc, ws, wgs, bias, s, out_dtype)
+    if xd.device.type == "cpu":                                  # xd: the "mma" operand
+        return _product_reference(xd, None, xgs, wc, ws, wgs, bias, s, out_dtype, mma_order=True)
     from .cuda_gemv import arc_gemm_mma
     return arc_gemm_mma(xd, xgs, wc, _e4m3(ws), wgs, s, bias, out_dtype, kw, occ, st, xs)
 

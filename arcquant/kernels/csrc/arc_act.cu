@@ -5,8 +5,9 @@
 //   block b - s/16 (the tail repeats the last s main columns).
 //   Per block: amax -> E4M3 scale s_b = rne(amax/6 * gs) -> codes of x * (gs / s_b);
 //   tail: residual r = x - (code * s_b) / gs, quantized the same way.
-//   out: 0 int8 (2 * E2M1 value) + scales, 1 float16 / 2 bfloat16 code * s_b (exact),
-//        3 packed codes (8 bytes per block, element 2i in the low nibble) + scales.
+//   out: 0 int8 (2 * E2M1 value) + scales, 1 float16 code * s_b (exact) in the tensor-core GEMV's
+//        depth order (each 8 columns as 0, 4, 1, 5, 2, 6, 3, 7: arc_gemv.cu, decode8), 2 bfloat16
+//        code * s_b (exact, natural order), 3 packed codes (8 bytes per block, element 2i in the low nibble) + scales.
 //   gs: gs_mode 0 one value, 1 per row, 2 computed here per row as 2688 / max|x[m]| (also written
 //   to gs_out).
 // Same operation order as arcquant.arc.quantize_activation and the Triton kernel
@@ -118,14 +119,14 @@ __device__ __forceinline__ void emit_block(float* v, bool tail, float gs, size_t
       wb[q] = word;
     }
     reinterpret_cast<uint4*>(xq)[o] = w;
-  } else if (OUT == 1 || OUT == 2) {                            // the output's own 16-bit type
+  } else if (OUT == 1 || OUT == 2) {                            // fp16 ("mma") / bf16
     using O = typename std::conditional<OUT == 2, __nv_bfloat16, __half>::type;
     uint4 w[2];
     O* h = reinterpret_cast<O*>(w);
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      if constexpr (OUT == 2) h[j] = __float2bfloat16(val[j] * s);
-      else h[j] = __float2half(val[j] * s);
+    for (int j = 0; j < 16; ++j) {                              // fp16: the MMA GEMV's order (8 columns
+      if constexpr (OUT == 2) h[j] = __float2bfloat16(val[j] * s);   // as 0, 4, 1, 5, 2, 6, 3, 7)
+      else h[(j & 8) | ((j & 3) << 1) | ((j >> 2) & 1)] = __float2half(val[j] * s);
     }
     reinterpret_cast<uint4*>(xq)[2 * o] = w[0];
     reinterpret_cast<uint4*>(xq)[2 * o + 1] = w[1];

@@ -235,30 +235,56 @@ void launch_u(int u, int nr, const torch::Tensor& xi, const torch::Tensor& xs, c
 
 // ---------------------------------------------------------------------------------------------
 // Tensor-core variant for 3 <= M <= 64: the weight is the MMA's A operand (16 rows x 16 depth),
-// decoded in registers to fp16 code * block scale (exact: at most 5 significant bits, within
-// [2^-10, 2688]); the activation arrives as fp16 code * block scale (exact) and is the B
-// operand (8 tokens per tile); mma.sync m16n8k16 accumulates in fp32 over the whole depth, so
-// no per-block epilogue. The depth order inside an MMA is free (the dot product does not care),
-// so lane (g, t) of a warp reads 16 contiguous codes of 2 blocks per row - coalesced 8-byte
-// loads - and the activation half of the same 32 depth positions.
-//   y = acc / (xgs(m) * wgs(n)) (+ bias); wgs one value or one per row, as above
-// Decode of 4 codes (16 bits c) -> 2 half2: PRMT of the magnitudes' fp16 high bytes (c & 0x7777
-// as selector), PRMT of 0x80 bytes with c (sign-replicate: 0xFF where the code is negative)
-// shifted onto bit 7, both merged by one LOP3; two PRMTs interleave zero low bytes. Only c's
-// low 16 bits are read (a PRMT selector's upper half is ignored, c & 0x7777 clears it).
+// decoded in registers to fp16 code * block scale * 2^-14 (exact, see decode8); the activation
+// arrives as fp16 code * block scale (exact) and is the B operand (8 tokens per tile); mma.sync
+// m16n8k16 accumulates in fp32 over the whole depth, so no per-block epilogue. The depth order
+// inside an MMA is free (the dot product does not care), so lane (g, t) of a warp reads 16
+// contiguous codes of 2 blocks per row - coalesced 8-byte loads - and the activation half of the
+// same 32 depth positions.
+//   y = 2^14 * acc / (xgs(m) * wgs(n)) (+ bias); wgs one value or one per row, as above
+// Decode (decode8): the E2M1 code s e1 e0 m placed as an fp16's sign bit and its exponent's low two
+// bits + mantissa's top bit reads as the code's value times 2^-14 (e = 0: m * 2^-15, subnormal;
+// else (1 + m/2) * 2^(e-15)), and times the block scale it stays exact in fp16 (at most 5
+// significant bits, multiples of 2^-24 up to 2688 * 2^-14; fp16 arithmetic and the MMA keep
+// subnormals); the epilogue multiplies by 2^14. Nibble j and j+4 of a word are the low and high
+// halves' nibble j, so one shift and mask place both signs and one shift and mask both magnitudes:
+// a half2 holds codes (j, j+4) for 2 ALU instructions (a mask and a merging LOP3) and 2 IMAD (the
+// shifts, see ShiftMul) per 2 codes, against ~7 ALU per 4 for the PRMT table decode before (v25:
+// the kernels were bound by the ALU pipe; results/kernels-hopper.md, v26). The
+// activation operand is written in the matching order by the activation kernels (out="mma": each
+// 8 columns as 0, 4, 1, 5, 2, 6, 3, 7; cuda_gemv.to_mma_order), so the MMA's B fragment is
+// read as before.
 
-constexpr uint32_t HB_LO = 0x3E3C3800u;   // fp16 high bytes of 0, 0.5, 1, 1.5
-constexpr uint32_t HB_HI = 0x46444240u;   // 2, 3, 4, 6
+// decode8's left shifts as multiplications by values ptxas cannot prove constant (z = 0 for
+// every valid call: S >= 0), so they run as IMAD on the FMA pipe; as shifts ptxas put all of them
+// on the ALU pipe (SHF), the kernels' bound.
+struct ShiftMul {
+  uint32_t sg[3], mg[3];                                         // 2^(12-4j), 2^(9-4j), j < 3
+  __device__ __forceinline__ explicit ShiftMul(int S) {
+    const uint32_t z = (uint32_t)S >> 31;
+#pragma unroll
+    for (int j = 0; j < 3; ++j) {
+      sg[j] = (1u << (12 - 4 * j)) | z;
+      mg[j] = (1u << (9 - 4 * j)) | z;
+    }
+  }
+};
 
-__device__ __forceinline__ void decode4(uint32_t c, __half2 scale, uint32_t& lo, uint32_t& hi) {
-  const uint32_t mag = prmt(HB_LO, HB_HI, c & 0x7777u);
-  const uint32_t sgn = prmt(0x80808080u, 0x80808080u, c);       // 0xFF negative, 0x80 positive
-  const uint32_t hb = mag | ((sgn << 7) & 0x80808080u);
-  uint32_t l = prmt(hb, 0u, 0x1404u), h = prmt(hb, 0u, 0x3424u);   // [0, b0, 0, b1], [0, b2, 0, b3]
-  __half2 lh = __hmul2(*reinterpret_cast<__half2*>(&l), scale);
-  __half2 hh = __hmul2(*reinterpret_cast<__half2*>(&h), scale);
-  lo = *reinterpret_cast<uint32_t*>(&lh);
-  hi = *reinterpret_cast<uint32_t*>(&hh);
+__device__ __forceinline__ void decode8(uint32_t w, __half2 scale, const ShiftMul& sm, uint32_t (&h)[4]) {
+  constexpr uint32_t SGN = 0x80008000u, MAG = 0x0E000E00u;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {                                  // h[j] = {code j | code j + 4}
+#ifdef ARC_DECODE_SHF                                            // plain shifts (scripts/ab_mma_decode.py --shf)
+    const uint32_t sg = (w << (12 - 4 * j)) & SGN;
+    const uint32_t mg = (j == 3 ? w >> 3 : w << (9 - 4 * j)) & MAG;
+#else
+    const uint32_t sg = (j == 3 ? w : w * sm.sg[j]) & SGN;       // sign: bit 4j + 3 -> 15
+    const uint32_t mg = (j == 3 ? w >> 3 : w * sm.mg[j]) & MAG;  // magnitude: bits 4j.. -> 9..11
+#endif
+    uint32_t v = sg | mg;
+    __half2 r = __hmul2(*reinterpret_cast<__half2*>(&v), scale);
+    h[j] = *reinterpret_cast<uint32_t*>(&r);
+  }
 }
 
 __device__ __forceinline__ void mma16816(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
@@ -267,6 +293,79 @@ __device__ __forceinline__ void mma16816(float* d, uint32_t a0, uint32_t a1, uin
                "{%0,%1,%2,%3};"
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// 16 codes of one row and block (two words, element 0 in the low nibble) times the block's E4M3
+// scale -> out[i] = {codes 8(i/2) + 2(i%2), +4 | codes 8(i/2) + 2(i%2) + 1, +5}: 4 x 2 words of the
+// MMA A operand, depth in the order of to_mma_order.
+__device__ __forceinline__ void decode16(uint32_t w0, uint32_t w1, uint32_t sc, const ShiftMul& sm,
+                                         uint32_t (*out)[2]) {
+  const __half2 s2 = __half2half2(__half(__nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)sc, __NV_E4M3)));
+  uint32_t h[2][4];
+  decode8(w0, s2, sm, h[0]);
+  decode8(w1, s2, sm, h[1]);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[i][0] = h[i >> 1][2 * (i & 1)];
+    out[i][1] = h[i >> 1][2 * (i & 1) + 1];
+  }
+}
+
+// A lane's two activation blocks b, b+1 of token row m (fp16, 32 values) from global memory;
+// zeros where ok(q) is false.
+__device__ __forceinline__ void load_x_step(const __half* __restrict__ xd, size_t row, int b, bool ok0, bool ok1,
+                                            uint4 (&xv)[4]) {
+#pragma unroll
+  for (int q = 0; q < 2; ++q) {
+    const bool ok = q ? ok1 : ok0;
+    const uint4* p = reinterpret_cast<const uint4*>(xd + row + 16 * (b + q));
+    xv[2 * q] = ok ? __ldg(p) : make_uint4(0, 0, 0, 0);
+    xv[2 * q + 1] = ok ? __ldg(p + 1) : make_uint4(0, 0, 0, 0);
+  }
+}
+
+// The 8 MMAs of a 128-deep step for one token tile: A the decoded rows g, g+8 (a[row half]),
+// B the lane's 32 activations xv (in to_mma_order: xv[i/2] holds the pairs of MMA i and i^1).
+__device__ __forceinline__ void mma_step(float* acc, const uint32_t (&a)[2][8][2], const uint4 (&xv)[4]) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const uint4 v = xv[i >> 1];
+    const uint32_t b0 = (i & 1) ? v.z : v.x, b1 = (i & 1) ? v.w : v.y;
+    mma16816(acc, a[0][i][0], a[1][i][0], a[0][i][1], a[1][i][1], b0, b1);
+  }
+}
+
+// The tensor-core GEMVs' epilogue: the kw warps' partial tiles meet in shared memory `red`
+// (kw, MT * 4 * 32 floats); warp 0 sums them in warp order and stores y = acc / (xgs * wgs) (+ bias).
+template <int MT>
+__device__ __forceinline__ void mma_epilogue(const float (*acc)[4], float* red, int kw, int n0,
+                                             const float* __restrict__ xgs, int xgs_per_row,
+                                             const float* __restrict__ wgs, int wgs_per_row,
+                                             const float* __restrict__ bias, void* __restrict__ y, int out_kind,
+                                             int mrows, int N) {
+  const int lane = threadIdx.x, warp = threadIdx.y, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) red[(warp * MT * 4 + mt * 4 + e) * 32 + lane] = acc[mt][e];
+  __syncthreads();
+  if (warp != 0) return;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float v = 0.f;
+      for (int q = 0; q < kw; ++q) v += red[(q * MT * 4 + mt * 4 + e) * 32 + lane];
+      const int n = n0 + g + (e >= 2 ? 8 : 0), m = mt * 8 + 2 * t + (e & 1);
+      if (n < N && m < mrows) {
+        v = (v * 16384.f) / ((xgs_per_row ? xgs[m] : xgs[0]) * wgs[wgs_per_row ? n : 0]);   // decode8's 2^-14
+        if (bias != nullptr) v += bias[n];
+        const size_t o = (size_t)m * N + n;
+        if (out_kind == 0) reinterpret_cast<__nv_bfloat16*>(y)[o] = __float2bfloat16(v);
+        else if (out_kind == 1) reinterpret_cast<__half*>(y)[o] = __float2half(v);
+        else reinterpret_cast<float*>(y)[o] = v;
+      }
+    }
 }
 
 struct WeightStep {            // one lane's share of a 128-deep step: 2 blocks x rows g, g+8
@@ -303,6 +402,7 @@ __device__ __forceinline__ void mma_body(const __half* __restrict__ xd, const fl
   const uint8_t *wr0 = wc + r0 * (K / 2), *wr1 = wc + r1 * (K / 2);
   const uint8_t *sr0 = ws + r0 * kb, *sr1 = ws + r1 * kb;
   float acc[MT][4];
+  const ShiftMul sm(S);
 #pragma unroll
   for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 
@@ -315,58 +415,19 @@ __device__ __forceinline__ void mma_body(const __half* __restrict__ xd, const fl
 #pragma unroll
     for (int r = 0; r < 2; ++r)
 #pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        const __half2 s2 = __half2half2(__half(__nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)cur.sc[r][q], __NV_E4M3)));
-        const uint32_t words[2] = {cur.w[r][q].x, cur.w[r][q].y};
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-          decode4(words[i >> 1] >> (16 * (i & 1)), s2, a[r][4 * q + i][0], a[r][4 * q + i][1]);
-      }
+      for (int q = 0; q < 2; ++q) decode16(cur.w[r][q].x, cur.w[r][q].y, cur.sc[r][q], sm, a[r] + 4 * q);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      const int m = mt * 8 + g;
+      const int m = mt * 8 + g, b = step * 8 + 2 * t;
       uint4 xv[4];
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        const int b = step * 8 + 2 * t + q;
-        const bool ok = b < nb && m < mrows;
-        const uint4* p = reinterpret_cast<const uint4*>(xd + (size_t)m * ka + 16 * b);
-        xv[2 * q] = ok ? __ldg(p) : make_uint4(0, 0, 0, 0);
-        xv[2 * q + 1] = ok ? __ldg(p + 1) : make_uint4(0, 0, 0, 0);
-      }
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {                              // codes 4i..4i+3 of the lane's 32
-        const uint4 v = xv[i >> 1];
-        const uint32_t b0 = (i & 1) ? v.z : v.x, b1 = (i & 1) ? v.w : v.y;
-        mma16816(acc[mt], a[0][i][0], a[1][i][0], a[0][i][1], a[1][i][1], b0, b1);
-      }
+      load_x_step(xd, (size_t)m * ka, b, b < nb && m < mrows, b + 1 < nb && m < mrows, xv);
+      mma_step(acc[mt], a, xv);
     }
     cur = nxt;
   }
 
   extern __shared__ float red[];                                 // (KW, MT * 4 * 32)
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) red[(warp * MT * 4 + mt * 4 + e) * 32 + lane] = acc[mt][e];
-  __syncthreads();
-  if (warp != 0) return;
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      float v = 0.f;
-      for (int q = 0; q < kw; ++q) v += red[(q * MT * 4 + mt * 4 + e) * 32 + lane];
-      const int n = n0 + g + (e >= 2 ? 8 : 0), m = mt * 8 + 2 * t + (e & 1);
-      if (n < N && m < mrows) {
-        v = v / ((xgs_per_row ? xgs[m] : xgs[0]) * wgs[wgs_per_row ? n : 0]);
-        if (bias != nullptr) v += bias[n];
-        const size_t o = (size_t)m * N + n;
-        if (out_kind == 0) reinterpret_cast<__nv_bfloat16*>(y)[o] = __float2bfloat16(v);
-        else if (out_kind == 1) reinterpret_cast<__half*>(y)[o] = __float2half(v);
-        else reinterpret_cast<float*>(y)[o] = v;
-      }
-    }
+  mma_epilogue<MT>(acc, red, kw, n0, xgs, xgs_per_row, wgs, wgs_per_row, bias, y, out_kind, mrows, N);
 }
 
 #define MMA_PARAMS                                                                                  \
@@ -508,6 +569,7 @@ __global__ void __launch_bounds__(32 * KW) arc_gemm_mma_pipe_kernel(MMA_PARAMS) 
     cp_commit();
   }
   float acc[MT][4];
+  const ShiftMul sm(S);
 #pragma unroll
   for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   const int lb = warp * 8 + 2 * t;                               // the lane's first block in a stage
@@ -527,14 +589,8 @@ __global__ void __launch_bounds__(32 * KW) arc_gemm_mma_pipe_kernel(MMA_PARAMS) 
 #pragma unroll
     for (int r = 0; r < 2; ++r)
 #pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        const uint32_t sc = srow[r * 8 * SP + q];                 // 0 past the tail (codes are 0 too)
-        const __half2 s2 = __half2half2(__half(__nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)sc, __NV_E4M3)));
-        const uint32_t words[2] = {q ? wv[r].z : wv[r].x, q ? wv[r].w : wv[r].y};
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-          decode4(words[i >> 1] >> (16 * (i & 1)), s2, a[r][4 * q + i][0], a[r][4 * q + i][1]);
-      }
+      for (int q = 0; q < 2; ++q)                                // scale 0 past the tail (codes are 0 too)
+        decode16(q ? wv[r].z : wv[r].x, q ? wv[r].w : wv[r].y, srow[r * 8 * SP + q], sm, a[r] + 4 * q);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       const int m = mt * 8 + g;
@@ -546,47 +602,15 @@ __global__ void __launch_bounds__(32 * KW) arc_gemm_mma_pipe_kernel(MMA_PARAMS) 
       } else {
         const int ab = tail ? kb + jb : st * SB;                 // augmented block of the stage's first
         const int lim = tail ? sb - jb : SB;
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          const bool ok = m < mrows && lb + q < lim;
-          const uint4* p = reinterpret_cast<const uint4*>(xd + (size_t)m * ka + 16 * (ab + lb + q));
-          xv[2 * q] = ok ? __ldg(p) : make_uint4(0, 0, 0, 0);
-          xv[2 * q + 1] = ok ? __ldg(p + 1) : make_uint4(0, 0, 0, 0);
-        }
+        load_x_step(xd, (size_t)m * ka, ab + lb, m < mrows && lb < lim, m < mrows && lb + 1 < lim, xv);
       }
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const uint4 v = xv[i >> 1];
-        const uint32_t b0r = (i & 1) ? v.z : v.x, b1r = (i & 1) ? v.w : v.y;
-        mma16816(acc[mt], a[0][i][0], a[1][i][0], a[0][i][1], a[1][i][1], b0r, b1r);
-      }
+      mma_step(acc[mt], a, xv);
     }
   }
   cp_wait<0>();
   __syncthreads();                                               // the code buffers become the reduction
-  float* red = reinterpret_cast<float*>(smem);                   // (KW, MT * 4 * 32)
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) red[(warp * MT * 4 + mt * 4 + e) * 32 + lane] = acc[mt][e];
-  __syncthreads();
-  if (warp != 0) return;
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      float v = 0.f;
-      for (int q = 0; q < KW; ++q) v += red[(q * MT * 4 + mt * 4 + e) * 32 + lane];
-      const int n = n0 + g + (e >= 2 ? 8 : 0), m = mt * 8 + 2 * t + (e & 1);
-      if (n < N && m < mrows) {
-        v = v / ((xgs_per_row ? xgs[m] : xgs[0]) * wgs[wgs_per_row ? n : 0]);
-        if (bias != nullptr) v += bias[n];
-        const size_t o = (size_t)m * N + n;
-        if (out_kind == 0) reinterpret_cast<__nv_bfloat16*>(y)[o] = __float2bfloat16(v);
-        else if (out_kind == 1) reinterpret_cast<__half*>(y)[o] = __float2half(v);
-        else reinterpret_cast<float*>(y)[o] = v;
-      }
-    }
+  mma_epilogue<MT>(acc, reinterpret_cast<float*>(smem), KW, n0, xgs, xgs_per_row, wgs, wgs_per_row, bias, y,
+                   out_kind, mrows, N);
 }
 
 template <int MT, int KW, int ST, bool XS>
