@@ -93,10 +93,10 @@ def _top_ops(fn, top: int) -> list:
     return sorted(rows, key=lambda r: -r[2])[:top]
 
 
-def profile_step(model, vocab: int, top: int = 8) -> list:
-    """Top CUDA ops of one eager decode step at batch 1: [(name, calls, ms)]."""
-    e = Engine(model, 1, PROMPT + 4, graphs=False)
-    ids = torch.randint(0, vocab, (1, PROMPT), device=e.device)
+def profile_step(model, vocab: int, top: int = 8, batch: int = 1) -> list:
+    """Top CUDA ops of one eager decode step at `batch`: [(name, calls, ms)]."""
+    e = Engine(model, batch, PROMPT + 4, graphs=False)
+    ids = torch.randint(0, vocab, (batch, PROMPT), device=e.device)
     tok = e.prefill(ids).argmax(-1, keepdim=True)
     e.step(tok, PROMPT)
     return _top_ops(lambda: e.step(tok, PROMPT + 1), top)
@@ -139,6 +139,8 @@ def bench_one(model, label: str, batches, decode: int, prefill: int, repeats: in
           f"|diff| {row['prefill_graph_vs_eager_max_abs']:.3g})", flush=True)
     row["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     row["profile_b1"] = profile_step(model, vocab)
+    for b in (b for b in batches if 2 <= b <= 16):                     # the tensor-core GEMVs' batches
+        row[f"profile_b{b}"] = profile_step(model, vocab, batch=b)
     row[f"profile_prefill_{prefill}"] = profile_prefill(model, prefill, vocab)
     return row
 

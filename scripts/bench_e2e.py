@@ -5,7 +5,7 @@ Random weights of each shape (outlier channels injected) are written, quantized 
 defaults (8 x 512 calibration tokens), then both models are timed one after the other on the
 same GPU: decode tokens/s at batch 1/8/32 (CUDA graphs, 64 steps after a 128-token prompt,
 median of 5), prefill of 2048 tokens, weight bytes, peak memory, and a per-op profile of one
-decode step; for ARC also the same run's A/Bs: the prefill with its fusions off, the decode at 3 - 16
+decode step (batch 1 and each batch of 2 - 16 tokens); for ARC also the same run's A/Bs: the prefill with its fusions off, the decode at 3 - 16
 tokens with the pipelined GEMV off, and two engines' greedy logits. Writes OUT.json and OUT.md.
 """
 import argparse
@@ -46,6 +46,9 @@ def main():
         md += [f"## {shape}", "", table(rows, a.batches, a.prefill), "", "Top CUDA ops of one eager decode step, batch 1:", ""]
         ops = lambda prof: "; ".join(f"{n[:60]} x{c} {ms:.3f} ms" for n, c, ms in prof)
         md += [f"- {r['model']}: {ops(r['profile_b1'])}" for r in rows]
+        for b in (b for b in a.batches if f"profile_b{b}" in rows[-1] and b != 1):
+            md += ["", f"Top CUDA ops of one eager decode step, batch {b}:", ""]
+            md += [f"- {r['model']}: {ops(r[f'profile_b{b}'])}" for r in rows if f"profile_b{b}" in r]
         md += ["", f"Top CUDA ops of one {a.prefill}-token prefill (eager):", ""]
         md += [f"- {r['model']}: {ops(r[f'profile_prefill_{a.prefill}'])}" for r in rows]
         md.append("")
