@@ -11,10 +11,13 @@ fp16_gemm_reference. Time: median of do_bench over a CUDA graph replay, L2 flush
 """
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
+
+os.environ.setdefault("ARCQUANT_EXT_SWEEP", "1")   # every pipelined setting (cuda_gemv.PIPE_SETTINGS: the model's)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_hopper_paths import SHAPES, run_header  # noqa: E402

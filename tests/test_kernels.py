@@ -311,7 +311,28 @@ def test_pipelined_mma_gemv_takes_whole_stages_and_names_what_it_refuses():
     with pytest.raises(ValueError, match=re.escape("kw=2, st=3: the pipelined MMA GEMV takes kw in (4, 8)")):
         arc_gemm_mma_pipe(xd, gs, wc, ws.view(torch.float8_e4m3fn), torch.ones(()), 64, kw=2)
     with pytest.raises(ValueError, match="one CUDA device: xd on cpu"):
-        arc_gemm_mma_pipe(xd, gs, wc, ws.view(torch.float8_e4m3fn), torch.ones(()), 64)
+        arc_gemm_mma_pipe(xd, gs, wc, ws.view(torch.float8_e4m3fn), torch.ones(()), 64, st=3, xs=True)
+
+
+def test_the_default_build_holds_every_pipelined_setting_the_model_takes(monkeypatch):
+    """cuda_gemv.PIPE_SETTINGS (the pipelined kernels built by default) = the .cu's dispatch cases,
+    and is exactly the set gpu.mma_config picks over a grid of shapes; others are named (and
+    arc_gemm_mma falls back to the unpipelined kernel), unless ARCQUANT_EXT_SWEEP=1 builds them all."""
+    from arcquant.gpu import mma_config
+    from arcquant.kernels.cuda_gemv import PIPE_SETTINGS, SRCS, pipe_built_reason
+    cases = re.findall(r"case (\d{4}): launch_pipe<(\d), (\d), (\d), (true|false)>", SRCS[0].read_text())
+    built = {(int(t), int(kw), int(st), xs == "true") for _, t, kw, st, xs in cases}
+    assert built == PIPE_SETTINGS                                       # and each case key spells its settings
+    assert all(key == f"{t}{kw}{st}{int(xs == 'true')}" for key, t, kw, st, xs in cases)
+    taken = {(1 if m <= 8 else 2, c["kw"], c["st"], c["xs"]) for m in range(1, 65)
+             for n in (896, 1536, 3584, 4096, 4608, 6144, 14336, 16384, 28672, 32768, 37888, 60000)
+             for k in (512, 896, 1024, 3584, 4096, 8192, 14336, 16384, 18944) if (c := mma_config(m, n, k)).get("st")}
+    assert taken == PIPE_SETTINGS
+    monkeypatch.delenv("ARCQUANT_EXT_SWEEP", raising=False)
+    assert pipe_built_reason(8, 4, 2, False) is None and pipe_built_reason(16, 4, 4, True) is None
+    assert "kw=8, st=2, xs=False at M=4 is not in the default build" in pipe_built_reason(4, 8, 2, False)
+    monkeypatch.setenv("ARCQUANT_EXT_SWEEP", "1")
+    assert pipe_built_reason(4, 8, 2, False) is None
 
 
 def test_cuda_activation_kernel_routing_and_refusals():

@@ -47,11 +47,32 @@ DECL = ("void arc_gemv_dp4a(torch::Tensor xi, torch::Tensor xs, torch::Tensor xg
         "int64_t s, int64_t out);")
 
 
+# The pipelined MMA GEMV's settings in the default build, (token tiles: 1 for M <= 8 else 2, kw, st, xs):
+# the ones gpu.mma_config takes (tests check both sides). ARCQUANT_EXT_SWEEP=1 builds every kw in (4, 8),
+# st in 2..4 and xs instead (the benchmarks' sweeps; its own build folder): 24 kernels, ~20 % more
+# build time on first use.
+PIPE_SETTINGS = {(1, 4, 2, False), (1, 4, 3, True), (1, 8, 3, True), (2, 4, 3, True), (2, 4, 4, True)}
+
+
+def _sweep_build() -> bool:
+    return os.environ.get("ARCQUANT_EXT_SWEEP") == "1"
+
+
+def pipe_built_reason(m: int, kw: int, st: int, xs: bool) -> str | None:
+    """Why the pipelined MMA GEMV with these settings is not in the extension (None: it is)."""
+    if _sweep_build() or (1 if m <= 8 else 2, kw, st, bool(xs)) in PIPE_SETTINGS:
+        return None
+    return (f"the pipelined MMA GEMV with kw={kw}, st={st}, xs={bool(xs)} at M={m} is not in the default build "
+            f"(cuda_gemv.PIPE_SETTINGS); set ARCQUANT_EXT_SWEEP=1 to build every setting")
+
+
 @functools.cache
 def _extension(capability: tuple):
     from torch.utils.cpp_extension import load_inline
     arch = f"{capability[0]}.{capability[1]}"
-    build = Path(os.environ.get("ARCQUANT_EXT_DIR", Path.home() / ".cache" / "arcquant" / "ext")) / f"sm{arch}"
+    sweep = _sweep_build()
+    build = (Path(os.environ.get("ARCQUANT_EXT_DIR", Path.home() / ".cache" / "arcquant" / "ext"))
+             / (f"sm{arch}" + ("-sweep" if sweep else "")))
     build.mkdir(parents=True, exist_ok=True)
     old = os.environ.get("TORCH_CUDA_ARCH_LIST")
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
@@ -59,7 +80,8 @@ def _extension(capability: tuple):
         return load_inline(name="arcquant_gemv", cpp_sources=DECL, cuda_sources=[f.read_text() for f in SRCS],
                            functions=["arc_gemv_dp4a", "arc_gemm_mma", "arc_gemm_mma_pipe", "arc_act_quant",
                                       "arc_dequant", "arc_scale_rows", "arc_rmsnorm_act", "arc_silu_mul_act"],
-                           extra_cuda_cflags=["-O3"], build_directory=str(build))
+                           extra_cuda_cflags=["-O3"] + (["-DARC_PIPE_ALL"] if sweep else []),
+                           build_directory=str(build))
     finally:
         if old is None:
             os.environ.pop("TORCH_CUDA_ARCH_LIST")
@@ -170,15 +192,17 @@ def arc_gemm_mma(xd, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat
                  occ: bool = False, st: int = 0, xs: bool = False) -> torch.Tensor:
     """y (M, N) = xd @ dequant(W_aug)^T / (xgs * wgs) (+ bias) on tensor cores; M <= 64; wgs () or (N,).
     xd (M, K+s) float16 = code * block scale in to_mma_order (quantize_act out="mma"); kw: warps
-    splitting the depth (1..8); occ: the
-    entry point with a register bound (more resident warps, see the .cu file). st > 0: the
+    splitting the depth (1..8); occ: the entry point with a register bound (more resident warps,
+    see the .cu file). st > 0: the
     cp.async-pipelined kernel (arc_gemm_mma_pipe, st stages, xs: activations staged too) where
-    it takes these operands (pipe_shape_reason), else this one - the same bits either way."""
+    it takes these operands and is built with these settings (pipe_shape_reason, pipe_built_reason),
+    else this one - the same bits either way."""
     m, n = xd.shape[0], wc.shape[0]
     if not 1 <= m <= MMA_MAX_M:
         raise ValueError(f"the MMA GEMV handles 1 <= M <= {MMA_MAX_M}, got M={m}")
     _check_mma_operands(xd, wc, ws, s)
-    if st and kw in (4, 8) and pipe_shape_reason(xd, wc, ws, kw) is None:
+    pipe = st and kw in (4, 8) and pipe_shape_reason(xd, wc, ws, kw) is None
+    if pipe and pipe_built_reason(m, kw, st, xs) is None:
         _check_pipe_settings(kw, st)
         return _launch_pipe(xd, xgs, wc, ws, wgs, s, bias, out_dtype, kw, st, xs)
     if xd.data_ptr() % 16 or wc.data_ptr() % 8:
@@ -211,7 +235,7 @@ def arc_gemm_mma_pipe(xd, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.b
     with the same kw (same MMA tiles, same per-warp order). kw in {4, 8}, st in 2..4."""
     _check_pipe_settings(kw, st)
     _check_mma_operands(xd, wc, ws, s)
-    reason = pipe_shape_reason(xd, wc, ws, kw)
+    reason = pipe_shape_reason(xd, wc, ws, kw) or pipe_built_reason(xd.shape[0], kw, st, xs)
     if reason:
         raise ValueError(reason)
     return _launch_pipe(xd, xgs, wc, ws, wgs, s, bias, out_dtype, kw, st, xs)

@@ -737,6 +737,7 @@ void arc_gemm_mma_pipe(torch::Tensor xd, torch::Tensor xgs, torch::Tensor wc, to
   }
   const int out_kind = y.scalar_type() == at::kBFloat16 ? 0 : y.scalar_type() == at::kHalf ? 1 : 2;
   TORCH_CHECK(out_kind < 2 || y.scalar_type() == at::kFloat, "y: bfloat16, float16 or float32");
+#ifdef ARC_PIPE_ALL                      // every (kw, st, xs): the benchmarks' sweeps (ARCQUANT_EXT_SWEEP=1)
   if (m <= 8) {
     if (kw == 4) launch_pipe_st<1, 4>((int)st, xs != 0, xd, xgs, wc, ws, wgs, b, y, out_kind, s);
     else launch_pipe_st<1, 8>((int)st, xs != 0, xd, xgs, wc, ws, wgs, b, y, out_kind, s);
@@ -744,4 +745,15 @@ void arc_gemm_mma_pipe(torch::Tensor xd, torch::Tensor xgs, torch::Tensor wc, to
     if (kw == 4) launch_pipe_st<2, 4>((int)st, xs != 0, xd, xgs, wc, ws, wgs, b, y, out_kind, s);
     else launch_pipe_st<2, 8>((int)st, xs != 0, xd, xgs, wc, ws, wgs, b, y, out_kind, s);
   }
+#else                                     // the settings gpu.mma_config takes (cuda_gemv.PIPE_SETTINGS)
+  const int key = (m <= 8 ? 1000 : 2000) + (int)kw * 100 + (int)st * 10 + (xs != 0);
+  switch (key) {                          // PIPE_SETTINGS: tiles * 1000 + kw * 100 + st * 10 + xs
+    case 1420: launch_pipe<1, 4, 2, false>(xd, xgs, wc, ws, wgs, b, y, out_kind, s); break;
+    case 1431: launch_pipe<1, 4, 3, true>(xd, xgs, wc, ws, wgs, b, y, out_kind, s); break;
+    case 1831: launch_pipe<1, 8, 3, true>(xd, xgs, wc, ws, wgs, b, y, out_kind, s); break;
+    case 2431: launch_pipe<2, 4, 3, true>(xd, xgs, wc, ws, wgs, b, y, out_kind, s); break;
+    case 2441: launch_pipe<2, 4, 4, true>(xd, xgs, wc, ws, wgs, b, y, out_kind, s); break;
+    default: TORCH_CHECK(false, "pipelined setting ", key, " (tiles kw st xs) not built: ARCQUANT_EXT_SWEEP=1 builds all");
+  }
+#endif
 }
