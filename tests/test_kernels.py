@@ -319,7 +319,7 @@ def test_the_default_build_holds_every_pipelined_setting_the_model_takes(monkeyp
     and is exactly the set gpu.mma_config picks over a grid of shapes; others are named (and
     arc_gemm_mma falls back to the unpipelined kernel), unless ARCQUANT_EXT_SWEEP=1 builds them all."""
     from arcquant.gpu import mma_config
-    from arcquant.kernels.cuda_gemv import PIPE_SETTINGS, SRCS, pipe_built_reason
+    from arcquant.kernels.cuda_gemv import PIPE_SETTINGS, SRCS, _sweep_build, pipe_built_reason
     cases = re.findall(r"case (\d{4}): launch_pipe<(\d), (\d), (\d), (true|false)>", SRCS[0].read_text())
     built = {(int(t), int(kw), int(st), xs == "true") for _, t, kw, st, xs in cases}
     assert built == PIPE_SETTINGS                                       # and each case key spells its settings
@@ -329,10 +329,15 @@ def test_the_default_build_holds_every_pipelined_setting_the_model_takes(monkeyp
              for k in (512, 896, 1024, 3584, 4096, 8192, 14336, 16384, 18944) if (c := mma_config(m, n, k)).get("st")}
     assert taken == PIPE_SETTINGS
     monkeypatch.delenv("ARCQUANT_EXT_SWEEP", raising=False)
+    _sweep_build.cache_clear()
     assert pipe_built_reason(8, 4, 2, False) is None and pipe_built_reason(16, 4, 4, True) is None
     assert "kw=8, st=2, xs=False at M=4 is not in the default build" in pipe_built_reason(4, 8, 2, False)
     monkeypatch.setenv("ARCQUANT_EXT_SWEEP", "1")
-    assert pipe_built_reason(4, 8, 2, False) is None
+    _sweep_build.cache_clear()
+    try:
+        assert pipe_built_reason(4, 8, 2, False) is None
+    finally:
+        _sweep_build.cache_clear()                                      # the next reader sees the restored env
 
 
 def test_cuda_activation_kernel_routing_and_refusals():

@@ -54,7 +54,9 @@ DECL = ("void arc_gemv_dp4a(torch::Tensor xi, torch::Tensor xs, torch::Tensor xg
 PIPE_SETTINGS = {(1, 4, 2, False), (1, 4, 3, True), (1, 8, 3, True), (2, 4, 3, True), (2, 4, 4, True)}
 
 
+@functools.cache
 def _sweep_build() -> bool:
+    """Read once: the extension is built once per process, and every GEMV call asks."""
     return os.environ.get("ARCQUANT_EXT_SWEEP") == "1"
 
 
@@ -193,10 +195,9 @@ def arc_gemm_mma(xd, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat
     """y (M, N) = xd @ dequant(W_aug)^T / (xgs * wgs) (+ bias) on tensor cores; M <= 64; wgs () or (N,).
     xd (M, K+s) float16 = code * block scale in to_mma_order (quantize_act out="mma"); kw: warps
     splitting the depth (1..8); occ: the entry point with a register bound (more resident warps,
-    see the .cu file). st > 0: the
-    cp.async-pipelined kernel (arc_gemm_mma_pipe, st stages, xs: activations staged too) where
-    it takes these operands and is built with these settings (pipe_shape_reason, pipe_built_reason),
-    else this one - the same bits either way."""
+    see the .cu file). st > 0: the cp.async-pipelined kernel (arc_gemm_mma_pipe, st stages, xs:
+    activations staged too) where it takes these operands and is built with these settings
+    (pipe_shape_reason, pipe_built_reason), else this one - the same bits either way."""
     m, n = xd.shape[0], wc.shape[0]
     if not 1 <= m <= MMA_MAX_M:
         raise ValueError(f"the MMA GEMV handles 1 <= M <= {MMA_MAX_M}, got M={m}")

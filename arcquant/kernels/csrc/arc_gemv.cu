@@ -646,6 +646,39 @@ void launch_pipe_st(int st, bool xs, const torch::Tensor& xd, const torch::Tenso
   else launch_pipe_xs<MT, KW, 4>(xs, xd, xgs, wc, ws, wgs, bias, y, out_kind, s);
 }
 
+struct Epilogue {              // what every GEMV's epilogue takes: bias (float32 (N,) or null), y's kind
+  const float* bias;
+  int out_kind;                // 0 bfloat16, 1 float16, 2 float32
+};
+
+Epilogue epilogue_args(const c10::optional<torch::Tensor>& bias, const torch::Tensor& y, int64_t n) {
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n && bias->is_cuda(), "bias: float32 (N,)");
+    b = bias->data_ptr<float>();
+  }
+  const int out_kind = y.scalar_type() == at::kBFloat16 ? 0 : y.scalar_type() == at::kHalf ? 1 : 2;
+  TORCH_CHECK(out_kind < 2 || y.scalar_type() == at::kFloat, "y: bfloat16, float16 or float32");
+  return {b, out_kind};
+}
+
+// The checks both tensor-core GEMVs share: devices, dtypes, contiguity, shapes, tensor-scale counts.
+void check_mma_io(const torch::Tensor& xd, const torch::Tensor& xgs, const torch::Tensor& wc, const torch::Tensor& ws,
+                  const torch::Tensor& wgs, const torch::Tensor& y, int64_t s) {
+  const int64_t m = xd.size(0), n = wc.size(0), k = wc.size(1) * 2;
+  TORCH_CHECK(xd.is_cuda() && wc.is_cuda() && ws.is_cuda() && y.is_cuda(), "CUDA tensors expected");
+  TORCH_CHECK(xd.scalar_type() == at::kHalf && wc.scalar_type() == at::kByte && ws.scalar_type() == at::kByte &&
+              xgs.scalar_type() == at::kFloat && wgs.scalar_type() == at::kFloat,
+              "dtypes: xd float16, wc/ws uint8, xgs/wgs float32");
+  TORCH_CHECK(s % 16 == 0 && s >= 0 && s <= k, "s: a multiple of 16 in 0..K");
+  TORCH_CHECK(xd.is_contiguous() && wc.is_contiguous() && ws.is_contiguous() && y.is_contiguous(),
+              "contiguous tensors expected");
+  TORCH_CHECK(xd.size(1) == k + s && ws.size(0) == n && ws.size(1) == k / 16 && y.size(0) == m && y.size(1) == n,
+              "shape mismatch");
+  TORCH_CHECK(xgs.numel() == 1 || xgs.numel() == m, "xgs must hold 1 or M values");
+  TORCH_CHECK(wgs.is_contiguous() && (wgs.numel() == 1 || wgs.numel() == n), "wgs must hold 1 or N values");
+}
+
 }  // namespace
 
 // Shapes and dtypes are checked in arcquant/kernels/cuda_gemv.py (clear messages); these
@@ -668,13 +701,7 @@ void arc_gemv_dp4a(torch::Tensor xi, torch::Tensor xs, torch::Tensor xgs, torch:
   TORCH_CHECK(wgs.is_contiguous() && (wgs.numel() == 1 || wgs.numel() == n), "wgs must hold 1 or N values");
   TORCH_CHECK(kw >= 1 && kw <= 32 && (nr == 1 || nr == 2 || nr == 4), "kw in 1..32, nr in {1, 2, 4}");
   TORCH_CHECK(u == 1 || ((u == 2 || u == 4) && m <= 2), "u in {1, 2, 4} (2 and 4 for M <= 2)");
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n && bias->is_cuda(), "bias: float32 (N,)");
-    b = bias->data_ptr<float>();
-  }
-  const int out_kind = y.scalar_type() == at::kBFloat16 ? 0 : y.scalar_type() == at::kHalf ? 1 : 2;
-  TORCH_CHECK(out_kind < 2 || y.scalar_type() == at::kFloat, "y: bfloat16, float16 or float32");
+  const auto [b, out_kind] = epilogue_args(bias, y, n);
   if (m == 1) launch_u<1>((int)u, nr, xi, xs, xgs, wc, ws, wgs, b, y, out_kind, kw, s);
   else if (m == 2) launch_u<2>((int)u, nr, xi, xs, xgs, wc, ws, wgs, b, y, out_kind, kw, s);
   else if (m <= 4) launch_nr<4, 1>(nr, xi, xs, xgs, wc, ws, wgs, b, y, out_kind, kw, s);
@@ -685,25 +712,10 @@ void arc_gemm_mma(torch::Tensor xd, torch::Tensor xgs, torch::Tensor wc, torch::
                   c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t s, int64_t kw, int64_t occ) {
   const at::cuda::CUDAGuard guard(xd.device());
   const int64_t m = xd.size(0), n = wc.size(0), k = wc.size(1) * 2;
-  TORCH_CHECK(xd.is_cuda() && wc.is_cuda() && ws.is_cuda() && y.is_cuda(), "CUDA tensors expected");
-  TORCH_CHECK(xd.scalar_type() == at::kHalf && wc.scalar_type() == at::kByte && ws.scalar_type() == at::kByte &&
-              xgs.scalar_type() == at::kFloat && wgs.scalar_type() == at::kFloat,
-              "dtypes: xd float16, wc/ws uint8, xgs/wgs float32");
-  TORCH_CHECK(m >= 1 && m <= 64 && k % 16 == 0 && s % 16 == 0 && s >= 0 && s <= k, "need 1 <= M <= 64");
-  TORCH_CHECK(xd.is_contiguous() && wc.is_contiguous() && ws.is_contiguous() && y.is_contiguous(),
-              "contiguous tensors expected");
-  TORCH_CHECK(xd.size(1) == k + s && ws.size(0) == n && ws.size(1) == k / 16 && y.size(0) == m && y.size(1) == n,
-              "shape mismatch");
-  TORCH_CHECK(xgs.numel() == 1 || xgs.numel() == m, "xgs must hold 1 or M values");
-  TORCH_CHECK(wgs.is_contiguous() && (wgs.numel() == 1 || wgs.numel() == n), "wgs must hold 1 or N values");
+  check_mma_io(xd, xgs, wc, ws, wgs, y, s);
+  TORCH_CHECK(m >= 1 && m <= 64 && k % 16 == 0, "need 1 <= M <= 64");
   TORCH_CHECK(kw >= 1 && kw <= 8 && kw * ((m + 7) / 8) <= 32, "kw in 1..8 and kw * ceil(M / 8) <= 32 (shared memory)");
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n && bias->is_cuda(), "bias: float32 (N,)");
-    b = bias->data_ptr<float>();
-  }
-  const int out_kind = y.scalar_type() == at::kBFloat16 ? 0 : y.scalar_type() == at::kHalf ? 1 : 2;
-  TORCH_CHECK(out_kind < 2 || y.scalar_type() == at::kFloat, "y: bfloat16, float16 or float32");
+  const auto [b, out_kind] = epilogue_args(bias, y, n);
   if (m <= 8) launch_mma<1>(xd, xgs, wc, ws, wgs, b, y, out_kind, kw, s, occ != 0);
   else if (m <= 16) launch_mma<2>(xd, xgs, wc, ws, wgs, b, y, out_kind, kw, s, occ != 0);
   else if (m <= 32) launch_mma<4>(xd, xgs, wc, ws, wgs, b, y, out_kind, kw, s, occ != 0);
@@ -715,28 +727,12 @@ void arc_gemm_mma_pipe(torch::Tensor xd, torch::Tensor xgs, torch::Tensor wc, to
                        int64_t xs) {
   const at::cuda::CUDAGuard guard(xd.device());
   const int64_t m = xd.size(0), n = wc.size(0), k = wc.size(1) * 2;
-  TORCH_CHECK(xd.is_cuda() && wc.is_cuda() && ws.is_cuda() && y.is_cuda(), "CUDA tensors expected");
-  TORCH_CHECK(xd.scalar_type() == at::kHalf && wc.scalar_type() == at::kByte && ws.scalar_type() == at::kByte &&
-              xgs.scalar_type() == at::kFloat && wgs.scalar_type() == at::kFloat,
-              "dtypes: xd float16, wc/ws uint8, xgs/wgs float32");
-  TORCH_CHECK(m >= 1 && m <= 16 && k % (128 * kw) == 0 && s % 16 == 0 && s >= 0 && s <= k,
-              "need 1 <= M <= 16, K % (128 * kw) == 0");
-  TORCH_CHECK(xd.is_contiguous() && wc.is_contiguous() && ws.is_contiguous() && y.is_contiguous(),
-              "contiguous tensors expected");
+  check_mma_io(xd, xgs, wc, ws, wgs, y, s);
+  TORCH_CHECK((kw == 4 || kw == 8) && st >= 2 && st <= 4, "kw in {4, 8}, st in 2..4");
+  TORCH_CHECK(m >= 1 && m <= 16 && k % (128 * kw) == 0, "need 1 <= M <= 16, K % (128 * kw) == 0");
   const auto aligned = [](const torch::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
   TORCH_CHECK(aligned(xd) && aligned(wc) && aligned(ws), "xd, wc and ws must start on 16-byte boundaries");
-  TORCH_CHECK(xd.size(1) == k + s && ws.size(0) == n && ws.size(1) == k / 16 && y.size(0) == m && y.size(1) == n,
-              "shape mismatch");
-  TORCH_CHECK(xgs.numel() == 1 || xgs.numel() == m, "xgs must hold 1 or M values");
-  TORCH_CHECK(wgs.is_contiguous() && (wgs.numel() == 1 || wgs.numel() == n), "wgs must hold 1 or N values");
-  TORCH_CHECK((kw == 4 || kw == 8) && st >= 2 && st <= 4, "kw in {4, 8}, st in 2..4");
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n && bias->is_cuda(), "bias: float32 (N,)");
-    b = bias->data_ptr<float>();
-  }
-  const int out_kind = y.scalar_type() == at::kBFloat16 ? 0 : y.scalar_type() == at::kHalf ? 1 : 2;
-  TORCH_CHECK(out_kind < 2 || y.scalar_type() == at::kFloat, "y: bfloat16, float16 or float32");
+  const auto [b, out_kind] = epilogue_args(bias, y, n);
 #ifdef ARC_PIPE_ALL                      // every (kw, st, xs): the benchmarks' sweeps (ARCQUANT_EXT_SWEEP=1)
   if (m <= 8) {
     if (kw == 4) launch_pipe_st<1, 4>((int)st, xs != 0, xd, xgs, wc, ws, wgs, b, y, out_kind, s);
@@ -753,7 +749,8 @@ void arc_gemm_mma_pipe(torch::Tensor xd, torch::Tensor xgs, torch::Tensor wc, to
     case 1831: launch_pipe<1, 8, 3, true>(xd, xgs, wc, ws, wgs, b, y, out_kind, s); break;
     case 2431: launch_pipe<2, 4, 3, true>(xd, xgs, wc, ws, wgs, b, y, out_kind, s); break;
     case 2441: launch_pipe<2, 4, 4, true>(xd, xgs, wc, ws, wgs, b, y, out_kind, s); break;
-    default: TORCH_CHECK(false, "pipelined setting ", key, " (tiles kw st xs) not built: ARCQUANT_EXT_SWEEP=1 builds all");
+    default:
+      TORCH_CHECK(false, "pipelined setting ", key, " (tiles kw st xs) not built: ARCQUANT_EXT_SWEEP=1 builds all");
   }
 #endif
 }
