@@ -52,8 +52,9 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def decode_tokens_per_s(model, batch: int, decode: int, repeats: int, vocab: int, compile: bool = False) -> float:
-    e = Engine(model, batch, PROMPT + decode + 1, graphs=True, compile=compile)
+def decode_tokens_per_s(model, batch: int, decode: int, repeats: int, vocab: int, compile: bool = False,
+                        fusions: bool = True) -> float:
+    e = Engine(model, batch, PROMPT + decode + 1, graphs=True, compile=compile, fusions=fusions)
     ids = torch.randint(0, vocab, (batch, PROMPT), device=e.device)
     logits = e.prefill(ids)
     tok = logits.argmax(-1, keepdim=True)
@@ -65,11 +66,11 @@ def decode_tokens_per_s(model, batch: int, decode: int, repeats: int, vocab: int
     return batch * decode / (_time(run, repeats) / 1e3)
 
 
-def prefill_ms(model, tokens: int, repeats: int, vocab: int, graph: bool = False) -> tuple:
+def prefill_ms(model, tokens: int, repeats: int, vocab: int, graph: bool = False, fusions: bool = True) -> tuple:
     """-> (median ms of one `tokens`-token prefill at batch 1, the engine's prefill mode, the
     largest |logit| difference of the graph's prefill from an eager one (0.0 when eager));
     graph=True replays a CUDA graph captured for that prompt length."""
-    e = Engine(model, 1, tokens + 1, graphs=False, prefill_graphs=graph)
+    e = Engine(model, 1, tokens + 1, graphs=False, prefill_graphs=graph, fusions=fusions)
     ids = torch.randint(0, vocab, (1, tokens), device=e.device)
     first = e.prefill(ids).float().clone()
     ms = _time(lambda: e.prefill(ids), repeats)
@@ -82,7 +83,7 @@ def prefill_ms(model, tokens: int, repeats: int, vocab: int, graph: bool = False
 
 
 def _top_ops(fn, top: int) -> list:
-    """Top CUDA ops of one call of fn (warm): [(name, calls, ms)]."""
+    """Top CUDA ops of one call of fn (warm): [(name, calls, ms)], then ("all kernels", calls, ms)."""
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -90,10 +91,11 @@ def _top_ops(fn, top: int) -> list:
         torch.cuda.synchronize()
     rows = [(ev.key, ev.count, ev.device_time_total / 1e3) for ev in prof.key_averages()
             if ev.device_time_total > 0]
-    return sorted(rows, key=lambda r: -r[2])[:top]
+    total = ("all kernels", sum(r[1] for r in rows), sum(r[2] for r in rows))
+    return sorted(rows, key=lambda r: -r[2])[:top] + [total]
 
 
-def profile_step(model, vocab: int, top: int = 8, batch: int = 1) -> list:
+def profile_step(model, vocab: int, top: int = 14, batch: int = 1) -> list:
     """Top CUDA ops of one eager decode step at `batch`: [(name, calls, ms)]."""
     e = Engine(model, batch, PROMPT + 4, graphs=False)
     ids = torch.randint(0, vocab, (batch, PROMPT), device=e.device)
@@ -171,6 +173,31 @@ def prefill_fusion_ab(model, tokens: int, repeats: int) -> dict:
     return out
 
 
+def fusion_ab(model, label: str, batches, decode: int, prefill: int, repeats: int) -> dict:
+    """The same run's A/B of the engine fusions (engine_fusion.py): decode tokens/s and the graph
+    prefill again with them off (the eager modules: the engine before v27), and the largest
+    |logit| difference of 32 greedy steps from the fused ones (the RMSNorm kernel's sum of squares
+    runs in another order)."""
+    vocab, out = model.config.vocab_size, {}
+    fused = greedy_logits(model, 32, vocab)
+    try:
+        for b in batches:
+            out[f"decode_tok_s_b{b}_unfused_engine"] = decode_tokens_per_s(model, b, decode, repeats, vocab, fusions=False)
+            print(f"  {label}, engine fusions off: decode b{b} {out[f'decode_tok_s_b{b}_unfused_engine']:.1f} tok/s", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+        out[f"prefill_ms_{prefill}_graph_unfused_engine"], _, _ = prefill_ms(model, prefill, repeats, vocab, True, fusions=False)
+        out["unfused_engine_logits_max_abs_diff"] = (greedy_logits(model, 32, vocab, fusions=False) - fused).abs().max().item()
+        print(f"  {label}, engine fusions off: prefill {out[f'prefill_ms_{prefill}_graph_unfused_engine']:.1f} ms; "
+              f"logits vs fused: max |diff| {out['unfused_engine_logits_max_abs_diff']:.3g}", flush=True)
+    finally:
+        from .engine import set_fusions
+        set_fusions(model, True)
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
 def decode_pipeline_ab(model, batches, decode: int, repeats: int) -> dict:
     """The same run's A/B of the pipelined decode GEMV: decode tokens/s at the batches of 3 - 16
     tokens again with gpu.pipelined_gemv off (every tensor-core GEMV unpipelined; fresh engines,
@@ -189,10 +216,10 @@ def decode_pipeline_ab(model, batches, decode: int, repeats: int) -> dict:
     return out
 
 
-def greedy_logits(model, steps: int, vocab: int) -> torch.Tensor:
+def greedy_logits(model, steps: int, vocab: int, fusions: bool = True) -> torch.Tensor:
     """Logits of `steps` greedy decode steps (batch 1, CUDA graph) after a fixed 128-token prompt:
     (steps, V) float32 - for comparing two settings of the same model bit for bit."""
-    e = Engine(model, 1, PROMPT + steps + 1, graphs=True)
+    e = Engine(model, 1, PROMPT + steps + 1, graphs=True, fusions=fusions)
     ids = torch.randint(0, vocab, (1, PROMPT), device=e.device, generator=torch.Generator(device=e.device).manual_seed(0))
     tok, out = e.prefill(ids).argmax(-1, keepdim=True), []
     for i in range(steps):
@@ -242,6 +269,7 @@ def run_bench(source, checkpoint, batches=(1, 8, 32), decode: int = 64, prefill:
     model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.bfloat16).cuda().eval()
     rows.append(bench_one(model, "bf16", batches, decode, prefill, repeats, compile_batches))
     rows[-1]["backend"] = "cuBLAS (torch)"
+    rows[-1].update(fusion_ab(model, "bf16", batches, decode, prefill, repeats))
     if bf16_stacked:
         from .stacking import stack_linears
         groups = stack_linears(model)
@@ -257,6 +285,7 @@ def run_bench(source, checkpoint, batches=(1, 8, 32), decode: int = 64, prefill:
     row["backend"] = (f"kernels for {counts['kernels']} layers (CUDA GEMVs for {counts['cuda_gemv']}), "
                       f"reference for {counts['reference']}, {counts['fused_mlps']} MLPs fused for prefill")
     row.update(decode_repeat(model))
+    row.update(fusion_ab(model, "arc", batches, decode, prefill, repeats))
     if counts["cuda_gemv"]:
         row.update(decode_pipeline_ab(model, batches, decode, repeats))
     if counts["fused_mlps"]:
@@ -299,6 +328,16 @@ def table(rows: list, batches, prefill: int) -> str:
             if off is not None:
                 lines += ["", f"{r['model']} prefill {prefill} graph with {what}: {off:.1f} ms ({off / base[key]:.2f}x "
                           f"BF16; all fused {r[key]:.1f} ms); logits vs fused: max |diff| {r[f'{name}_logits_max_abs_diff']:.3g}"]
+    if all(f"decode_tok_s_b{b}_unfused_engine" in r for r in rows for b in batches):   # the engine fusions' A/B
+        old = rows[0]
+        cells = [f"{r['model']} " + ", ".join(
+            f"b{b} {r[f'decode_tok_s_b{b}_unfused_engine']:.1f}" + ("" if r is old else
+                                                                    f" ({r[f'decode_tok_s_b{b}_unfused_engine'] / old[f'decode_tok_s_b{b}_unfused_engine']:.2f}x)")
+            for b in batches) + f", prefill graph {r[f'prefill_ms_{prefill}_graph_unfused_engine']:.1f} ms"
+            for r in rows]
+        lines += ["", "Engine fusions off (the eager attention and norms; tok/s): " + "; ".join(cells) +
+                  "; logits of 32 greedy steps vs fused: max |diff| " +
+                  ", ".join(f"{r['model']} {r['unfused_engine_logits_max_abs_diff']:.3g}" for r in rows)]
     for r in rows:                                                      # the pipelined GEMV's A/B
         for b in batches:
             off = r.get(f"decode_tok_s_b{b}_unpipelined")

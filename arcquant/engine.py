@@ -8,6 +8,8 @@ for every token. Prefill runs eagerly, or (prefill_graphs=True) from a CUDA grap
 per prompt shape (B, T), as a server bucketing prompt lengths would: that removes the host time
 of a few hundred eager kernel launches, which a quantized model (several kernels per linear)
 pays more than a BF16 one. A capture that fails falls back to eager, with the reason logged.
+Both models get the same engine-level fusions (engine_fusion.py: the rotary with the cache
+write, RMSNorm as one kernel); fusions=False runs the eager modules, None leaves them as set.
 """
 import logging
 
@@ -36,10 +38,24 @@ def check_fits(config, batch: int, max_len: int, dtype, device) -> None:
                          f"{int(0.9 * free // per)} fits")
 
 
+def set_fusions(model, enable: bool) -> None:
+    """The engine-level fusions (engine_fusion.py) on or off for this model; logged on a change.
+    enable=None: the model's modules are left as they are (e.g. fused by hand, one kind only)."""
+    from .engine_fusion import fuse_engine
+    if enable is None or getattr(model, "_arcquant_fusions", None) == enable:
+        return
+    c = fuse_engine(model, enable)
+    model._arcquant_fusions = enable
+    log.info("engine fusions %s: rotary + KV-cache write in %d attention modules, RMSNorm kernel in %d norms%s",
+             "on" if enable else "off", c["attention"], c["norms"],
+             f"; attention classes left eager: {c['other_attention']}" if c["other_attention"] else "")
+
+
 class Engine:
     def __init__(self, model, batch: int, max_len: int, graphs: bool = True, compile: bool = False,
-                 prefill_graphs: bool = False):
+                 prefill_graphs: bool = False, fusions: bool | None = True):
         from transformers import StaticCache
+        set_fusions(model, fusions)
         self.model, self.batch, self.max_len = model, batch, max_len
         self.device = next(model.parameters()).device
         self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())

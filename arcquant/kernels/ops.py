@@ -51,6 +51,11 @@ def _reference(x: Tensor) -> bool:
     return x.device.type == "cpu" and _state["cpu"] != "triton"
 
 
+def runs_kernels(x: Tensor) -> bool:
+    """Whether the kernels (not the oracles) take this tensor: CUDA, or CPU with backend "triton"."""
+    return not _reference(x)
+
+
 XQ_DTYPES = {"int8": torch.int8, "mma": torch.float16, "bfloat16": torch.bfloat16}   # quantize_act's `out`
 
 

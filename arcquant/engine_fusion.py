@@ -1,0 +1,111 @@
+"""Engine-level fusions, given to every model the engine runs: BF16 and quantized alike.
+
+A decode step of an eager transformers model spends much of its time in tiny kernels that
+are the same for the BF16 and the quantized model; leaving them in makes both slower and the
+quantized model's ratio to BF16 look better than against a good BF16 engine. Two of them are
+replaced here by one kernel each:
+- attention (ROPE_ATTENTION classes): rotary + static KV-cache write, ~15 kernels -> 1
+  (kernels/rope_cache.py; bit-exact with the eager ops), then the model's own attention
+  function on the cache as before;
+- RMSNorm (RMS_NORMS classes, wherever the norm is not already fused with an activation
+  quantization): ~7 kernels -> 1 (kernels/rmsnorm.py; a value may move by one ulp).
+Each is installed as an instance `forward` (module names and state dicts unchanged) and falls
+back to the class's forward whenever a call does not fit: CPU tensors on the reference
+backend, torch.compile tracing, training, no static cache layer (or a sliding-window one),
+rotary tables of another size or dtype.
+"""
+import logging
+import sys
+import types
+
+import torch
+
+from .kernels.ops import runs_kernels
+from .kernels.rmsnorm import rmsnorm, rmsnorm_reason
+from .kernels.rope_cache import DTYPES, rope_cache
+
+log = logging.getLogger("arcquant")
+# classes whose forward is transformers' Llama attention (q/k/v -> rotate-half rotary -> cache
+# update -> attention function -> o_proj); the Qwen2 / Mistral ones pass sliding_window on too
+ROPE_ATTENTION = {"LlamaAttention", "Qwen2Attention", "MistralAttention", "MixtralAttention", "Qwen2MoeAttention"}
+RMS_NORMS = {"LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen3RMSNorm",
+             "Qwen2MoeRMSNorm", "Qwen3MoeRMSNorm"}
+
+
+def _static_layer(cache, idx: int):
+    """The cache's full-length static layer idx, or None (no cache, a dynamic or sliding one)."""
+    from transformers.cache_utils import StaticLayer
+    layers = getattr(cache, "layers", None)
+    if layers is None or idx is None or idx >= len(layers):
+        return None
+    layer = layers[idx]
+    return layer if isinstance(layer, StaticLayer) and not getattr(layer, "is_sliding", True) else None
+
+
+def rope_reason(attn, x: torch.Tensor, position_embeddings, layer) -> str | None:
+    """Why this attention call cannot take the fused rotary + cache kernel (None: it can)."""
+    if torch.compiler.is_compiling() or attn.training:
+        return "torch.compile tracing or training"
+    if not runs_kernels(x) or x.dtype not in DTYPES:
+        return f"{x.dtype} on {x.device} (the kernel: {DTYPES} on CUDA, or the Triton interpreter)"
+    if layer is None or position_embeddings is None:
+        return "no full-length static cache layer or no rotary tables"
+    cos = position_embeddings[0]
+    if cos.dtype != x.dtype or cos.shape[-1] != attn.head_dim or cos.dim() != 3:
+        return f"rotary tables {tuple(cos.shape)} {cos.dtype} for head size {attn.head_dim}, {x.dtype}"
+    return None
+
+
+def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+    """ROPE_ATTENTION's forward with the rotary and the cache write as one kernel."""
+    key = "cache" if "cache" in kwargs else "past_key_values"           # transformers >= 5.2x: `cache`
+    layer = _static_layer(kwargs.get(key), self.layer_idx)
+    if rope_reason(self, hidden_states, position_embeddings, layer) is not None:
+        return type(self).forward(self, hidden_states, position_embeddings=position_embeddings,
+                                  attention_mask=attention_mask, **kwargs)
+    kwargs.pop(key)
+    b, t, _ = hidden_states.shape
+    q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)  # (B, T, H*D)
+    if not layer.is_initialized:                                       # shapes, dtype, device of the cache
+        heads = lambda y: y.view(b, t, -1, self.head_dim).transpose(1, 2)
+        layer.lazy_initialization(heads(k), heads(v))
+    cos, sin = position_embeddings                                     # (B, T, D)
+    qh = rope_cache(q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length.view(1))  # (B, HQ, T, D)
+    layer.cumulative_length.add_(t)
+    mod = sys.modules[type(self).__module__]
+    interface = mod.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, mod.eager_attention_forward)
+    if type(self).__name__ == "Qwen2Attention":
+        kwargs["sliding_window"] = self.sliding_window
+    elif type(self).__name__ in ("MistralAttention", "MixtralAttention"):
+        kwargs["sliding_window"] = getattr(self.config, "sliding_window", None)
+    out, weights = interface(self, qh, layer.keys, layer.values, attention_mask, dropout=0.0,
+                             scaling=self.scaling, **kwargs)
+    return self.o_proj(out.reshape(b, t, -1).contiguous()), weights
+
+
+def _norm_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """RMS_NORMS's forward through one kernel."""
+    if torch.compiler.is_compiling() or not runs_kernels(x) or rmsnorm_reason(x, self.weight) is not None:
+        return type(self).forward(self, x)
+    return rmsnorm(x, self.weight, self.variance_epsilon)
+
+
+def fuse_engine(model, enable: bool = True, attention: bool = True, norms: bool = True) -> dict:
+    """Install (enable=False: remove) the fusions chosen on every module of a supported class.
+    -> {"attention": n, "norms": n, "other_attention": sorted class names left as they are}."""
+    counts, other = {"attention": 0, "norms": 0}, set()
+    for mod in model.modules():
+        name = type(mod).__name__
+        forward = _attention_forward if name in ROPE_ATTENTION and attention else \
+            _norm_forward if name in RMS_NORMS and norms else None
+        if forward is None:
+            if name.endswith("Attention"):
+                other.add(name)
+            continue
+        if enable:
+            mod.forward = types.MethodType(forward, mod)
+        else:
+            mod.__dict__.pop("forward", None)
+        counts["attention" if forward is _attention_forward else "norms"] += 1
+    counts["other_attention"] = sorted(other)
+    return counts
