@@ -5,8 +5,10 @@ are the same for the BF16 and the quantized model; leaving them in makes both sl
 quantized model's ratio to BF16 look better than against a good BF16 engine. Two of them are
 replaced here by one kernel each:
 - attention (ROPE_ATTENTION classes): rotary + static KV-cache write, ~15 kernels -> 1
-  (kernels/rope_cache.py; bit-exact with the eager ops), then the model's own attention
-  function on the cache as before;
+  (kernels/rope_cache.py; bit-exact with the eager ops); then, for up to 16 new tokens with the
+  SDPA or eager attention and a boolean mask, grouped-query attention over the cache in one
+  kernel (kernels/decode_attention.py: no repeat_kv copies of the cache; to the dtype's rounding,
+  DECODE_ATTENTION = False keeps the model's attention function), else that function as before;
 - RMSNorm (RMS_NORMS classes, wherever the norm is not already fused with an activation
   quantization): ~7 kernels -> 1 (kernels/rmsnorm.py; a value may move by one ulp).
 Each is installed as an instance `forward` (module names and state dicts unchanged) and falls
@@ -20,6 +22,7 @@ import types
 
 import torch
 
+from .kernels.decode_attention import decode_attention, decode_attention_reason
 from .kernels.ops import runs_kernels
 from .kernels.rmsnorm import rmsnorm, rmsnorm_reason
 from .kernels.rope_cache import DTYPES, rope_cache
@@ -28,6 +31,7 @@ log = logging.getLogger("arcquant")
 # classes whose forward is transformers' Llama attention (q/k/v -> rotate-half rotary -> cache
 # update -> attention function -> o_proj); the Qwen2 / Mistral ones pass sliding_window on too
 ROPE_ATTENTION = {"LlamaAttention", "Qwen2Attention", "MistralAttention", "MixtralAttention", "Qwen2MoeAttention"}
+DECODE_ATTENTION = True
 RMS_NORMS = {"LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen3RMSNorm",
              "Qwen2MoeRMSNorm", "Qwen3MoeRMSNorm"}
 
@@ -72,6 +76,11 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     cos, sin = position_embeddings                                     # (B, T, D)
     qh = rope_cache(q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length.view(1))  # (B, HQ, T, D)
     layer.cumulative_length.add_(t)
+    if DECODE_ATTENTION and self.config._attn_implementation in ("sdpa", "eager") and \
+            decode_attention_reason(qh, layer.keys, layer.values, attention_mask) is None:
+        out = decode_attention(qh, layer.keys, layer.values, attention_mask, self.scaling,
+                               layer.cumulative_length.view(1))           # (B, T, HQ, D); keys written so far
+        return self.o_proj(out.view(b, t, -1)), None
     mod = sys.modules[type(self).__module__]
     interface = mod.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, mod.eager_attention_forward)
     if type(self).__name__ == "Qwen2Attention":

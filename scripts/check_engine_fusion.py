@@ -5,10 +5,15 @@
   fp16 and fp32, for the Llama-3.1-8B (32 / 8 heads of 128), Qwen2.5-7B (28 / 4) and SmolLM2 (9 / 3
   of 64) heads, batch 1 and 8, 1 / 7 / 2048 tokens, a random start, q/k/v as views of one
   stacked projection, random data;
+- decode attention (kernels/decode_attention.py) against the float32 oracle: the largest error
+  in ulps of the dtype (relative to max(|o|, 0.5)), the same heads, batch 1 / 8, 1 / 4 / 16
+  new tokens, caches of 161 / 2049 / 8192 positions with the causal edge in the second half (or
+  at 200 of 8192: a long static cache early in generation), keys bounded by the count written;
 - RMSNorm (kernels/rmsnorm.py) against transformers' formula: fraction of elements that differ
   and the largest difference in ulps (the sum of squares runs in another order);
 - time of one call of each, CUDA graphs, median of do_bench, against the eager ops they replace
-  (the rotary and StaticLayer.update's ops; transformers' RMSNorm), same run.
+  (the rotary and StaticLayer.update's ops; repeat_kv + SDPA with the boolean mask, as
+  transformers' sdpa_attention_forward; transformers' RMSNorm), same run.
 """
 import argparse
 import json
@@ -17,6 +22,7 @@ import torch
 import triton
 from triton.testing import do_bench_cudagraph
 
+from arcquant.kernels.decode_attention import decode_attention, decode_attention_reference, splits
 from arcquant.kernels.rmsnorm import rmsnorm, rmsnorm_reference
 from arcquant.kernels.rope_cache import rope_cache, rope_cache_reference
 
@@ -70,6 +76,42 @@ def check_rope(rows):
                 print(row, flush=True)
 
 
+def eager_attention(q, k, v, mask, scale):
+    """transformers' sdpa_attention_forward with a mask: repeat_kv, SDPA, transpose."""
+    g = q.shape[1] // k.shape[1]
+    rep = lambda x: x[:, :, None].expand(-1, -1, g, -1, -1).reshape(x.shape[0], -1, *x.shape[2:])
+    o = torch.nn.functional.scaled_dot_product_attention(q, rep(k), rep(v), attn_mask=mask, scale=scale)
+    return o.transpose(1, 2).contiguous()
+
+
+def check_attention(rows):
+    for shape, (hq, hkv, d) in HEADS.items():
+        for dt in (torch.bfloat16, torch.float16):
+            for b, t, L, early in ((1, 1, 161, 0), (8, 1, 161, 0), (1, 4, 2049, 0), (8, 16, 2049, 0), (1, 1, 8192, 0),
+                                   (8, 1, 8192, 0), (1, 1, 8192, 200), (8, 1, 8192, 200)):
+                gen = torch.Generator(device="cuda").manual_seed(b * 7 + t + L)
+                q = torch.randn(b, t, hq, d, device="cuda", generator=gen).to(dt).transpose(1, 2)
+                k, v = (torch.randn(b, hkv, L, d, device="cuda", generator=gen).to(dt) for _ in range(2))
+                first = early or int(torch.randint(L // 2, L - t + 1, (1,), generator=torch.Generator().manual_seed(L + t)))
+                pos = first + torch.arange(t, device="cuda")           # the causal edge: late in the cache, or early
+                nvalid = pos[-1:] + 1                                   # keys written (the engine: cumulative_length)
+                mask = (torch.arange(L, device="cuda")[None, :] <= pos[:, None]).expand(b, 1, -1, -1)
+                got = decode_attention(q, k, v, mask, d ** -0.5, nvalid)
+                want = decode_attention_reference(q, k, v, mask, d ** -0.5).float()
+                ulp = 2 ** -7 if dt == torch.bfloat16 else 2 ** -10
+                err = ((got.float() - want).abs() / (want.abs().clamp(min=0.5) * ulp)).max().item()
+                sdpa = ((eager_attention(q, k, v, mask, d ** -0.5).float() - want).abs() /
+                        (want.abs().clamp(min=0.5) * ulp)).max().item()
+                row = {"kernel": "decode_attention", "shape": shape, "dtype": str(dt), "b": b, "t": t, "L": L,
+                       "keys": int(pos[-1]) + 1, "splits": splits(b * hkv * t, L),
+                       "max_ulps": round(err, 2), "sdpa_max_ulps": round(sdpa, 2)}
+                if dt == torch.bfloat16 and shape != "smollm2-135m":
+                    row["us"] = do_bench_cudagraph(lambda: decode_attention(q, k, v, mask, d ** -0.5, nvalid)) * 1e3
+                    row["eager_us"] = do_bench_cudagraph(lambda: eager_attention(q, k, v, mask, d ** -0.5)) * 1e3
+                rows.append(row)
+                print(row, flush=True)
+
+
 def check_rmsnorm(rows):
     for n in (576, 1040, 3584, 4096):
         for dt in (torch.bfloat16, torch.float16):
@@ -94,9 +136,11 @@ def main():
     a = ap.parse_args()
     rows = []
     check_rope(rows)
+    check_attention(rows)
     check_rmsnorm(rows)
     exact = [r for r in rows if "exact" in r]
     ok = sum(r["exact"] for r in exact) == len(exact) and all(r["max_ulps"] <= 2 for r in rows if "max_ulps" in r)
+    # decode attention: allowed 2 ulps of the dtype relative to max(|o|, 0.5), as the CPU test
     head = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "rope_exact": f"{sum(r['exact'] for r in exact)}/{len(exact)}", "ok": ok}
     print(head, flush=True)

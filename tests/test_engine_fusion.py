@@ -12,6 +12,8 @@ pytest.importorskip("triton", reason="triton is a test dependency (pip install -
 
 from arcquant.engine import Engine                                      # noqa: E402
 from arcquant.engine_fusion import fuse_engine                          # noqa: E402
+from arcquant.kernels.decode_attention import (decode_attention, decode_attention_reason,  # noqa: E402
+                                               decode_attention_reference)
 from arcquant.kernels.ops import backend                                # noqa: E402
 from arcquant.kernels.rmsnorm import rmsnorm, rmsnorm_reason, rmsnorm_reference  # noqa: E402
 from arcquant.kernels.rope_cache import rope_cache, rope_cache_reference  # noqa: E402
@@ -79,6 +81,41 @@ def test_rmsnorm_kernel_within_an_ulp(dt, shape):
         rmsnorm(x, w[:50], 1e-5)
 
 
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,t,hq,hkv,d,L", [(1, 1, 4, 2, 16, 10), (2, 3, 9, 3, 64, 150), (3, 2, 7, 1, 32, 700),
+                                            (1, 1, 4, 1, 16, 1030)])
+def test_decode_attention_matches_the_float32_oracle(dt, b, t, hq, hkv, d, L):
+    """Grouped-query attention of t new tokens over a cache of L: within two ulps of the dtype
+    of the float32 oracle - causal, with some early keys off too (padding), with a broadcast
+    batch mask, and bounded by the keys written (nvalid; the rows past it hold NaN, never read).
+    The last two shapes split the keys over 2 and 4 programs (splits()) and combine them."""
+    from arcquant.kernels.decode_attention import splits
+    g = torch.Generator().manual_seed(b * 10 + t)
+    q = torch.randn(b, t, hq, d, generator=g).to(dt).transpose(1, 2)   # (B, HQ, T, D) view, as the rotary kernel's
+    k, v = (torch.randn(b, hkv, L, d, generator=g).to(dt) for _ in range(2))
+    pos = torch.randint(0, L - t + 1, (1,), generator=g) + torch.arange(t)
+    k[:, :, pos[-1] + 1:] = float("nan")
+    v[:, :, pos[-1] + 1:] = float("nan")
+    causal = (torch.arange(L)[None, :] <= pos[:, None]).expand(b, 1, -1, -1)
+    padded = causal.clone()
+    padded[0, :, :, :2] = False
+    written = torch.tensor([int(pos[-1]) + 1])
+    shorter = torch.tensor([int(pos[0])])                              # the last t - 1 keys not yet written
+    for mask, nvalid, attended in ((causal, written, causal), (padded, None, padded), (causal[:1], written, causal),
+                                   (causal, shorter, causal & (torch.arange(L) < shorter))):
+        got = decode_attention(q, k, v, mask, d ** -0.5, nvalid)
+        want = decode_attention_reference(q, k.nan_to_num(), v.nan_to_num(), attended, d ** -0.5)
+        assert got.shape == (b, t, hq, d)
+        if t > 1 and attended is not causal and nvalid is shorter and pos[0] == 0:
+            continue                                                   # the first token has no key left
+        assert ((got.float() - want.float()).abs() <= 2 * ULP[dt] * want.float().abs().clamp(min=0.5)).all()
+    assert splits(b * hkv * t, L) == {10: 1, 150: 1, 700: 2, 1030: 4}[L]
+    assert "at most 16 tokens" in decode_attention_reason(q.repeat(1, 1, 17, 1), k, v, causal)
+    assert "mask" in decode_attention_reason(q, k, v, causal.float())
+    with pytest.raises(ValueError, match="one of"):
+        decode_attention(q.float(), k, v, causal, 1.0)
+
+
 def _decode_logits(model, ids, feed, fusions) -> torch.Tensor:
     """Prefill ids (B, T), then decode steps feeding the tokens feed (B, S) (teacher-forced, so
     every setting sees the same tokens): logits (S + 1, B, V) float32."""
@@ -89,10 +126,12 @@ def _decode_logits(model, ids, feed, fusions) -> torch.Tensor:
     return torch.stack(out)
 
 
-def test_fused_attention_gives_the_eager_logits_bit_for_bit(fresh_smollm):
+def test_fused_attention_gives_the_eager_logits_bit_for_bit(fresh_smollm, monkeypatch):
     """SmolLM2-135M in bf16 (9 query, 3 key/value heads of 64), two prompts, prefill and 2 decode
     steps: with the rotary + cache kernel the logits equal the eager modules' bit for bit; with
-    the RMSNorm kernel too, they are as far from the float32 model's as the eager bf16 ones."""
+    the decode attention and RMSNorm kernels too, they are as far from the float32 model's as the
+    eager bf16 ones."""
+    from arcquant import engine_fusion
     model, tok = fresh_smollm
     ids = tok(["The capital of France is", "def add(a, b): return"], return_tensors="pt", padding=True).input_ids
     feed = torch.tensor([[264, 1345], [1232, 28]])
@@ -100,8 +139,10 @@ def test_fused_attention_gives_the_eager_logits_bit_for_bit(fresh_smollm):
     model = model.to(torch.bfloat16)
     with backend("triton"):
         eager = _decode_logits(model, ids, feed, fusions=False)
-        fuse_engine(model, True, norms=False)                          # the attention fusion alone
+        fuse_engine(model, True, norms=False)                          # the rotary + cache kernel alone
+        monkeypatch.setattr(engine_fusion, "DECODE_ATTENTION", False)
         rope = _decode_logits(model, ids, feed, fusions=None)
+        monkeypatch.setattr(engine_fusion, "DECODE_ATTENTION", True)
         both = _decode_logits(model, ids, feed, fusions=True)
     assert torch.equal(rope, eager)
     err = lambda x: (x - ref).abs().mean().item()
