@@ -3,7 +3,9 @@
 For each model: decode tokens/s at several batch sizes (a prompt, then `decode` greedy steps
 replayed from a CUDA graph; median of `repeats` timed runs after warm-up, CUDA events), prefill
 latency of one `prefill`-token prompt, weight bytes, peak GPU memory, and a per-op profile of
-one eager decode step (batch 1). Models: a checkpoint (the BF16 side is its source model), or a
+one eager decode step (batch 1, and each batch of 2 - 16). Both models run with the engine
+fusions (engine_fusion.py) and are timed again without them in the same run (fusion_ab).
+Models: a checkpoint (the BF16 side is its source model), or a
 model shape with random weights (arcquant/synth.py) quantized here with a short calibration.
 """
 import gc
