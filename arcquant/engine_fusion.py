@@ -16,7 +16,6 @@ back to the class's forward whenever a call does not fit: CPU tensors on the ref
 backend, torch.compile tracing, training, no static cache layer (or a sliding-window one),
 rotary tables of another size or dtype.
 """
-import logging
 import sys
 import types
 
@@ -27,7 +26,6 @@ from .kernels.ops import runs_kernels
 from .kernels.rmsnorm import rmsnorm, rmsnorm_reason
 from .kernels.rope_cache import DTYPES, rope_cache
 
-log = logging.getLogger("arcquant")
 # classes whose forward is transformers' Llama attention (q/k/v -> rotate-half rotary -> cache
 # update -> attention function -> o_proj); the Qwen2 / Mistral ones pass sliding_window on too
 ROPE_ATTENTION = {"LlamaAttention", "Qwen2Attention", "MistralAttention", "MixtralAttention", "Qwen2MoeAttention"}
@@ -55,8 +53,10 @@ def rope_reason(attn, x: torch.Tensor, position_embeddings, layer) -> str | None
     if layer is None or position_embeddings is None:
         return "no full-length static cache layer or no rotary tables"
     cos = position_embeddings[0]
-    if cos.dtype != x.dtype or cos.shape[-1] != attn.head_dim or cos.dim() != 3:
-        return f"rotary tables {tuple(cos.shape)} {cos.dtype} for head size {attn.head_dim}, {x.dtype}"
+    if cos.dtype != x.dtype or cos.dim() != 3 or cos.shape[-1] != attn.head_dim or cos.shape[0] not in (1, x.shape[0]) \
+            or cos.shape[1] != x.shape[1]:
+        return f"rotary tables {tuple(cos.shape)} {cos.dtype} for {tuple(x.shape[:2])} tokens, head size " \
+               f"{attn.head_dim}, {x.dtype}"
     return None
 
 
@@ -73,7 +73,7 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     if not layer.is_initialized:                                       # shapes, dtype, device of the cache
         heads = lambda y: y.view(b, t, -1, self.head_dim).transpose(1, 2)
         layer.lazy_initialization(heads(k), heads(v))
-    cos, sin = position_embeddings                                     # (B, T, D)
+    cos, sin = (c.expand(b, t, -1) for c in position_embeddings)      # (B, T, D); batch 1 broadcast
     qh = rope_cache(q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length.view(1))  # (B, HQ, T, D)
     layer.cumulative_length.add_(t)
     if DECODE_ATTENTION and self.config._attn_implementation in ("sdpa", "eager") and \

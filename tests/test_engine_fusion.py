@@ -150,3 +150,29 @@ def test_fused_attention_gives_the_eager_logits_bit_for_bit(fresh_smollm, monkey
     counts = fuse_engine(model, False)
     assert counts == {"attention": 30, "norms": 61, "other_attention": []}
     assert "forward" not in model.model.layers[0].self_attn.__dict__
+
+
+def test_fused_attention_takes_batch_one_rotary_tables_and_falls_back_without_a_static_cache():
+    """A forward with position_ids of batch 1 for two prompts (cos / sin broadcast over the batch)
+    through a StaticCache gives the eager logits bit for bit (head size 24: the rotary kernel,
+    then the model's SDPA); without a cache (DynamicCache) the class's own forward runs."""
+    from transformers import StaticCache
+    from conftest import tiny_llama
+    model = tiny_llama(vocab=256).to(torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(6)[None]                                        # (1, T): one table for both prompts
+
+    def logits():
+        cache = StaticCache(config=model.config, max_cache_len=8)
+        with torch.no_grad():
+            return model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True).logits
+
+    eager = logits()
+    with backend("triton"):
+        assert fuse_engine(model, True, norms=False)["attention"] == 2
+        fused = logits()
+        with torch.no_grad():
+            plain = model(input_ids=ids).logits                         # no static cache: eager attention
+        fuse_engine(model, False)
+    assert torch.equal(fused, eager)
+    assert torch.equal(plain[:, -1].argmax(-1), eager[:, -1].argmax(-1))
