@@ -28,6 +28,7 @@ import triton.language as tl
 
 MAX_T, BN = 16, 64
 TARGET_PROGRAMS = 264                     # ~2 per SM of an H100 / H200 (132 SMs)
+NUM_WARPS, MIN_SPLIT_BLOCKS = 4, 1        # results/decode-attention-tune-h200.json (H200): BN 64, 4 warps, 1
 DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -116,10 +117,10 @@ def decode_attention_reason(q, k, v, mask) -> str | None:
 
 def splits(programs: int, L: int) -> int:
     """Key splits for a call with `programs` (batch x key/value heads x tokens) programs over a
-    cache of L: enough to give the card ~2 programs per SM, at least 4 blocks of keys each; 1
-    (one kernel, no combine) for short caches."""
+    cache of L: enough to give the card ~2 programs per SM, at least MIN_SPLIT_BLOCKS blocks of
+    keys each; 1 (one kernel, no combine) for caches of fewer than 2 blocks."""
     s = 1
-    while programs * s < TARGET_PROGRAMS and L >= (2 * s) * 4 * BN:
+    while programs * s < TARGET_PROGRAMS and L >= (2 * s) * MIN_SPLIT_BLOCKS * BN:
         s *= 2
     return s
 
@@ -144,7 +145,7 @@ def decode_attention(q, k, v, mask, scale: float, nvalid=None) -> torch.Tensor:
         q, k, v, m, nvalid, o, wacc, wml, float(scale), t, hq, hkv, L, g,
         q.stride(0), q.stride(1), q.stride(2), m.stride(0), m.stride(2),
         D=d, GP=max(16, triton.next_power_of_2(g)), BN=BN, PER=triton.cdiv(triton.cdiv(L, BN), s), SPLIT=s > 1,
-        F32=os.environ.get("TRITON_INTERPRET") == "1")
+        F32=os.environ.get("TRITON_INTERPRET") == "1", num_warps=NUM_WARPS)
     if s > 1:
         _combine_kernel[(b * t * hq,)](wacc, wml, o, b * t * hq, s, D=d, SP=triton.next_power_of_2(s))
     return o
