@@ -12,7 +12,7 @@ kernel then combines the partial softmaxes):
     k, v  (B, HKV, L, D)  the static cache, contiguous; HQ = G * HKV
     mask  bool, broadcastable to (B, 1, T, L): True where a key is attended (the engine's causal
                           mask, or any other, e.g. left padding)
-    nvalid (1,) int64     keys written so far: blocks at or past it are not read (a long static
+    nvalid (1,) int64     keys written so far: keys at or past it are never read (a long static
                           cache early in generation costs only its written part)
     -> o  (B, T, HQ, D)   softmax(q k^T * scale, masked) v, in the layout the model reshapes
 
