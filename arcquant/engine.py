@@ -9,7 +9,8 @@ per prompt shape (B, T), as a server bucketing prompt lengths would: that remove
 of a few hundred eager kernel launches, which a quantized model (several kernels per linear)
 pays more than a BF16 one. A capture that fails falls back to eager, with the reason logged.
 Both models get the same engine-level fusions (engine_fusion.py: the rotary with the cache
-write, RMSNorm as one kernel); fusions=False runs the eager modules, None leaves them as set.
+write, decode attention over the cache, RMSNorm, one kernel each); fusions=False runs the eager
+modules, None leaves them as set.
 """
 import logging
 
@@ -46,7 +47,8 @@ def set_fusions(model, enable: bool) -> None:
         return
     c = fuse_engine(model, enable)
     model._arcquant_fusions = enable
-    log.info("engine fusions %s: rotary + KV-cache write in %d attention modules, RMSNorm kernel in %d norms%s",
+    log.info("engine fusions %s: rotary + KV-cache write and decode attention in %d attention modules, "
+             "RMSNorm kernel in %d norms%s",
              "on" if enable else "off", c["attention"], c["norms"],
              f"; attention classes left eager: {c['other_attention']}" if c["other_attention"] else "")
 

@@ -2,8 +2,8 @@
 
 A decode step of an eager transformers model spends much of its time in tiny kernels that
 are the same for the BF16 and the quantized model; leaving them in makes both slower and the
-quantized model's ratio to BF16 look better than against a good BF16 engine. Two of them are
-replaced here by one kernel each:
+quantized model's ratio to BF16 look better than against a good BF16 engine. Three of them
+are replaced here by one kernel each:
 - attention (ROPE_ATTENTION classes): rotary + static KV-cache write, ~15 kernels -> 1
   (kernels/rope_cache.py; bit-exact with the eager ops); then, for up to 16 new tokens with the
   SDPA or eager attention and a boolean mask, grouped-query attention over the cache in one
@@ -21,6 +21,7 @@ import types
 
 import torch
 
+from .gpu import NORMS as RMS_NORMS          # the classes whose forward is transformers' Llama RMSNorm
 from .kernels.decode_attention import decode_attention, decode_attention_reason
 from .kernels.ops import runs_kernels
 from .kernels.rmsnorm import rmsnorm, rmsnorm_reason
@@ -30,8 +31,6 @@ from .kernels.rope_cache import DTYPES, rope_cache
 # update -> attention function -> o_proj); the Qwen2 / Mistral ones pass sliding_window on too
 ROPE_ATTENTION = {"LlamaAttention", "Qwen2Attention", "MistralAttention", "MixtralAttention", "Qwen2MoeAttention"}
 DECODE_ATTENTION = True
-RMS_NORMS = {"LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen3RMSNorm",
-             "Qwen2MoeRMSNorm", "Qwen3MoeRMSNorm"}
 
 
 def _static_layer(cache, idx: int):
@@ -61,7 +60,8 @@ def rope_reason(attn, x: torch.Tensor, position_embeddings, layer) -> str | None
 
 
 def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
-    """ROPE_ATTENTION's forward with the rotary and the cache write as one kernel."""
+    """ROPE_ATTENTION's forward with the rotary and the cache write as one kernel, then the decode
+    attention kernel where it fits (else the model's attention function on the cache)."""
     key = "cache" if "cache" in kwargs else "past_key_values"           # transformers >= 5.2x: `cache`
     layer = _static_layer(kwargs.get(key), self.layer_idx)
     if rope_reason(self, hidden_states, position_embeddings, layer) is not None:

@@ -3,7 +3,7 @@
     PYTHONPATH=. python3 scripts/check_norm_kernel.py --out results/norm-act-h200.json
 For awkward shapes (M = 1, 3, 8, 16, 32, 100, 600; K = 576, 1040, 3584, 4096; s = 0, 16, 64, 448), every
 output kind and both tensor-scale modes, on random rows with outlier channels:
-- y against transformers' RMSNorm formula (cuda_act.rmsnorm_reference, torch on the GPU): the
+- y against transformers' RMSNorm formula (rmsnorm.rmsnorm_reference, torch on the GPU): the
   fraction of elements that differ and the largest difference in ulps (the CTA's sum of squares
   runs in another order than torch's: the normalized value may move by one ulp, which the
   weight multiply and second rounding can make two; allowed: 2 ulps, bf16 and fp16 - the first
@@ -22,7 +22,8 @@ from triton.testing import do_bench_cudagraph
 
 from arcquant.kernels import ops
 from arcquant.kernels.act_quant import block_starts
-from arcquant.kernels.cuda_act import arc_rmsnorm_act_cuda, rmsnorm_reference
+from arcquant.kernels.cuda_act import arc_rmsnorm_act_cuda
+from arcquant.kernels.rmsnorm import rmsnorm_reference
 
 
 ALLOWED_ULPS = 2                          # y vs torch's formula, bf16 and fp16 (see above)

@@ -83,17 +83,10 @@ def arc_act_quant_cuda(x: torch.Tensor, starts: torch.Tensor, s: int, gs: torch.
 NORM_MAX_K = 12288                                                  # the row's floats in shared memory
 
 
-def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' Llama / Qwen2 RMSNorm: fp32 statistics, rounded to x's dtype, times weight."""
-    xf = x.float()
-    h = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return weight * h
-
-
 def arc_rmsnorm_act_cuda(x: torch.Tensor, weight: torch.Tensor, eps: float, starts: torch.Tensor, s: int,
                          gs: torch.Tensor | None = None, out: str = "int8", ctas: int = 0) -> tuple:
     """RMSNorm fused in front of the activation kernel (the inputs of q/k/v and gate/up):
-    x (M, K) -> (y (M, K) = rmsnorm_reference(x) up to two ulps where the sum of squares' order
+    x (M, K) -> (y (M, K) = rmsnorm.rmsnorm_reference(x) up to two ulps where the sum of squares' order
     matters, then xq, scales or None, gs exactly as arc_act_quant_cuda(y, ...)).
     ctas: CTAs a row (0: the kernel's choice - up to 8 for M <= 16; the same result for any)."""
     if not 0 <= ctas <= 64:

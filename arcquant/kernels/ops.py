@@ -114,7 +114,8 @@ def rmsnorm_quantize_act(x: Tensor, weight: Tensor, eps: float, perm: Tensor, st
                          gs: Tensor | None, out: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """RMSNorm then quantize_act: x (M, K) -> (y (M, K) normalized, xq, scales, gs) - the CUDA
     kernel on CUDA tensors (cuda_act.arc_rmsnorm_act_cuda), the reference on CPU."""
-    from .cuda_act import arc_rmsnorm_act_cuda, rmsnorm_reference
+    from .cuda_act import arc_rmsnorm_act_cuda
+    from .rmsnorm import rmsnorm_reference
     if x.device.type == "cpu":
         y = rmsnorm_reference(x, weight, eps)
         return (y,) + tuple(_quantize_act_reference(y, perm, s, gs, out))

@@ -56,6 +56,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The oracle, in transformers' operation order."""
+    """The oracle, in transformers' operation order (fp32 statistics, rounded to x's dtype, times
+    weight); also the oracle of the CUDA RMSNorm + quantize kernel's y (cuda_act.py)."""
     v = x.float()
     return weight * (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
