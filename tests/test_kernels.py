@@ -274,6 +274,24 @@ def test_mma_decode_places_e2m1_codes_as_fp16_bits_exactly():
     assert torch.equal(prod.double(), got.flatten().double()[:, None] * scales.double()[None, :])
 
 
+
+def test_dequant_decode_widened_times_scale_is_code_times_scale_in_bf16_and_fp16():
+    """csrc/arc_dequant.cu's decode_word, emulated: the same fp16 placement, widened to fp32 and
+    multiplied by block scale * 2^14, then rounded to bf16 / fp16 - equal to code * scale (the
+    reference dequantization) for every code and every finite positive E4M3 scale: both
+    multiplications and the final rounding are exact."""
+    words = torch.tensor([sum(c << 4 * i for i in range(8)) for c in range(16)])   # every code, every nibble
+    h = mma_decode_reference(words)
+    placed = torch.stack([h & 0xFFFF, h >> 16], -1).to(torch.int32).to(torch.int16).view(torch.float16)
+    scales = torch.arange(1, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()   # (126,)
+    wide = placed.float().reshape(-1, 1) * (scales * 2 ** 14)              # fp32 products, (16 * 8, 126)
+    codes = torch.stack([(words >> 4 * i) & 0xF for i in range(8)], 1).to(torch.uint8)
+    want = (e2m1.e2m1_decode(codes)[:, [0, 4, 1, 5, 2, 6, 3, 7]].reshape(-1, 1).double()
+            * scales.double())                                             # exact in float64
+    assert torch.equal(wide.double(), want)
+    for dt in (torch.bfloat16, torch.float16):
+        assert torch.equal(wide.to(dt).double(), want)
+        assert torch.equal(torch.signbit(wide.to(dt)), torch.signbit(want))
 def test_mma_order_round_trips_and_pairs_columns_j_and_j_plus_4():
     x = torch.arange(48.).reshape(2, 24)
     y = to_mma_order(x)
