@@ -311,8 +311,18 @@ __global__ void arc_rmsnorm_act_kernel(const T* __restrict__ x, const T* __restr
 //   g, u as given; h = T(T(silu(g)) * u), silu(g) = g / (1 + exp(-g)) in fp32 - torch's order
 //   and roundings (F.silu on T, then the T product). h stays in shared memory as T (not written)
 //   and is quantized as arc_act_kernel does (gs_mode 2: 2688 / max|h[m]|).
+// 16-byte loads in flight per operand: 2 (47 registers, 5 CTAs an SM) is 5 % faster than 4 (63, 4 CTAs)
+// at M = 2048 on an H200, bit-equal (scripts/ab_silu_act.py, results/ab-silu-act-h200.json)
+#ifndef ARC_SILU_U
+#define ARC_SILU_U 2
+#endif
+#ifdef ARC_SILU_MINB                                             // A/B knob (scripts/ab_silu_act.py): CTAs an SM
+#define ARC_SILU_BOUNDS __launch_bounds__(256, ARC_SILU_MINB)
+#else
+#define ARC_SILU_BOUNDS
+#endif
 template <typename T, int OUT>
-__global__ void arc_silu_mul_act_kernel(const T* __restrict__ g, const T* __restrict__ u,
+__global__ void ARC_SILU_BOUNDS arc_silu_mul_act_kernel(const T* __restrict__ g, const T* __restrict__ u,
                                         const float* __restrict__ inv_g, const float* __restrict__ inv_u,
                                         int inv_per_row, const int* __restrict__ starts,
                                         const float* __restrict__ gs_in, int gs_mode, float* __restrict__ gs_out,
@@ -325,7 +335,7 @@ __global__ void arc_silu_mul_act_kernel(const T* __restrict__ g, const T* __rest
   const float sg = scaled ? inv_g[inv_per_row ? m : 0] : 1.f, su = scaled ? inv_u[inv_per_row ? m : 0] : 1.f;
   const uint4* grow = reinterpret_cast<const uint4*>(g + (size_t)m * K);
   const uint4* urow = reinterpret_cast<const uint4*>(u + (size_t)m * K);
-  constexpr int U = 4;                                           // 16-byte loads in flight per operand
+  constexpr int U = ARC_SILU_U;
   float amax = 0.f, gf[8], uf[8];
   for (int i0 = threadIdx.x; i0 < K / 8; i0 += U * blockDim.x) {
     uint4 gv[U], uv[U];
@@ -488,8 +498,8 @@ void arc_silu_mul_act(torch::Tensor g, torch::Tensor u, torch::Tensor inv_g, tor
   const float* ig = ni ? inv_g.data_ptr<float>() : nullptr;
   const float* iu = ni ? inv_u.data_ptr<float>() : nullptr;
   const int per_row = ni > 1 ? 1 : 0;
-  // 256 threads, 4 loads of gate and of up in flight each: ~3 CTAs an SM (registers), so one CTA's
-  // loads overlap another's quantization (512 threads with one load each: 2 CTAs, ~1.3 TB/s on H200)
+  // 256 threads, ARC_SILU_U loads of gate and of up in flight each: ~5 CTAs an SM (registers), so one
+  // CTA's loads overlap another's quantization (512 threads with one load each: 2 CTAs, ~1.3 TB/s on H200)
   const int threads = (int)std::min<int64_t>(256, std::max<int64_t>(64, (k / 8 + 31) / 32 * 32));
   const size_t smem = (size_t)k * 2;
   auto stream = at::cuda::getCurrentCUDAStream();

@@ -86,11 +86,10 @@ __device__ __forceinline__ T from_f(float v) {
 
 template <typename T>
 __global__ void arc_scale_rows_kernel(T* __restrict__ y, const float* __restrict__ inv, int inv_per_row,
-                                      const T* __restrict__ bias, long long total8, int n8) {
-  const long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+                                      const T* __restrict__ bias, unsigned total8, unsigned n8) {
+  const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;    // 32-bit: no 64-bit division a thread
   if (idx >= total8) return;
-  const long long r = idx / n8;
-  const int c8 = (int)(idx - r * n8);
+  const unsigned r = idx / n8, c8 = idx - r * n8;
   const float sc = inv[inv_per_row ? r : 0];
   uint4 v = reinterpret_cast<uint4*>(y)[idx];
   T* h = reinterpret_cast<T*>(&v);
@@ -121,16 +120,17 @@ void arc_scale_rows(torch::Tensor y, torch::Tensor inv, c10::optional<torch::Ten
     b = bias->data_ptr();
   }
   const long long total8 = m * (n / 8);
+  TORCH_CHECK(total8 < (1LL << 32), "at most 2^32 - 1 groups of 8 values (M x N / 8) a call, got ", total8);
   if (total8 == 0) return;
   const unsigned blocks = (unsigned)((total8 + 255) / 256);
   auto stream = at::cuda::getCurrentCUDAStream();
   const int per_row = inv.numel() > 1 ? 1 : 0;
   if (y.scalar_type() == at::kBFloat16)
     arc_scale_rows_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(reinterpret_cast<__nv_bfloat16*>(y.data_ptr()),
-        inv.data_ptr<float>(), per_row, reinterpret_cast<const __nv_bfloat16*>(b), total8, (int)(n / 8));
+        inv.data_ptr<float>(), per_row, reinterpret_cast<const __nv_bfloat16*>(b), (unsigned)total8, (unsigned)(n / 8));
   else if (y.scalar_type() == at::kHalf)
     arc_scale_rows_kernel<__half><<<blocks, 256, 0, stream>>>(reinterpret_cast<__half*>(y.data_ptr()),
-        inv.data_ptr<float>(), per_row, reinterpret_cast<const __half*>(b), total8, (int)(n / 8));
+        inv.data_ptr<float>(), per_row, reinterpret_cast<const __half*>(b), (unsigned)total8, (unsigned)(n / 8));
   else
     TORCH_CHECK(false, "y: bfloat16 or float16");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
