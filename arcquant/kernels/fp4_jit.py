@@ -1,5 +1,5 @@
-"""Triton device functions shared by the kernels: decoding E2M1 codes and E4M3 scale bits, and
-the augmented depth's tail mapping."""
+"""Triton device functions shared by the kernels: decoding E2M1 codes and E4M3 scale bits, the
+augmented depth's tail mapping, and rounding fp32 to a 16-bit dtype."""
 import triton
 import triton.language as tl
 
@@ -28,3 +28,15 @@ def tail_to_main(idx, WIDTH: tl.constexpr, K, S):
     """Index of a unit of WIDTH columns along the augmented depth K+s -> the unit it reads:
     the tail (columns K..K+s-1) repeats the main columns K-s..K-1, stored once."""
     return tl.where(idx * WIDTH >= K, idx - S // WIDTH, idx)
+
+
+@triton.jit
+def round_to(x, dt: tl.constexpr):
+    """fp32 x rounded to dtype dt (nearest, ties to even), as an fp32. bf16 in integer ops: the
+    interpreter's float -> bf16 convert truncates; the result then converts to bf16 exactly."""
+    if dt == tl.bfloat16:
+        b = x.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        return b.to(tl.float32, bitcast=True)
+    else:
+        return x.to(dt).to(tl.float32)

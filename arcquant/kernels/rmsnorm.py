@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .rope_cache import DTYPES, round_to
+from .fp4_jit import round_to
+from .rope_cache import DTYPES
 
 MAX_N = 16384
 

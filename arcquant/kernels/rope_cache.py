@@ -25,19 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp4_jit import round_to
+
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-@triton.jit
-def round_to(x, dt: tl.constexpr):
-    """fp32 x rounded to dtype dt (nearest, ties to even), as an fp32. bf16 in integer ops: the
-    interpreter's float -> bf16 convert truncates; the result then converts to bf16 exactly."""
-    if dt == tl.bfloat16:
-        b = x.to(tl.uint32, bitcast=True)
-        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-        return b.to(tl.float32, bitcast=True)
-    else:
-        return x.to(dt).to(tl.float32)
 
 
 @triton.jit
