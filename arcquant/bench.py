@@ -177,11 +177,13 @@ def prefill_fusion_ab(model, tokens: int, repeats: int) -> dict:
 
 def fusion_ab(model, label: str, batches, decode: int, prefill: int, repeats: int) -> dict:
     """The same run's A/B of the engine fusions (engine_fusion.py): decode tokens/s and the graph
-    prefill again with them off (the eager modules: the engine before v27), and the largest
-    |logit| difference of 32 greedy steps from the fused ones (the RMSNorm kernel's sum of squares
-    runs in another order)."""
+    prefill again with them off (the eager modules: the engine before v27), and how far the logits
+    of 32 decode steps are from the fused ones, teacher-forced (both fed the fused run's greedy
+    tokens, so a flipped near-tie does not send the two down different sequences): largest |diff|,
+    relative difference and top-1 agreement (the RMSNorm kernel's sum of squares runs in another
+    order, the attention kernel accumulates in another order)."""
     vocab, out = model.config.vocab_size, {}
-    fused = greedy_logits(model, 32, vocab)
+    fused, fed = greedy_logits(model, 32, vocab)
     try:
         for b in batches:
             out[f"decode_tok_s_b{b}_unfused_engine"] = decode_tokens_per_s(model, b, decode, repeats, vocab, fusions=False)
@@ -189,9 +191,12 @@ def fusion_ab(model, label: str, batches, decode: int, prefill: int, repeats: in
             gc.collect()
             torch.cuda.empty_cache()
         out[f"prefill_ms_{prefill}_graph_unfused_engine"], _, _ = prefill_ms(model, prefill, repeats, vocab, True, fusions=False)
-        out["unfused_engine_logits_max_abs_diff"] = (greedy_logits(model, 32, vocab, fusions=False) - fused).abs().max().item()
+        out.update(logit_difference(greedy_logits(model, 32, vocab, fusions=False, tokens=fed)[0], fused,
+                                    "unfused_engine"))
         print(f"  {label}, engine fusions off: prefill {out[f'prefill_ms_{prefill}_graph_unfused_engine']:.1f} ms; "
-              f"logits vs fused: max |diff| {out['unfused_engine_logits_max_abs_diff']:.3g}", flush=True)
+              f"teacher-forced logits vs fused: max |diff| {out['unfused_engine_logits_max_abs_diff']:.3g}, relative "
+              f"{out['unfused_engine_logits_rel_diff']:.2e}, top-1 agree {100 * out['unfused_engine_top1_agree']:.0f} %",
+              flush=True)
     finally:
         from .engine import set_fusions
         set_fusions(model, True)
@@ -218,24 +223,38 @@ def decode_pipeline_ab(model, batches, decode: int, repeats: int) -> dict:
     return out
 
 
-def greedy_logits(model, steps: int, vocab: int, fusions: bool = True) -> torch.Tensor:
-    """Logits of `steps` greedy decode steps (batch 1, CUDA graph) after a fixed 128-token prompt:
-    (steps, V) float32 - for comparing two settings of the same model bit for bit."""
-    e = Engine(model, 1, PROMPT + steps + 1, graphs=True, fusions=fusions)
+def greedy_logits(model, steps: int, vocab: int, fusions: bool = True, tokens=None, graphs: bool = True) -> tuple:
+    """Logits of `steps` decode steps (batch 1, CUDA graph) after a fixed 128-token prompt, each
+    step fed the previous step's argmax (greedy) or, given `tokens` (steps,), tokens[i] (teacher
+    forcing) -> ((steps, V) float32 logits, (steps,) the tokens fed) - for comparing two settings of
+    the same model step by step."""
+    e = Engine(model, 1, PROMPT + steps + 1, graphs=graphs, fusions=fusions)
     ids = torch.randint(0, vocab, (1, PROMPT), device=e.device, generator=torch.Generator(device=e.device).manual_seed(0))
-    tok, out = e.prefill(ids).argmax(-1, keepdim=True), []
+    tok, out, fed = e.prefill(ids).argmax(-1, keepdim=True), [], []
     for i in range(steps):
+        if tokens is not None:
+            tok = tokens[i].reshape(1, 1).to(e.device)
+        fed.append(tok.reshape(()).clone())
         logits = e.step(tok, PROMPT + i).float()
         out.append(logits[0].clone())
         tok = logits.argmax(-1, keepdim=True)
-    return torch.stack(out)
+    return torch.stack(out), torch.stack(fed)
+
+
+def logit_difference(got: torch.Tensor, want: torch.Tensor, name: str) -> dict:
+    """got vs want (steps, V): the largest |diff|, ||diff|| / ||want|| and the share of steps whose
+    argmax agrees, under `name`_logits_max_abs_diff / _logits_rel_diff / _top1_agree."""
+    d = got.float() - want.float()
+    return {f"{name}_logits_max_abs_diff": d.abs().max().item(),
+            f"{name}_logits_rel_diff": (d.norm() / want.float().norm()).item(),
+            f"{name}_top1_agree": (got.argmax(-1) == want.argmax(-1)).float().mean().item()}
 
 
 def decode_repeat(model) -> dict:
     """Two fresh engines' 32 greedy decode steps (batch 1, CUDA graphs) from one prompt: the
     largest |logit| difference (0: the decode step is deterministic - no race in the kernels)."""
     vocab = model.config.vocab_size
-    d = (greedy_logits(model, 32, vocab) - greedy_logits(model, 32, vocab)).abs().max().item()
+    d = (greedy_logits(model, 32, vocab)[0] - greedy_logits(model, 32, vocab)[0]).abs().max().item()
     print(f"  arc: logits of 32 greedy steps, two engines: max |diff| {d:.3g}", flush=True)
     gc.collect()
     torch.cuda.empty_cache()
@@ -296,6 +315,18 @@ def run_bench(source, checkpoint, batches=(1, 8, 32), decode: int = 64, prefill:
     return rows
 
 
+def engine_fusion_logits(rows) -> str:
+    """The table's sentence on the fusions-off logits: teacher-forced figures where the rows have
+    them (runs after v31), else the free-running greedy max |diff| older results recorded."""
+    if all("unfused_engine_logits_rel_diff" in r for r in rows):
+        return "teacher-forced logits of 32 decode steps vs fused: " + ", ".join(
+            f"{r['model']} max |diff| {r['unfused_engine_logits_max_abs_diff']:.3g}, relative "
+            f"{r['unfused_engine_logits_rel_diff']:.2e}, top-1 agree {100 * r['unfused_engine_top1_agree']:.0f} %"
+            for r in rows)
+    return "logits of 32 greedy steps vs fused: max |diff| " + ", ".join(
+        f"{r['model']} {r['unfused_engine_logits_max_abs_diff']:.3g}" for r in rows)
+
+
 def table(rows: list, batches, prefill: int) -> str:
     gib = lambda b: f"{b / 2**30:.2f}"
     graphed = all(f"prefill_ms_{prefill}_graph" in r for r in rows)
@@ -337,9 +368,8 @@ def table(rows: list, batches, prefill: int) -> str:
                                                                     f" ({r[f'decode_tok_s_b{b}_unfused_engine'] / old[f'decode_tok_s_b{b}_unfused_engine']:.2f}x)")
             for b in batches) + f", prefill graph {r[f'prefill_ms_{prefill}_graph_unfused_engine']:.1f} ms"
             for r in rows]
-        lines += ["", "Engine fusions off (the eager attention and norms; tok/s): " + "; ".join(cells) +
-                  "; logits of 32 greedy steps vs fused: max |diff| " +
-                  ", ".join(f"{r['model']} {r['unfused_engine_logits_max_abs_diff']:.3g}" for r in rows)]
+        lines += ["", "Engine fusions off (the eager attention and norms; tok/s): " + "; ".join(cells) + "; " +
+                  engine_fusion_logits(rows)]
     for r in rows:                                                      # the pipelined GEMV's A/B
         for b in batches:
             off = r.get(f"decode_tok_s_b{b}_unpipelined")

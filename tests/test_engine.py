@@ -397,6 +397,35 @@ def test_bench_table_ratios_and_graph_prefill_column():
     assert last == "arc decode b8 with the pipelined GEMV off: 1100.0 tok/s (1.25x BF16; on: 1150.0)"
 
 
+def test_teacher_forced_logits_feed_the_given_tokens_and_compare_step_by_step(fresh_smollm):
+    """bench.greedy_logits on the real SmolLM2 (CPU engine, no graphs): greedy feeds each step's
+    argmax; given tokens it feeds those (teacher forcing), so the same setting fed its own greedy
+    tokens reproduces its logits, and other tokens give other logits. logit_difference's figures
+    against hand-computed ones, and the table's sentence in both the new and the old form."""
+    from arcquant.bench import engine_fusion_logits, greedy_logits, logit_difference
+    model, _ = fresh_smollm
+    vocab = model.config.vocab_size
+    logits, fed = greedy_logits(model, 4, vocab, graphs=False)
+    assert logits.shape == (4, vocab) and fed.shape == (4,)
+    assert torch.equal(fed[1:], logits[:-1].argmax(-1))                  # greedy: the previous argmax
+    same, fed2 = greedy_logits(model, 4, vocab, graphs=False, tokens=fed)
+    assert torch.equal(fed2, fed) and torch.equal(same, logits)
+    other = (fed + 1) % vocab
+    moved, fed3 = greedy_logits(model, 4, vocab, graphs=False, tokens=other)
+    assert torch.equal(fed3, other) and not torch.equal(moved, logits)
+    want = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 3.0]])
+    got = torch.tensor([[1.5, 2.0, 0.0], [0.0, 4.0, 3.0]])                 # row 2's argmax flips
+    d = logit_difference(got, want, "x")
+    assert d["x_logits_max_abs_diff"] == 4.0 and d["x_top1_agree"] == 0.5
+    assert abs(d["x_logits_rel_diff"] - (0.25 + 16) ** 0.5 / 14 ** 0.5) < 1e-6
+    rows = [{"model": "bf16", "unfused_engine_logits_max_abs_diff": 0.5, "unfused_engine_logits_rel_diff": 1e-3,
+             "unfused_engine_top1_agree": 1.0}]
+    assert engine_fusion_logits(rows) == ("teacher-forced logits of 32 decode steps vs fused: bf16 max |diff| 0.5, "
+                                          "relative 1.00e-03, top-1 agree 100 %")
+    del rows[0]["unfused_engine_logits_rel_diff"]                         # a result file from before
+    assert engine_fusion_logits(rows) == "logits of 32 greedy steps vs fused: max |diff| bf16 0.5"
+
+
 def test_layer_benchmark_tables_state_the_measured_ranges():
     """scripts/bench_layers.py --md on the committed H200 result: the three target lines give the
     min / max computed here from its rows (the GPU run itself needs CUDA)."""
