@@ -1,6 +1,7 @@
 """Weight dequantization (the prefill's weight pass) in several layouts, one run on one card:
 scripts/dequant_variants.cu built as its own extension - mode 0 is the v10 kernel
-(csrc/arc_dequant.cu before this A/B), modes 1-3 other decodes and thread layouts (see the .cu).
+(csrc/arc_dequant.cu before this A/B), mode 1 the package's kernel now (the .cu includes
+csrc/arc_dequant.cu), modes 2-3 other thread layouts with its decode (see the .cu).
 
     PYTHONPATH=. python3 scripts/ab_dequant.py --out results/ab-dequant-h200.json
 
@@ -22,6 +23,7 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_dequant import operands  # noqa: E402
 from bench_hopper_paths import copy_bandwidth, run_header  # noqa: E402
 
 from arcquant.formats import nvfp4  # noqa: E402
@@ -43,15 +45,9 @@ def extension():
     decl = ("void dequant_variant(torch::Tensor codes, torch::Tensor scales, torch::Tensor out, int64_t s, "
             "int64_t mode, int64_t unroll, int64_t ctas_per_sm);")
     src = (Path(__file__).parent / "dequant_variants.cu").read_text()
+    csrc = Path(__file__).parent.parent / "arcquant" / "kernels" / "csrc"          # it includes arc_dequant.cu
     return load_inline(name="dequant_ab", cpp_sources=decl, cuda_sources=[src], functions=["dequant_variant"],
-                       extra_cuda_cflags=["-O3"], build_directory=str(build))
-
-
-def operands(r: int, k: int, dev):
-    codes = torch.randint(0, 256, (r, k // 2), dtype=torch.uint8, device=dev)
-    every = torch.arange(1, 127, dtype=torch.uint8, device=dev).view(torch.float8_e4m3fn)   # all positive finite
-    scales = every[torch.randint(0, 126, (r, k // 16), device=dev)]
-    return codes, scales
+                       extra_cuda_cflags=["-O3"], extra_include_paths=[str(csrc)], build_directory=str(build))
 
 
 def run(ext, codes, scales, s, dt, v):

@@ -3,22 +3,13 @@
 //   codes (R, K/2) uint8, element 2i in the low nibble; scales (R, K/16) E4M3 bits
 //   out   (R, K+s) bf16 / fp16 = code * block scale; tail columns K..K+s-1 repeat K-s..K-1.
 // mode 0: the v10 kernel (one thread per 16-block, 64-bit index division, branchy E2M1 decode).
-// mode 1: mode 0's layout, 32-bit index, the fp16-placement decode below.
+// mode 1: the package's kernel (arc_dequant_kernel, included from csrc/arc_dequant.cu): mode 0's layout,
+//         32-bit index, the fp16-placement decode (decode_word there).
 // mode 2: one 16-block a lane, persistent grid-stride loop, U blocks' loads issued before any store.
 // mode 3: one half block (8 values, one 16-byte store) a lane - a warp stores 512 contiguous bytes -
 //         persistent grid-stride loop, U half blocks' loads first.
-// The fp16-placement decode (as in arc_gemv.cu's decode8): E2M1 code s e1 e0 m written into an
-// fp16's bit 15 and bits 11..9 is the fp16 E2M1 x 2^-14 (e = 0: a subnormal). Nibbles j and j + 4 of
-// a 32-bit word sit at the same offsets of its two halves, so one shift left, one shift right and one
-// LOP3 place both. Widened to fp32 (exact) and multiplied by scale x 2^14 (exact: <= 6 significant
-// bits), then packed to bf16 / fp16 (exact: the value is representable).
-#include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <cuda_fp8.h>
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-#include <type_traits>
+// Every mode uses the package's scale_value and pack2, modes 2 and 3 its decode_word too (built with csrc/ on the include path).
+#include "arc_dequant.cu"
 
 namespace {
 
@@ -26,36 +17,6 @@ __device__ __forceinline__ float e2m1_value(uint32_t c) {
   const uint32_t m = c & 7u;
   const float v = m < 4 ? 0.5f * m : m < 6 ? float(m - 2) : m == 6 ? 4.f : 6.f;
   return (c & 8u) ? -v : v;
-}
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float a, float b) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&h);
-  } else {
-    __half2 h = __floats2half2_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-}
-
-__device__ __forceinline__ float scale_value(uint8_t bits) {
-  return __half2float(__half(__nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)bits, __NV_E4M3)));
-}
-
-// 8 codes of one 32-bit word (element i in nibble i) times sc14 = scale x 2^14 -> 4 packed pairs.
-template <typename T>
-__device__ __forceinline__ uint4 decode_word(uint32_t w, float sc14) {
-  float f[8];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const uint32_t t = w << (12 - 4 * j);                       // nibble j -> bits 15..12, j + 4 -> 31..28
-    const uint32_t h = (t & 0x80008000u) | ((t >> 3) & 0x0E000E00u);
-    const float2 v = __half22float2(*reinterpret_cast<const __half2*>(&h));
-    f[j] = v.x * sc14;
-    f[j + 4] = v.y * sc14;
-  }
-  return make_uint4(pack2<T>(f[0], f[1]), pack2<T>(f[2], f[3]), pack2<T>(f[4], f[5]), pack2<T>(f[6], f[7]));
 }
 
 template <typename T>
@@ -79,20 +40,6 @@ __global__ void dequant_v0(const uint8_t* __restrict__ codes, const uint8_t* __r
   o[1] = make_uint4(w[4], w[5], w[6], w[7]);
 }
 
-template <typename T>
-__global__ void dequant_v1(const uint8_t* __restrict__ codes, const uint8_t* __restrict__ scales,
-                           T* __restrict__ out, unsigned total, int K, int S) {
-  const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
-  const unsigned nb = (K + S) / 16, kb = K / 16;
-  if (idx >= total) return;
-  const unsigned r = idx / nb, b = idx - r * nb, src = b < kb ? b : b - S / 16;
-  const uint2 c = *reinterpret_cast<const uint2*>(codes + (size_t)r * (K / 2) + 8 * src);
-  const float s14 = scale_value(scales[(size_t)r * kb + src]) * 16384.f;
-  uint4* o = reinterpret_cast<uint4*>(out + (size_t)r * (K + S) + 16 * b);
-  o[0] = decode_word<T>(c.x, s14);
-  o[1] = decode_word<T>(c.y, s14);
-}
-
 // Position (r, unit) advanced by a fixed stride without division: stride = q units-per-row-rows + rem.
 struct Walker {
   unsigned r, u;
@@ -103,12 +50,14 @@ struct Walker {
   }
 };
 
-template <typename T, int U>
-__global__ void dequant_v2(const uint8_t* __restrict__ codes, const uint8_t* __restrict__ scales,
-                           T* __restrict__ out, unsigned rows, int K, int S, unsigned q, unsigned rem) {
-  const unsigned nb = (K + S) / 16, kb = K / 16;
+// HALF false: one 16-block a lane (one 8-byte code load, two 16-byte stores); true: one half block
+// a lane (one 4-byte code load, one 16-byte store). U units' loads are issued before any store.
+template <typename T, int U, bool HALF>
+__global__ void dequant_persistent(const uint8_t* __restrict__ codes, const uint8_t* __restrict__ scales,
+                                   T* __restrict__ out, unsigned rows, int K, int S, unsigned q, unsigned rem) {
+  const unsigned per_row = (K + S) / (HALF ? 8 : 16), kb = K / 16;
   const unsigned start = blockIdx.x * blockDim.x + threadIdx.x;
-  Walker p{start / nb, start % nb};
+  Walker p{start / per_row, start % per_row};
   while (p.r < rows) {
     uint2 c[U];
     float s14[U];
@@ -117,48 +66,24 @@ __global__ void dequant_v2(const uint8_t* __restrict__ codes, const uint8_t* __r
     for (int i = 0; i < U; ++i) {
       at[i] = p;
       if (p.r < rows) {
-        const unsigned src = p.u < kb ? p.u : p.u - S / 16;
-        c[i] = *reinterpret_cast<const uint2*>(codes + (size_t)p.r * (K / 2) + 8 * src);
+        const unsigned b = HALF ? p.u >> 1 : p.u, src = b < kb ? b : b - S / 16;
+        if (HALF) c[i].x = reinterpret_cast<const uint32_t*>(codes)[(size_t)p.r * (K / 8) + 2 * src + (p.u & 1)];
+        else c[i] = *reinterpret_cast<const uint2*>(codes + (size_t)p.r * (K / 2) + 8 * src);
         s14[i] = scale_value(scales[(size_t)p.r * kb + src]) * 16384.f;
       }
-      p.step(q, rem, nb);
+      p.step(q, rem, per_row);
     }
 #pragma unroll
     for (int i = 0; i < U; ++i) {
-      if (at[i].r < rows) {
+      if (at[i].r >= rows) continue;
+      if (HALF) {
+        *reinterpret_cast<uint4*>(out + (size_t)at[i].r * (K + S) + 8 * at[i].u) = decode_word<T>(c[i].x, s14[i]);
+      } else {
         uint4* o = reinterpret_cast<uint4*>(out + (size_t)at[i].r * (K + S) + 16 * at[i].u);
         o[0] = decode_word<T>(c[i].x, s14[i]);
         o[1] = decode_word<T>(c[i].y, s14[i]);
       }
     }
-  }
-}
-
-template <typename T, int U>
-__global__ void dequant_v3(const uint8_t* __restrict__ codes, const uint8_t* __restrict__ scales,
-                           T* __restrict__ out, unsigned rows, int K, int S, unsigned q, unsigned rem) {
-  const unsigned nh = (K + S) / 8, kb = K / 16;                 // half blocks a row
-  const unsigned start = blockIdx.x * blockDim.x + threadIdx.x;
-  Walker p{start / nh, start % nh};
-  const uint32_t* c32 = reinterpret_cast<const uint32_t*>(codes);
-  while (p.r < rows) {
-    uint32_t c[U];
-    float s14[U];
-    Walker at[U];
-#pragma unroll
-    for (int i = 0; i < U; ++i) {
-      at[i] = p;
-      if (p.r < rows) {
-        const unsigned b = p.u >> 1, src = b < kb ? b : b - S / 16;
-        c[i] = c32[(size_t)p.r * (K / 8) + 2 * src + (p.u & 1)];
-        s14[i] = scale_value(scales[(size_t)p.r * kb + src]) * 16384.f;
-      }
-      p.step(q, rem, nh);
-    }
-#pragma unroll
-    for (int i = 0; i < U; ++i)
-      if (at[i].r < rows)
-        *reinterpret_cast<uint4*>(out + (size_t)at[i].r * (K + S) + 8 * at[i].u) = decode_word<T>(c[i], s14[i]);
   }
 }
 
@@ -170,7 +95,7 @@ void launch(int mode, int unroll, int ctas_per_sm, const uint8_t* c, const uint8
     const long long total = r * ((k + sa) / 16);
     const unsigned blocks = (unsigned)((total + threads - 1) / threads);
     if (mode == 0) dequant_v0<T><<<blocks, threads, 0, stream>>>(c, s, o, total, k, sa);
-    else dequant_v1<T><<<blocks, threads, 0, stream>>>(c, s, o, (unsigned)total, k, sa);
+    else arc_dequant_kernel<T><<<blocks, threads, 0, stream>>>(c, s, o, (unsigned)total, k, sa);
     return;
   }
   const unsigned per_row = mode == 2 ? (k + sa) / 16 : (k + sa) / 8;
@@ -180,11 +105,12 @@ void launch(int mode, int unroll, int ctas_per_sm, const uint8_t* c, const uint8
   long long blocks = (units + threads - 1) / threads;
   if (ctas_per_sm > 0 && blocks > (long long)sms * ctas_per_sm) blocks = (long long)sms * ctas_per_sm;
   const unsigned stride = (unsigned)(blocks * threads), q = stride / per_row, rem = stride % per_row;
-#define ARC_LAUNCH(KERNEL, UU) KERNEL<T, UU><<<(unsigned)blocks, threads, 0, stream>>>(c, s, o, (unsigned)r, k, sa, q, rem)
+#define ARC_LAUNCH(UU, HALF) dequant_persistent<T, UU, HALF><<<(unsigned)blocks, threads, 0, stream>>>( \
+      c, s, o, (unsigned)r, k, sa, q, rem)
   if (mode == 2) {
-    if (unroll == 1) ARC_LAUNCH(dequant_v2, 1); else if (unroll == 2) ARC_LAUNCH(dequant_v2, 2); else ARC_LAUNCH(dequant_v2, 4);
+    if (unroll == 1) ARC_LAUNCH(1, false); else if (unroll == 2) ARC_LAUNCH(2, false); else ARC_LAUNCH(4, false);
   } else {
-    if (unroll == 1) ARC_LAUNCH(dequant_v3, 1); else if (unroll == 2) ARC_LAUNCH(dequant_v3, 2); else ARC_LAUNCH(dequant_v3, 4);
+    if (unroll == 1) ARC_LAUNCH(1, true); else if (unroll == 2) ARC_LAUNCH(2, true); else ARC_LAUNCH(4, true);
   }
 #undef ARC_LAUNCH
 }

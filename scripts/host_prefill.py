@@ -7,47 +7,34 @@ prefill (top host-side ops by self CPU time).
 
 The eager ARC prefill of the full models swings 90 - 155 ms against 80 ms from a graph (docs/e2e.md),
 BF16's eager is within 2 ms of its graph: the quantized model's launches are host-bound.
+(results/host-prefill-h200.json came from this script at 0a05fba, which timed wall-clock with
+time.perf_counter around synchronized calls; it now times with bench.prefill_ms's CUDA events, as
+the bench's prefill columns do - the same span for a host-bound stream.)
 """
 import argparse
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from arcquant.bench import quantized_shape
+from arcquant.bench import prefill_ms, quantized_shape
 from arcquant.checkpoint import load_quantized
 from arcquant.engine import Engine
 from arcquant.gpu import use_kernels
 from arcquant.synth import SHAPES
 
 
-def timed(fn, repeats: int = 7) -> float:
-    fn()
-    ts = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
+def latencies(model, tokens: int, repeats: int = 7) -> dict:
+    """Median ms of an eager and of a graph-replayed prefill (bench.prefill_ms, as the bench's columns)."""
+    return {f"{kind}_ms": prefill_ms(model, tokens, repeats, model.config.vocab_size, graph)[0]
+            for kind, graph in (("eager", False), ("graph", True))}
 
 
-def latencies(model, tokens: int) -> dict:
-    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device="cuda")
-    out = {}
-    for graph in (False, True):
-        e = Engine(model, 1, tokens + 1, graphs=False, prefill_graphs=graph)
-        out["graph_ms" if graph else "eager_ms"] = timed(lambda: e.prefill(ids))
-    return out, ids
-
-
-def host_profile(model, ids, top: int = 30) -> dict:
+def host_profile(model, tokens: int, top: int = 30) -> dict:
     from torch.profiler import ProfilerActivity, profile
-    e = Engine(model, 1, ids.shape[1] + 1, graphs=False)
+    e = Engine(model, 1, tokens + 1, graphs=False)
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=e.device)
     e.prefill(ids)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -75,15 +62,15 @@ def main():
     from transformers import AutoModelForCausalLM
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": a.shape, "layers": a.layers}
     bf16 = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16).cuda().eval()
-    res["bf16"], _ = latencies(bf16, a.tokens)
+    res["bf16"] = latencies(bf16, a.tokens)
     print("bf16", res["bf16"], flush=True)
     del bf16
     torch.cuda.empty_cache()
     model, _, _ = load_quantized(ck, device="cuda", dtype=torch.bfloat16, verify=False)
     use_kernels(model)
-    res["arc"], ids = latencies(model, a.tokens)
+    res["arc"] = latencies(model, a.tokens)
     print("arc", res["arc"], flush=True)
-    res["arc_profile"] = host_profile(model, ids)
+    res["arc_profile"] = host_profile(model, a.tokens)
     p = res["arc_profile"]
     print(f"arc eager prefill: self CPU {p['self_cpu_ms_total']:.1f} ms", flush=True)
     for name, n, self_ms, total_ms in p["top"]:

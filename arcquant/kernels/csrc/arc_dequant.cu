@@ -38,6 +38,10 @@ __device__ __forceinline__ uint32_t pack2(float a, float b) {   // both exact in
   }
 }
 
+__device__ __forceinline__ float scale_value(uint8_t bits) {      // E4M3 bits -> value (exact)
+  return __half2float(__half(__nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)bits, __NV_E4M3)));
+}
+
 // 8 codes of one word (code i in nibble i) times sc14 = block scale x 2^14 -> 4 packed pairs.
 template <typename T>
 __device__ __forceinline__ uint4 decode_word(uint32_t w, float sc14) {
@@ -61,8 +65,7 @@ __global__ void arc_dequant_kernel(const uint8_t* __restrict__ codes, const uint
   if (idx >= total) return;
   const unsigned r = idx / nb, b = idx - r * nb, src = b < kb ? b : b - S / 16;   // tail blocks: main block src
   const uint2 c = *reinterpret_cast<const uint2*>(codes + (size_t)r * (K / 2) + 8 * src);
-  const float sc14 = __half2float(__half(__nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)scales[(size_t)r * kb + src],
-                                                                  __NV_E4M3))) * 16384.f;
+  const float sc14 = scale_value(scales[(size_t)r * kb + src]) * 16384.f;
   uint4* o = reinterpret_cast<uint4*>(out + (size_t)r * (K + S) + 16 * b);
   o[0] = decode_word<T>(c.x, sc14);
   o[1] = decode_word<T>(c.y, sc14);
