@@ -137,21 +137,30 @@ def _weight_operands(q: QuantLinear) -> tuple:
 
 class KernelPath:
     """Per-layer device state the kernels need (made once: block_starts reads perm on the host).
-    Every kernel is called as a torch custom op (kernels/ops.py: torch.ops.arcquant.*)."""
+    The kernels are torch custom ops (kernels/ops.py: torch.ops.arcquant.*); `run` gives them as
+    called: the ops under torch.compile, their Python bodies directly otherwise (ops.EAGER: no
+    dispatcher work on the eager path, whose prefill is host-bound)."""
 
     def __init__(self, q: QuantLinear):
         from .kernels import ops
         from .kernels.act_quant import block_starts
         from .kernels.cuda_gemv import gemv_shape_reason
-        self.ops = ops.OPS                                                    # torch.ops.arcquant
+        self.ops = ops.EAGER                                                  # tests may spy on these
         self.perm = q.perm.to(torch.int32).contiguous()
         self.starts = block_starts(self.perm)
         self.s, self.pad = q.s, q.k_padded - q.in_features
         self.bias32 = None if q.bias is None else q.bias.detach().float().contiguous()
+        self.bias16 = None if q.bias is None else self.bias32.to(torch.bfloat16)    # the prefill's (exact: bf16 weights)
         self.weight = _weight_operands(q)
         self.cuda_reason = _cuda_gemv_reason(q)
         self.int8_max_m = INT8_MAX_M if gemv_shape_reason(q.k_padded, q.s) is None else 0   # needs K % 32
         self.group: StackedGroup | None = None                                # stack_groups
+
+    @property
+    def run(self):
+        """The ops as called now: torch.ops.arcquant while torch.compile traces, else self.ops."""
+        from .kernels.ops import current
+        return current(self.ops)
 
     def global_scale(self, q: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         if q.act_scale == "static":
@@ -164,7 +173,7 @@ class KernelPath:
             x2 = F.pad(x2, (0, self.pad))
         x2 = x2.contiguous()
         gs = None if q.act_scale == "token" else self.global_scale(q, x2)    # per token: in the kernel
-        return self.ops.quantize_act(x2, self.perm, self.starts, self.s, gs, out)
+        return self.run.quantize_act(x2, self.perm, self.starts, self.s, gs, out)
 
     def path(self, m: int) -> str:
         if self.cuda_reason is None and m <= MMA_MAX_M:
@@ -188,30 +197,35 @@ class KernelPath:
     def forward(self, q: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         m, out_dtype, value = self.operand(q, x)
         kind, xq, xs, gs = value
-        if self.group is not None and kind != "bfloat16" and not torch.compiler.is_compiling():
-            y = self.group.output(q, value, out_dtype)                         # q's columns
+        if self.group is not None and not torch.compiler.is_compiling():
+            y = self.group.output(q, value, out_dtype)                         # q's columns (a view)
         else:
-            y = self.product(kind, m, xq, xs, gs, self.weight, self.bias32, q.out_features, q.k_padded, out_dtype)
+            y = self.product(kind, m, xq, xs, gs, self.weight, self.bias32, q.out_features, q.k_padded, out_dtype,
+                             self.bias16)
         return y.to(x.dtype).reshape(*x.shape[:-1], q.out_features)
 
-    def product(self, kind, m, xq, xs, gs, w, bias, n, k, out_dtype):
-        """One kernel launch: the quantized operand times the packed weight w (N rows)."""
+    def product(self, kind, m, xq, xs, gs, w, bias, n, k, out_dtype, bias16=None):
+        """The quantized operand times the packed weight w (N rows): one GEMV launch, or the
+        prefill's dequantization, GEMM and epilogue. bias: fp32 (N,); bias16: the same in bf16,
+        which the prefill's epilogue adds (given: no conversion a call)."""
+        ops = self.run
         if kind == "int8":
-            return self.ops.gemv_int8(xq, xs, gs, *w, bias, self.s, out_dtype=out_dtype, **cuda_gemv_config(m, k))
+            return ops.gemv_int8(xq, xs, gs, *w, bias, self.s, out_dtype=out_dtype, **cuda_gemv_config(m, k))
         if kind == "mma":
-            return self.ops.gemm_mma(xq, gs, *w, bias, self.s, out_dtype=out_dtype, **mma_config(m, n, k, _PIPELINED[0]))
+            return ops.gemm_mma(xq, gs, *w, bias, self.s, out_dtype=out_dtype, **mma_config(m, n, k, _PIPELINED[0]))
         if m <= GEMV_MAX_M:
-            return self.ops.gemv_triton(xq, gs, *w, bias, self.s, out_dtype=out_dtype, **gemv_config(m, k))
-        return self.ops.prefill(xq, gs, *w, bias, self.s, out_dtype=out_dtype)
+            return ops.gemv_triton(xq, gs, *w, bias, self.s, out_dtype=out_dtype, **gemv_config(m, k))
+        return ops.prefill(xq, gs, *w, bias if bias16 is None else bias16, self.s, out_dtype=out_dtype)
 
 
 class StackedGroup:
-    """The layers of one SharedInput group (q/k/v, gate/up) as one weight for the decode GEMVs:
-    their packed codes and block scales stacked row-wise in one tensor (each layer's buffers
-    become row views of it - no copy kept, state-dict keys unchanged), the tensor scales as one
-    value per row, the biases concatenated; one kernel launch computes the whole group, each layer
-    returns its columns. Outputs equal the per-layer launches' (same per-row arithmetic; the
-    tensor-core GEMV's depth split may differ with the stacked N)."""
+    """The layers of one SharedInput group (q/k/v, gate/up) as one weight: their packed codes and
+    block scales stacked row-wise in one tensor (each layer's buffers become row views of it - no
+    copy kept, state-dict keys unchanged), the tensor scales as one value per row, the biases
+    concatenated; one product computes the whole group - one decode GEMV launch, or at prefill one
+    dequantization, one GEMM and one epilogue (its weight scale per column) - and each layer returns
+    its columns, a view. Outputs equal the per-layer launches' (same per-row arithmetic; the
+    tensor-core GEMV's depth split and cuBLAS's choice of kernel may differ with the stacked N)."""
 
     def __init__(self, layers: list):
         self.layers = layers
@@ -228,6 +242,7 @@ class StackedGroup:
         self.bias = None if all(q.bias is None for q in layers) else torch.cat(
             [q.kernel.bias32 if q.bias is not None else wc.new_zeros(q.out_features, dtype=torch.float32)
              for q in layers])
+        self.bias16 = None if self.bias is None else self.bias.to(torch.bfloat16)
         self.product = SharedProduct(len(layers))
 
     def output(self, q: QuantLinear, value: tuple, out_dtype) -> torch.Tensor:
@@ -236,7 +251,8 @@ class StackedGroup:
         kind, xq, xs, gs = value
         member, rows = self.rows[id(q)]
         y = self.product.take(xq, member, lambda: q.kernel.product(
-            kind, xq.shape[0], xq, xs, gs, self.weight, self.bias, self.weight[0].shape[0], q.k_padded, out_dtype))
+            kind, xq.shape[0], xq, xs, gs, self.weight, self.bias, self.weight[0].shape[0], q.k_padded, out_dtype,
+            self.bias16))
         return y[:, rows]
 
     def unstack(self) -> None:
@@ -282,7 +298,7 @@ class FusedNormQuant(torch.nn.Module):
             return self.norm(x)
         kind = kp.path(x.numel() // x.shape[-1])                      # the prefill operand too (bfloat16)
         gs = None if q.act_scale == "token" else q.input_global_scale
-        y, xq, xs, g = kp.ops.rmsnorm_quantize_act(x.reshape(-1, x.shape[-1]).contiguous(), self.weight,
+        y, xq, xs, g = kp.run.rmsnorm_quantize_act(x.reshape(-1, x.shape[-1]).contiguous(), self.weight,
                                                    self.eps, kp.perm, kp.starts, kp.s, gs, kind)
         y = y.reshape(x.shape)
         q.shared.x, q.shared.version, q.shared.value = y, y._version, (kind, xq, xs, g)
@@ -293,28 +309,42 @@ GATED_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}      # down_proj
 SILU = {"SiLU", "SiLUActivation"}
 
 
-def fused_mlp_forward(mlp, x: torch.Tensor) -> torch.Tensor:
+def fused_mlp_forward(mlp, x: torch.Tensor, wgu: torch.Tensor | None = None) -> torch.Tensor:
     """A gated MLP's forward whose prefill-sized calls (the cuBLAS path) hand gate and up's unscaled
     products to one kernel (ops.silu_mul_quantize_act) that applies their tensor scales, SiLU(gate)
     * up and down_proj's activation quantization: the two scale epilogues, the SiLU, the product
-    and h never go through memory. The same bits as the unfused forward (the kernel repeats
-    scale_rows', F.silu's and the product's roundings); other calls run the unfused forward."""
+    and h never go through memory. With gate and up stacked (StackedGroup) their products are one
+    dequantization and one GEMM, (M, 2I), the kernel reading its two halves. The same bits as the
+    unfused forward (the kernel repeats scale_rows', F.silu's and the product's roundings; cuBLAS
+    may pick another kernel for the stacked N); other calls run the unfused forward.
+    wgu: gate's and up's weight tensor scales, (2,) fp32 (fuse_mlps makes it once)."""
     gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
     kg, ku, kd = gate.kernel, up.kernel, down.kernel
     m = x.numel() // x.shape[-1]
     if torch.compiler.is_compiling() or x.dtype != torch.bfloat16 or None in (kg, ku, kd) or m <= GEMV_MAX_M \
             or kg.path(m) != "bfloat16":
         return down(mlp.act_fn(gate(x)) * up(x))
-    from .kernels.prefill import inverse_scales
+    if wgu is None:
+        wgu = _gate_up_scales(gate, up)
+    ops = kd.run
     _, _, (_, xq, _, xgs) = kg.operand(gate, x)                          # shared with up_proj
-    graw = kg.ops.prefill_unscaled(xq, kg.weight[0], kg.weight[1], kg.s)   # (M, I) bf16, no tensor scales
-    uraw = ku.ops.prefill_unscaled(xq, ku.weight[0], ku.weight[1], ku.s)
+    group, inter = kg.group, gate.out_features
+    if group is not None and group is ku.group and group.layers == [gate, up] and inter % 8 == 0:
+        gu = ops.prefill_unscaled(xq, group.weight[0], group.weight[1], kg.s)   # (M, 2I) bf16, no tensor scales
+        graw, uraw = gu[:, :inter], gu[:, inter:]
+    else:
+        graw = ops.prefill_unscaled(xq, kg.weight[0], kg.weight[1], kg.s)   # (M, I)
+        uraw = ops.prefill_unscaled(xq, ku.weight[0], ku.weight[1], ku.s)
     gs = None if down.act_scale == "token" else down.input_global_scale
-    hq, hs, hgs = kd.ops.silu_mul_quantize_act(graw, uraw, inverse_scales(xgs, kg.weight[2]),
-                                               inverse_scales(xgs, ku.weight[2]), kd.perm, kd.starts, kd.s, gs,
-                                               "bfloat16")
-    y = kd.product("bfloat16", m, hq, hs, hgs, kd.weight, kd.bias32, down.out_features, down.k_padded, torch.bfloat16)
+    hq, hs, hgs = ops.silu_mul_quantize_act(graw, uraw, xgs, wgu, kd.perm, kd.starts, kd.s, gs, "bfloat16")
+    y = kd.product("bfloat16", m, hq, hs, hgs, kd.weight, kd.bias32, down.out_features, down.k_padded, torch.bfloat16,
+                   kd.bias16)
     return y.reshape(*x.shape[:-1], down.out_features)
+
+
+def _gate_up_scales(gate: QuantLinear, up: QuantLinear) -> torch.Tensor:
+    """(2,) fp32: gate's and up's weight tensor scales, as silu_mul_quantize_act takes them."""
+    return torch.cat([gate.weight_global_scale.float().reshape(1), up.weight_global_scale.float().reshape(1)])
 
 
 def _mlp_fusable(mlp) -> str | None:
@@ -352,7 +382,7 @@ def fuse_mlps(model, enable: bool = True) -> dict:
             continue
         reason = _mlp_fusable(mlp)
         if reason is None:
-            mlp.forward = functools.partial(fused_mlp_forward, mlp)
+            mlp.forward = functools.partial(fused_mlp_forward, mlp, wgu=_gate_up_scales(mlp.gate_proj, mlp.up_proj))
             counts["fused"] += 1
         else:
             counts["reasons"][reason] = counts["reasons"].get(reason, 0) + 1

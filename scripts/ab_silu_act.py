@@ -6,7 +6,7 @@ allow; default none). Each variant is arc_act.cu built as its own extension (in 
     PYTHONPATH=. python3 scripts/ab_silu_act.py --out results/ab-silu-act-h200.json
 
 The Llama-3.1-8B (K = 14336, s = 896) and Qwen2.5-7B (K = 18944, s = 1152) down_proj inputs at
-M = 2048 (the 2048-token prefill), bf16, per-row inv_g / inv_u (the unscaled GEMM outputs), the
+M = 2048 (the 2048-token prefill), bf16, per-row xgs and gate's / up's wgu (the unscaled GEMM outputs), the
 per-token tensor scale computed, bf16 operand out; a permuted block order. Every variant's
 operand and scales must equal the first variant's bit for bit (the default build is the package's
 source, checked against the CPU reference by scripts/check_mlp_fusion.py). Time: median of
@@ -58,12 +58,13 @@ def operands(k: int, s: int, m: int = 2048):
     gate, up = (torch.randn(m, k, device="cuda", generator=g) * 40 for _ in range(2))
     for t in (gate, up):
         t[:, torch.randperm(k, device="cuda", generator=g)[:8]] *= 20
-    inv = [(0.05 * torch.rand(m, device="cuda", generator=g) + 0.01) for _ in range(2)]
+    xgs = 20 * torch.rand(m, device="cuda", generator=g) + 5                 # per-row activation scales
+    wgu = 2 * torch.rand(2, device="cuda", generator=g) + 0.5                # gate's and up's weight scales
     starts = (torch.randperm(k // 16, device="cuda", generator=g) * 16).to(torch.int32)
-    return gate.bfloat16(), up.bfloat16(), inv[0], inv[1], starts
+    return gate.bfloat16(), up.bfloat16(), xgs, wgu, starts
 
 
-def call(ext, gate, up, ig, iu, starts, s):
+def call(ext, gate, up, ig, iu, starts, s):                                    # ig, iu: xgs, wgu
     m, k = gate.shape
     xq = torch.empty(m, k + s, dtype=torch.bfloat16, device="cuda")
     gs_out = torch.empty(m, dtype=torch.float32, device="cuda")

@@ -52,19 +52,28 @@ def exactness(dev) -> list:
 
 
 def exactness_epilogue(dev) -> list:
-    """scale_rows on CUDA vs torch's y.mul_(inv).add_(bias): bit-equal (random y, inv, bias)."""
+    """scale_rows on CUDA (the factors 1 / (xgs[m] * wgs[n]) formed in the kernel) vs torch's
+    y.mul_(1.0 / (xgs * wgs)).add_(bias): bit-equal on random y, scales and bias - xgs one value or
+    one per row, wgs one value, one per column, or a stacked q/k/v group's (three runs of equal values,
+    one run edge inside an 8-column group)."""
     rows = []
     for m, n in ((1, 8), (3, 24), (2048, 4096), (7, 6144)):
         for dt in (torch.bfloat16, torch.float16):
             for per_row in (True, False):
-                for with_bias in (True, False):
-                    y = torch.randn(m, n, device=dev).to(dt)
-                    inv = torch.rand(m if per_row else 1, device=dev) * 3 + 0.01
-                    bias = torch.randn(n, device=dev).to(dt) if with_bias else None
-                    got = scale_rows(y.clone(), inv, bias, cuda=True)
-                    ref = scale_rows(y.clone(), inv, bias, cuda=False)
-                    rows.append({"M": m, "N": n, "dtype": str(dt), "per_row": per_row, "bias": with_bias,
-                                 "equal": bool(torch.equal(got, ref))})
+                for cols in ("one", "each", "stacked"):
+                    for with_bias in (True, False):
+                        y = torch.randn(m, n, device=dev).to(dt)
+                        xgs = torch.rand(m if per_row else 1, device=dev) * 3 + 0.01
+                        wgs = torch.rand(1 if cols == "one" else n, device=dev) * 2 + 0.01
+                        if cols == "stacked":                          # runs of equal values, an edge at n/2+4
+                            cut = [0, n // 2 + 4 if n > 8 else 4, n - n // 4, n]
+                            for a, b, v in zip(cut, cut[1:], torch.rand(3).tolist()):
+                                wgs[a:b] = v + 0.5
+                        bias = torch.randn(n, device=dev).to(dt) if with_bias else None
+                        got = scale_rows(y.clone(), xgs, wgs, bias, cuda=True)
+                        ref = scale_rows(y.clone(), xgs, wgs, bias, cuda=False)
+                        rows.append({"M": m, "N": n, "dtype": str(dt), "per_row": per_row, "wgs": cols,
+                                     "bias": with_bias, "equal": bool(torch.equal(got, ref))})
     return rows
 
 
@@ -80,9 +89,10 @@ def speed(dev, copy_gbps: float) -> list:
                 us = do_bench(lambda: dequantize_codes(codes, scales, s, torch.bfloat16, cuda=flag),
                               return_mode="median") * 1e3
                 row[f"{kind}_us"], row[f"{kind}_pct_copy"] = us, 100 * moved / us / 1e3 / copy_gbps
-            y, inv = torch.randn(2048, n, device=dev).to(torch.bfloat16), torch.rand(2048, device=dev) + 0.5
+            y, xgs = torch.randn(2048, n, device=dev).to(torch.bfloat16), torch.rand(2048, device=dev) + 0.5
+            wgs = torch.ones(1, device=dev)
             for kind, flag in (("cuda", True), ("torch", False)):               # the epilogue at M = 2048
-                us = do_bench(lambda: scale_rows(y, inv, None, cuda=flag), return_mode="median") * 1e3
+                us = do_bench(lambda: scale_rows(y, xgs, wgs, None, cuda=flag), return_mode="median") * 1e3
                 row[f"epilogue_{kind}_us"] = us
                 row[f"epilogue_{kind}_pct_copy"] = 100 * 2 * y.numel() * 2 / us / 1e3 / copy_gbps
             print(json.dumps(row), flush=True)

@@ -179,32 +179,27 @@ def test_fused_rmsnorm_hands_its_operand_to_the_group(quantized, m, path):
         assert ((g.float() - r).norm() / r.norm()) < 4e-3
 
 
-@pytest.mark.parametrize("m", [40, 8])
-def test_fused_mlp_prefill_equals_the_unfused_layers(quantized, m):
+@pytest.mark.parametrize("m,stack", [(40, False), (40, True), (8, False)])
+def test_fused_mlp_prefill_equals_the_unfused_layers(quantized, m, stack):
     """gpu.fused_mlp_forward: at a prefill size (M = 40, the cuBLAS path) gate and up's unscaled
     products go to silu_mul_quantize_act (their tensor scales, SiLU * up, down_proj's operand) and
     then down_proj's product; with the GPU's fast prefill (bf16 GEMM output, then scale_rows)
     emulated on the CPU references, the output equals the unfused layers' bit for bit. At a
-    decode size (M = 8) the MLP runs unfused. The CUDA kernel itself is checked on the GPU by
-    scripts/check_mlp_fusion.py."""
+    decode size (M = 8) the MLP runs unfused. stack: gate and up stacked (gpu.stack_groups) - one
+    unscaled product for both, the kernel reading its two halves. The CUDA kernel itself is checked
+    on the GPU by scripts/check_mlp_fusion.py."""
     from types import SimpleNamespace
 
-    from arcquant.gpu import fuse_mlps
+    from arcquant.gpu import fuse_mlps, stack_groups
     from arcquant.kernels.cuda_gemv import fp16_gemm_reference
     from arcquant.kernels.ops import OPS
-    from arcquant.kernels.prefill import inverse_scales, scale_rows
     mlp = quantized.model.layers[3].mlp
     x = (torch.randn(1, m, mlp.gate_proj.in_features, generator=torch.Generator().manual_seed(m)) * 2).bfloat16()
     calls = []
     spy = lambda name: lambda *a, **k: calls.append(name) or getattr(OPS, name)(*a, **k)
 
-    def prefill(xd, xgs, wc, ws, wgs, bias, s, out_dtype):                  # the GPU's fast path, on CPU
-        calls.append("prefill")
-        y = OPS.prefill_unscaled(xd, wc, ws, s)
-        return scale_rows(y, inverse_scales(xgs, wgs), None if bias is None else bias.to(y.dtype), cuda=False)
-
     fake_ops = SimpleNamespace(quantize_act=spy("quantize_act"), prefill_unscaled=spy("prefill_unscaled"),
-                               silu_mul_quantize_act=spy("silu_mul_quantize_act"), prefill=prefill,
+                               silu_mul_quantize_act=spy("silu_mul_quantize_act"), prefill=fast_prefill(calls),
                                gemm_mma=lambda xd, gs, wc, ws, wgs, bias, s, out_dtype, kw, occ, **pipe:
                                calls.append("mma") or fp16_gemm_reference(xd, gs, wc, ws.view(torch.float8_e4m3fn), wgs, s, bias).to(out_dtype))
     projs = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
@@ -215,6 +210,8 @@ def test_fused_mlp_prefill_equals_the_unfused_layers(quantized, m):
         try:
             want = mlp(x)
             unfused_calls, keys = calls[:], list(mlp.state_dict())
+            if stack:
+                assert stack_groups(quantized)["stacked"] == 1 and mlp.gate_proj.kernel.group is not None
             counts = fuse_mlps(quantized)
             assert counts["fused"] == 1 and counts["reasons"] == {"a projection is not on the kernel path":
                                                                  len(quantized.model.layers) - 1}
@@ -223,12 +220,14 @@ def test_fused_mlp_prefill_equals_the_unfused_layers(quantized, m):
             got = mlp(x.clone())                                          # a new input: no cached operand
         finally:
             fuse_mlps(quantized, False)
+            stack_groups(quantized, False)
             for p in projs:
                 p.kernel = None
     assert "forward" not in vars(mlp)
     if m == 40:
         assert unfused_calls == ["quantize_act", "prefill", "prefill", "quantize_act", "prefill"]
-        assert calls == ["quantize_act", "prefill_unscaled", "prefill_unscaled", "silu_mul_quantize_act", "prefill"]
+        unscaled = ["prefill_unscaled"] * (1 if stack else 2)                  # stacked: one product for both
+        assert calls == ["quantize_act", *unscaled, "silu_mul_quantize_act", "prefill"]
     else:
         assert calls == unfused_calls == ["quantize_act", "mma", "mma", "quantize_act", "mma"]
     assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
@@ -263,12 +262,25 @@ def test_mlp_fusion_refusals_name_the_reason(quantized):
                 p.kernel = None
 
 
-@pytest.mark.parametrize("m,path", [(1, "int8"), (8, "mma")])
+def fast_prefill(calls, record=lambda wc: "prefill"):
+    """The GPU's fast prefill (bf16 GEMM output, then the scale_rows epilogue) on the CPU oracles."""
+    from arcquant.kernels.ops import OPS
+    from arcquant.kernels.prefill import scale_rows
+
+    def prefill(xd, xgs, wc, ws, wgs, bias, s, out_dtype):
+        calls.append(record(wc))
+        y = OPS.prefill_unscaled(xd, wc, ws, s)
+        return scale_rows(y, xgs, wgs, None if bias is None else bias.to(y.dtype), cuda=False).to(out_dtype)
+    return prefill
+
+
+@pytest.mark.parametrize("m,path", [(1, "int8"), (8, "mma"), (40, "prefill")])
 def test_stacked_group_is_one_launch_with_the_same_outputs(quantized, m, path):
     """gpu.stack_groups: q/k/v as one stacked weight (row views, per-row tensor scales, biases
-    concatenated with zeros where a layer has none) - one GEMV launch for the group, each layer's
-    output equal to its own launch's; state-dict values unchanged; enable=False gives each layer
-    its own storage back. CUDA GEMVs replaced by their float64 oracles, as above."""
+    concatenated with zeros where a layer has none) - one GEMV launch for the group, or at prefill
+    one dequantization + GEMM + epilogue (its weight scale per column), each layer's output equal to
+    its own product's; state-dict values unchanged; enable=False gives each layer its own storage
+    back. CUDA GEMVs replaced by their float64 oracles, as above."""
     from types import SimpleNamespace
 
     from arcquant.gpu import stack_groups
@@ -282,7 +294,8 @@ def test_stacked_group_is_one_launch_with_the_same_outputs(quantized, m, path):
         gemv_int8=lambda xi, xs, gs, wc, ws, wgs, bias, s, out_dtype, nr, kw, u=1: calls.append(wc.shape[0]) or
         int8_gemv_reference(xi, e4m3(xs), gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype),
         gemm_mma=lambda xd, gs, wc, ws, wgs, bias, s, out_dtype, kw, occ, **pipe: calls.append(wc.shape[0]) or
-        fp16_gemm_reference(xd, gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype))
+        fp16_gemm_reference(xd, gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype),
+        prefill=fast_prefill(calls, lambda wc: wc.shape[0]))
     x = (torch.randn(1, m, attn.q_proj.in_features, generator=torch.Generator().manual_seed(m)) * 3).bfloat16()
     before = {k: v.clone() for k, v in attn.state_dict().items()}
     attn.k_proj.bias = torch.nn.Parameter(torch.randn(attn.k_proj.out_features), requires_grad=False)
@@ -299,7 +312,7 @@ def test_stacked_group_is_one_launch_with_the_same_outputs(quantized, m, path):
             assert calls == [sum(p.out_features for p in projs)]         # one launch for q, k and v
             assert projs[0].kernel.group.product._value is None          # every layer took its columns: let go
             for a, b in zip(alone, stacked):
-                assert torch.equal(a, b)
+                assert torch.equal(a, b) and b.shape == a.shape
             attn.k_proj.bias = None
             state = attn.state_dict()
             assert all(torch.equal(state[k], v) for k, v in before.items())

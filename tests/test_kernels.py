@@ -123,6 +123,31 @@ def test_decode_gemv_matches_reference_product(m, n, k, s, mode, bias, split):
         assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6
 
 
+@pytest.mark.parametrize("per_row,cols", [(True, "one"), (False, "one"), (True, "stacked"), (False, "each")])
+def test_scale_rows_epilogue_roundings(per_row, cols):
+    """prefill.scale_rows (the epilogue the CUDA kernel is checked against, scripts/bench_dequant.py):
+    y = T(T(y * 1 / (xgs[m] * wgs[n])) + bias[n]) with an fp32 product and division - written here
+    from numpy float32 arithmetic, for one weight scale, one per column and a stacked group's runs."""
+    import numpy as np
+    g = torch.Generator().manual_seed(7)
+    m, n = 5, 24
+    y = (torch.randn(m, n, generator=g) * 30).bfloat16()
+    xgs = torch.rand(m if per_row else 1, generator=g) * 300 + 1
+    wgs = {"one": torch.rand(1, generator=g) + 0.3, "each": torch.rand(n, generator=g) + 0.3,
+           "stacked": torch.tensor([0.7] * 12 + [1.3] * 6 + [0.45] * 6)}[cols]
+    bias = torch.randn(n, generator=g).bfloat16()
+    xf, wf = xgs.numpy().astype(np.float32), wgs.numpy().astype(np.float32)
+    inv = np.float32(1) / (xf.reshape(-1, 1) * wf.reshape(1, -1))               # fp32, one rounding each
+    step = torch.from_numpy(y.float().numpy() * inv).bfloat16()                   # fp32 product, RNE to bf16
+    want = (step.float() + bias.float()).bfloat16()
+    got = scale_rows(y.clone(), xgs, wgs, bias, cuda=False)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match=r"1 or N = 24 weight scales \(got 3\)"):
+        scale_rows(y.clone(), xgs, torch.ones(3))
+    with pytest.raises(ValueError, match=r"1 or M = 5 activation scales \(got 2\)"):
+        scale_rows(y.clone(), torch.ones(2), wgs)
+
+
 @pytest.mark.parametrize("m,n,k,s,mode,bias", [(20, 40, 80, 16, "token", True), (3, 24, 48, 0, "dynamic", False)])
 def test_prefill_dequantize_then_matmul(m, n, k, s, mode, bias):
     x, plan, gsx, gsw, qw, b, ref = _reference_case(m, n, k, s, mode, bias)
@@ -132,7 +157,7 @@ def test_prefill_dequantize_then_matmul(m, n, k, s, mode, bias):
     with pytest.raises(ValueError, match="CUDA dequantization kernel needs CUDA tensors"):
         dequantize_codes(nvfp4.pack(qw.codes), qw.scales, s, torch.float16, cuda=True)
     with pytest.raises(ValueError, match="CUDA epilogue needs a CUDA"):
-        scale_rows(torch.zeros(2, 8, dtype=torch.bfloat16), torch.ones(2), cuda=True)
+        scale_rows(torch.zeros(2, 8, dtype=torch.bfloat16), torch.ones(2), torch.ones(1), cuda=True)
     _, _, xd = arc_quantize_activation(x, plan.perm.to(torch.int32), s, gsx, dequantized=torch.bfloat16,
                                        packed=False)
     y = arc_matmul_prefill(xd, gsx, nvfp4.pack(qw.codes), qw.scales, gsw, s, bias=b, out_dtype=torch.float32)

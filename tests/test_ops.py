@@ -73,7 +73,8 @@ def test_opcheck_every_op():
              (OPS.gemv_triton.default, (xb, gs, wc, ws, gsw, bias, 32, True, 8, 32, 1, torch.bfloat16)),
              (OPS.prefill.default, (xb, gs, wc, ws, gsw, None, 32, torch.bfloat16)),
              (OPS.prefill_unscaled.default, (xb, wc, ws, 32)),
-             (OPS.silu_mul_quantize_act.default, (x, x * 0.5, gs + 1, gs + 2, perm, None, 32, None, "bfloat16")),
+             (OPS.silu_mul_quantize_act.default, (x, x * 0.5, gs + 1, torch.tensor([1.5, 0.75]), perm, None, 32, None,
+                                                  "bfloat16")),
              (OPS.silu_mul_quantize_act.default, (x, x * 0.5, None, None, perm, None, 32, gs[:1].clone(), "int8"))]
     for op, args in calls:
         torch.library.opcheck(op, args)

@@ -14,7 +14,7 @@ file); here a thread owns its block and moves it with 16-byte loads and stores.
 """
 import torch
 
-from .cuda_gemv import _extension, logged_reason
+from .cuda_gemv import device_extension, logged_reason
 
 OUTS = {"int8": (0, torch.int8), "mma": (1, torch.float16), "bfloat16": (2, torch.bfloat16),
         "packed": (3, torch.uint8)}
@@ -40,8 +40,16 @@ def ctas_per_row(m: int, nblk: int) -> int:
     return max(1, min(-(-TARGET_CTAS // max(m, 1)), -(-nblk // THREADS)))
 
 
+def _rows_ok(x: torch.Tensor, strided: bool) -> bool:
+    """x's rows as the kernels read them: contiguous, or (strided) unit column stride and rows a
+    multiple of 16 bytes apart (the halves of a stacked product)."""
+    if not strided:
+        return x.is_contiguous()
+    return x.stride(1) == 1 and x.stride(0) >= x.shape[1] and x.stride(0) % 8 == 0
+
+
 def _outputs(x: torch.Tensor, starts: torch.Tensor, s: int, gs: torch.Tensor | None, out: str,
-             max_k: int | None = None) -> tuple:
+             max_k: int | None = None, strided: bool = False) -> tuple:
     """The activation kernels' shared input checks and outputs: -> (kind, nblk, xq, scales or
     None, gs as the kernel reads it (empty: computed per row), gs (M,) the kernel fills or as given)."""
     if out not in OUTS:
@@ -50,9 +58,11 @@ def _outputs(x: torch.Tensor, starts: torch.Tensor, s: int, gs: torch.Tensor | N
     if reason:
         raise ValueError(reason)
     m, k = x.shape
-    if not x.is_contiguous() or k % 16 or s % 16 or not 0 <= s <= k or (max_k is not None and k > max_k):
+    if not _rows_ok(x, strided) or k % 16 or s % 16 or not 0 <= s <= k or (max_k is not None and k > max_k):
         bound = "" if max_k is None else f" <= {max_k}"
-        raise ValueError(f"x must be contiguous with K={k}{bound} and s={s} multiples of 16, 0 <= s <= K")
+        rows = "16-byte aligned rows" if strided else "contiguous"
+        raise ValueError(f"x must be {rows} with K={k}{bound} and s={s} multiples of 16, 0 <= s <= K "
+                         f"(got strides {x.stride()})")
     if starts.shape != (k // 16,) or starts.dtype != torch.int32 or starts.device != x.device:
         raise ValueError(f"starts must be int32 ({k // 16},) on {x.device} (act_quant.block_starts(perm))")
     kind, dtype = OUTS[out]
@@ -74,7 +84,7 @@ def arc_act_quant_cuda(x: torch.Tensor, starts: torch.Tensor, s: int, gs: torch.
     if ctas < 0:
         raise ValueError(f"ctas={ctas}: give 0 (the wrapper's choice) or a number of CTAs a row >= 1")
     kind, nblk, xq, scales, g, g_out = _outputs(x, starts, s, gs, out)
-    ext = _extension(torch.cuda.get_device_capability(x.device))
+    ext = device_extension(x.device)
     ext.arc_act_quant(x, starts, g, g_out, xq, scales if scales is not None else xq, s, kind,
                       ctas or ctas_per_row(x.shape[0], nblk))
     return xq, None if scales is None else scales.view(torch.float8_e4m3fn), g_out
@@ -96,7 +106,7 @@ def arc_rmsnorm_act_cuda(x: torch.Tensor, weight: torch.Tensor, eps: float, star
     if weight.shape != (k,) or weight.dtype != x.dtype or weight.device != x.device:
         raise ValueError(f"weight must be ({k},) {x.dtype} on {x.device}, got {tuple(weight.shape)} {weight.dtype}")
     y = torch.empty_like(x)
-    ext = _extension(torch.cuda.get_device_capability(x.device))
+    ext = device_extension(x.device)
     ext.arc_rmsnorm_act(x, weight.contiguous(), float(eps), starts, g, g_out, y, xq,
                         scales if scales is not None else xq, s, kind, ctas)
     return y, xq, None if scales is None else scales.view(torch.float8_e4m3fn), g_out
@@ -105,33 +115,38 @@ def arc_rmsnorm_act_cuda(x: torch.Tensor, weight: torch.Tensor, eps: float, star
 SILU_MAX_K = 24576                                                  # the row of h (2 bytes each) in shared memory
 
 
-def silu_mul_reference(g: torch.Tensor, u: torch.Tensor, inv_g: torch.Tensor | None = None,
-                       inv_u: torch.Tensor | None = None) -> torch.Tensor:
-    """transformers' gated MLP input of down_proj, F.silu(gate) * up in the inputs' dtype; with
-    inv_g / inv_u (1 or M values), gate and up are first scaled row-wise and rounded, as
-    prefill.scale_rows does to the unscaled GEMM outputs."""
-    if inv_g is not None:
-        g = (g.float() * inv_g.float().reshape(-1, 1)).to(g.dtype)
-        u = (u.float() * inv_u.float().reshape(-1, 1)).to(u.dtype)
+def silu_mul_reference(g: torch.Tensor, u: torch.Tensor, xgs: torch.Tensor | None = None,
+                       wgu: torch.Tensor | None = None) -> torch.Tensor:
+    """transformers' gated MLP input of down_proj, F.silu(gate) * up in the inputs' dtype; with xgs
+    (1 or M activation tensor scales) and wgu (gate's and up's weight tensor scales), gate and up are
+    first scaled and rounded as prefill.scale_rows does to the unscaled GEMM outputs."""
+    from .prefill import scale_rows
+    if xgs is not None:
+        g = scale_rows(g.clone(), xgs, wgu.reshape(-1)[0], cuda=False)
+        u = scale_rows(u.clone(), xgs, wgu.reshape(-1)[1], cuda=False)
     return torch.nn.functional.silu(g) * u
 
 
 def arc_silu_mul_act_cuda(g: torch.Tensor, u: torch.Tensor, starts: torch.Tensor, s: int,
-                          gs: torch.Tensor | None = None, out: str = "bfloat16", inv_g: torch.Tensor | None = None,
-                          inv_u: torch.Tensor | None = None) -> tuple:
+                          gs: torch.Tensor | None = None, out: str = "bfloat16", xgs: torch.Tensor | None = None,
+                          wgu: torch.Tensor | None = None) -> tuple:
     """SiLU(gate) * up fused in front of the activation kernel (the input of down_proj): gate, up
-    (M, K) -> (xq, scales or None, gs) as arc_act_quant_cuda(silu_mul_reference(g, u, inv_g, inv_u), ...)."""
-    kind, _, xq, scales, gg, g_out = _outputs(g, starts, s, gs, out, SILU_MAX_K)
-    if u.shape != g.shape or u.dtype != g.dtype or u.device != g.device or not u.is_contiguous() or u.data_ptr() % 16:
-        raise ValueError(f"up {tuple(u.shape)} {u.dtype} on {u.device} must be contiguous, 16-byte aligned and match "
-                         f"gate {tuple(g.shape)} {g.dtype} on {g.device}")
-    if (inv_g is None) != (inv_u is None):
-        raise ValueError("give both inv_g and inv_u, or neither")
-    inv = [torch.empty(0, dtype=torch.float32, device=g.device) if v is None else
-           v.to(device=g.device, dtype=torch.float32).reshape(-1).contiguous() for v in (inv_g, inv_u)]
-    if inv[0].numel() != inv[1].numel() or inv[0].numel() not in (0, 1, g.shape[0]):
-        raise ValueError(f"inv_g and inv_u must hold 1 or M={g.shape[0]} values each, got {inv[0].numel()} and "
-                         f"{inv[1].numel()}")
-    ext = _extension(torch.cuda.get_device_capability(g.device))
-    ext.arc_silu_mul_act(g, u, inv[0], inv[1], starts, gg, g_out, xq, scales if scales is not None else xq, s, kind)
+    (M, K), rows contiguous and one row stride for both (two tensors, or the two halves of a stacked
+    gate / up product) -> (xq, scales or None, gs) as
+    arc_act_quant_cuda(silu_mul_reference(g, u, xgs, wgu), ...)."""
+    kind, _, xq, scales, gg, g_out = _outputs(g, starts, s, gs, out, SILU_MAX_K, strided=True)
+    if u.shape != g.shape or u.dtype != g.dtype or u.device != g.device or u.stride() != g.stride() \
+            or u.data_ptr() % 16:
+        raise ValueError(f"up {tuple(u.shape)} {u.dtype} on {u.device} (strides {u.stride()}) must match gate "
+                         f"{tuple(g.shape)} {g.dtype} on {g.device} (strides {g.stride()}) and be 16-byte aligned")
+    if (xgs is None) != (wgu is None):
+        raise ValueError("give both xgs and wgu (gate's and up's weight tensor scales), or neither")
+    none = torch.empty(0, dtype=torch.float32, device=g.device)
+    xs = none if xgs is None else xgs.to(device=g.device, dtype=torch.float32).reshape(-1).contiguous()
+    w2 = none if wgu is None else wgu.to(device=g.device, dtype=torch.float32).reshape(-1).contiguous()
+    if xs.numel() not in (0, 1, g.shape[0]) or (xgs is not None and w2.numel() != 2):
+        raise ValueError(f"xgs must hold 1 or M={g.shape[0]} values and wgu 2 (gate's, up's), got {xs.numel()} and "
+                         f"{w2.numel()}")
+    ext = device_extension(g.device)
+    ext.arc_silu_mul_act(g, u, xs, w2, starts, gg, g_out, xq, scales if scales is not None else xq, s, kind)
     return xq, None if scales is None else scales.view(torch.float8_e4m3fn), g_out

@@ -38,11 +38,11 @@ DECL = ("void arc_gemv_dp4a(torch::Tensor xi, torch::Tensor xs, torch::Tensor xg
         "void arc_act_quant(torch::Tensor x, torch::Tensor starts, torch::Tensor gs, torch::Tensor gs_out, "
         "torch::Tensor xq, torch::Tensor scales, int64_t s, int64_t out, int64_t ctas);\n"
         "void arc_dequant(torch::Tensor codes, torch::Tensor scales, torch::Tensor out, int64_t s);\n"
-        "void arc_scale_rows(torch::Tensor y, torch::Tensor inv, c10::optional<torch::Tensor> bias);\n"
+        "void arc_scale_rows(torch::Tensor y, torch::Tensor xgs, torch::Tensor wgs, c10::optional<torch::Tensor> bias);\n"
         "void arc_rmsnorm_act(torch::Tensor x, torch::Tensor w, double eps, torch::Tensor starts, torch::Tensor gs, "
         "torch::Tensor gs_out, torch::Tensor y, torch::Tensor xq, torch::Tensor scales, int64_t s, int64_t out, "
         "int64_t ctas);\n"
-        "void arc_silu_mul_act(torch::Tensor g, torch::Tensor u, torch::Tensor inv_g, torch::Tensor inv_u, "
+        "void arc_silu_mul_act(torch::Tensor g, torch::Tensor u, torch::Tensor xgs, torch::Tensor wgu, "
         "torch::Tensor starts, torch::Tensor gs, torch::Tensor gs_out, torch::Tensor xq, torch::Tensor scales, "
         "int64_t s, int64_t out);")
 
@@ -89,6 +89,13 @@ def _extension(capability: tuple):
             os.environ.pop("TORCH_CUDA_ARCH_LIST")
         else:
             os.environ["TORCH_CUDA_ARCH_LIST"] = old
+
+
+@functools.cache
+def device_extension(device: torch.device):
+    """The extension for `device`'s compute capability, looked up once a device (every kernel call
+    asks: torch.cuda.get_device_capability costs ~20 us of host time a call on the H200 machine)."""
+    return _extension(torch.cuda.get_device_capability(device))
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -152,7 +159,7 @@ def _outputs(x, n: int, bias, out_dtype):
         raise ValueError(f"out_dtype {out_dtype}: use bfloat16, float16 or float32")
     y = torch.empty(x.shape[0], n, dtype=out_dtype, device=x.device)
     b = None if bias is None else bias.to(device=x.device, dtype=torch.float32).contiguous()
-    return y, b, _extension(torch.cuda.get_device_capability(x.device))
+    return y, b, device_extension(x.device)
 
 
 def arc_gemv_int8(xi, xs, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat16, nr: int = 2,

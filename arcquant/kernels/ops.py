@@ -3,12 +3,17 @@ and CUDA graphs capture them, with a backend choice per device.
 
     torch.ops.arcquant.quantize_act(x, perm, starts, s, gs, out) -> (xq, scales, gs)
     torch.ops.arcquant.rmsnorm_quantize_act(x, weight, eps, perm, starts, s, gs, out) -> (y, xq, scales, gs)
-    torch.ops.arcquant.silu_mul_quantize_act(g, u, inv_g, inv_u, perm, starts, s, gs, out) -> (xq, scales, gs)
+    torch.ops.arcquant.silu_mul_quantize_act(g, u, xgs, wgu, perm, starts, s, gs, out) -> (xq, scales, gs)
     torch.ops.arcquant.gemv_int8(xi, xs, xgs, wc, ws, wgs, bias, s, nr, kw, out_dtype, u=1)
     torch.ops.arcquant.gemm_mma(xd, xgs, wc, ws, wgs, bias, s, kw, occ, out_dtype, st=0, xs=False)   (xd: "mma")
     torch.ops.arcquant.gemv_triton(xd, xgs, wc, ws, wgs, bias, s, fma, block_n, block_k, split_k, out_dtype)
     torch.ops.arcquant.prefill(xd, xgs, wc, ws, wgs, bias, s, out_dtype)
     torch.ops.arcquant.prefill_unscaled(xd, wc, ws, s) -> xd @ dequant(W)^T, no tensor scales
+
+Outside torch.compile the callers (gpu.KernelPath) call the same Python bodies directly, from
+EAGER: the dispatcher's per-call work (~10 - 100 us of host time an op, more than some kernels
+take) is then not paid on the eager path, where a prefill's host time is the bottleneck
+(scripts/host_prefill.py). Under torch.compile, OPS (one graph node each).
 
 Backends: "kernels" (Triton / CUDA) on CUDA tensors; on CPU tensors "reference" (the
 pure-torch oracles: arc.quantize_activation, float64 products) unless the backend is set to
@@ -19,6 +24,7 @@ cross the op boundary as their uint8 bits (ws.view(torch.uint8)).
 """
 import logging
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -60,8 +66,7 @@ XQ_DTYPES = {"int8": torch.int8, "mma": torch.float16, "bfloat16": torch.bfloat1
 
 
 # ---- activation quantization ---------------------------------------------------------------
-@custom_op("arcquant::quantize_act", mutates_args=())
-def quantize_act(x: Tensor, perm: Tensor, starts: Tensor | None, s: int, gs: Tensor | None,
+def _quantize_act(x: Tensor, perm: Tensor, starts: Tensor | None, s: int, gs: Tensor | None,
                  out: str) -> tuple[Tensor, Tensor, Tensor]:
     """x (M, K) -> xq (M, K+s) (int8: 2 * E2M1 value; bfloat16: code * block scale; mma: the same in
     float16, each 8 columns in the tensor-core GEMV's order, cuda_gemv.to_mma_order),
@@ -78,6 +83,9 @@ def _act_outputs(x: Tensor, xq: Tensor, scales: Tensor | None, g: Tensor, gs: Te
     empty (0, 0)), the tensor scale cloned when it was given (an op's output may not alias its input)."""
     g = g if gs is None else g.clone()
     return xq, (scales.view(torch.uint8) if scales is not None else x.new_empty(0, 0, dtype=torch.uint8)), g
+
+
+quantize_act = custom_op("arcquant::quantize_act", _quantize_act, mutates_args=())
 
 
 @quantize_act.register_fake
@@ -109,8 +117,7 @@ def _quantize_act_reference(x, perm, s, gs, out):
     return xq, x.new_empty(0, 0, dtype=torch.uint8), g
 
 
-@custom_op("arcquant::rmsnorm_quantize_act", mutates_args=())
-def rmsnorm_quantize_act(x: Tensor, weight: Tensor, eps: float, perm: Tensor, starts: Tensor | None, s: int,
+def _rmsnorm_quantize_act(x: Tensor, weight: Tensor, eps: float, perm: Tensor, starts: Tensor | None, s: int,
                          gs: Tensor | None, out: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """RMSNorm then quantize_act: x (M, K) -> (y (M, K) normalized, xq, scales, gs) - the CUDA
     kernel on CUDA tensors (cuda_act.arc_rmsnorm_act_cuda), the reference on CPU."""
@@ -125,28 +132,35 @@ def rmsnorm_quantize_act(x: Tensor, weight: Tensor, eps: float, perm: Tensor, st
     return (y,) + _act_outputs(x, xq, scales, g, gs)
 
 
+rmsnorm_quantize_act = custom_op("arcquant::rmsnorm_quantize_act", _rmsnorm_quantize_act, mutates_args=())
+
+
 @rmsnorm_quantize_act.register_fake
 def _(x, weight, eps, perm, starts, s, gs, out):
     return (torch.empty_like(x),) + _quantize_act_fake(x, s, gs, out)
 
 
-@custom_op("arcquant::silu_mul_quantize_act", mutates_args=())
-def silu_mul_quantize_act(g: Tensor, u: Tensor, inv_g: Tensor | None, inv_u: Tensor | None, perm: Tensor,
-                          starts: Tensor | None, s: int, gs: Tensor | None, out: str) -> tuple[Tensor, Tensor, Tensor]:
-    """quantize_act of F.silu(g') * u' (the input of down_proj), g' = T(g * inv_g), u' = T(u * inv_u)
-    row-wise when inv is given (prefill_unscaled outputs), else g, u - one CUDA kernel on CUDA
-    tensors (cuda_act.arc_silu_mul_act_cuda), the reference on CPU."""
+def _silu_mul_quantize_act(g: Tensor, u: Tensor, xgs: Tensor | None, wgu: Tensor | None, perm: Tensor,
+                           starts: Tensor | None, s: int, gs: Tensor | None, out: str) -> tuple[Tensor, Tensor, Tensor]:
+    """quantize_act of F.silu(g') * u' (the input of down_proj), g' = T(g / (xgs[m] * wgu[0])),
+    u' = T(u / (xgs[m] * wgu[1])) as prefill.scale_rows forms them when xgs is given (prefill_unscaled
+    outputs: xgs the activation tensor scales, wgu gate's and up's weight tensor scales), else g, u -
+    one CUDA kernel on CUDA tensors (cuda_act.arc_silu_mul_act_cuda; g and u may be the two halves
+    of one stacked product), the reference on CPU."""
     from .cuda_act import arc_silu_mul_act_cuda, silu_mul_reference
     if g.device.type == "cpu":
-        return _quantize_act_reference(silu_mul_reference(g, u, inv_g, inv_u), perm, s, gs, out)
+        return _quantize_act_reference(silu_mul_reference(g, u, xgs, wgu), perm, s, gs, out)
     if out not in XQ_DTYPES:
         raise ValueError(f"out={out!r}: use one of {', '.join(XQ_DTYPES)}")
-    xq, scales, gg = arc_silu_mul_act_cuda(g, u, starts, s, gs, out, inv_g, inv_u)
+    xq, scales, gg = arc_silu_mul_act_cuda(g, u, starts, s, gs, out, xgs, wgu)
     return _act_outputs(g, xq, scales, gg, gs)
 
 
+silu_mul_quantize_act = custom_op("arcquant::silu_mul_quantize_act", _silu_mul_quantize_act, mutates_args=())
+
+
 @silu_mul_quantize_act.register_fake
-def _(g, u, inv_g, inv_u, perm, starts, s, gs, out):
+def _(g, u, xgs, wgu, perm, starts, s, gs, out):
     return _quantize_act_fake(g, s, gs, out)
 
 
@@ -167,8 +181,7 @@ def _out_fake(x: Tensor, wc: Tensor, out_dtype: torch.dtype) -> Tensor:
     return x.new_empty(x.shape[0], wc.shape[0], dtype=out_dtype)
 
 
-@custom_op("arcquant::gemv_int8", mutates_args=())
-def gemv_int8(xi: Tensor, xs: Tensor, xgs: Tensor, wc: Tensor, ws: Tensor, wgs: Tensor, bias: Tensor | None,
+def _gemv_int8(xi: Tensor, xs: Tensor, xgs: Tensor, wc: Tensor, ws: Tensor, wgs: Tensor, bias: Tensor | None,
               s: int, nr: int, kw: int, out_dtype: torch.dtype, u: int = 1) -> Tensor:
     if xi.device.type == "cpu":                                   # no CUDA kernel on CPU: the oracle
         return _product_reference(xi, xs, xgs, wc, ws, wgs, bias, s, out_dtype)
@@ -176,13 +189,15 @@ def gemv_int8(xi: Tensor, xs: Tensor, xgs: Tensor, wc: Tensor, ws: Tensor, wgs: 
     return arc_gemv_int8(xi, _e4m3(xs), xgs, wc, _e4m3(ws), wgs, s, bias, out_dtype, nr, kw, u)
 
 
+gemv_int8 = custom_op("arcquant::gemv_int8", _gemv_int8, mutates_args=())
+
+
 @gemv_int8.register_fake
 def _(xi, xs, xgs, wc, ws, wgs, bias, s, nr, kw, out_dtype, u=1):
     return _out_fake(xi, wc, out_dtype)
 
 
-@custom_op("arcquant::gemm_mma", mutates_args=())
-def gemm_mma(xd: Tensor, xgs: Tensor, wc: Tensor, ws: Tensor, wgs: Tensor, bias: Tensor | None, s: int, kw: int,
+def _gemm_mma(xd: Tensor, xgs: Tensor, wc: Tensor, ws: Tensor, wgs: Tensor, bias: Tensor | None, s: int, kw: int,
              occ: bool, out_dtype: torch.dtype, st: int = 0, xs: bool = False) -> Tensor:
     if xd.device.type == "cpu":                                  # xd: the "mma" operand
         return _product_reference(xd, None, xgs, wc, ws, wgs, bias, s, out_dtype, mma_order=True)
@@ -190,13 +205,15 @@ def gemm_mma(xd: Tensor, xgs: Tensor, wc: Tensor, ws: Tensor, wgs: Tensor, bias:
     return arc_gemm_mma(xd, xgs, wc, _e4m3(ws), wgs, s, bias, out_dtype, kw, occ, st, xs)
 
 
+gemm_mma = custom_op("arcquant::gemm_mma", _gemm_mma, mutates_args=())
+
+
 @gemm_mma.register_fake
 def _(xd, xgs, wc, ws, wgs, bias, s, kw, occ, out_dtype, st=0, xs=False):
     return _out_fake(xd, wc, out_dtype)
 
 
-@custom_op("arcquant::gemv_triton", mutates_args=())
-def gemv_triton(xd: Tensor, xgs: Tensor, wc: Tensor, ws: Tensor, wgs: Tensor, bias: Tensor | None, s: int,
+def _gemv_triton(xd: Tensor, xgs: Tensor, wc: Tensor, ws: Tensor, wgs: Tensor, bias: Tensor | None, s: int,
                 fma: bool, block_n: int, block_k: int, split_k: int, out_dtype: torch.dtype) -> Tensor:
     if _reference(xd):
         return _product_reference(xd, None, xgs, wc, ws, wgs, bias, s, out_dtype)
@@ -205,13 +222,15 @@ def gemv_triton(xd: Tensor, xgs: Tensor, wc: Tensor, ws: Tensor, wgs: Tensor, bi
                     split_k=split_k, fma=fma)
 
 
+gemv_triton = custom_op("arcquant::gemv_triton", _gemv_triton, mutates_args=())
+
+
 @gemv_triton.register_fake
 def _(xd, xgs, wc, ws, wgs, bias, s, fma, block_n, block_k, split_k, out_dtype):
     return _out_fake(xd, wc, out_dtype)
 
 
-@custom_op("arcquant::prefill", mutates_args=())
-def prefill(xd: Tensor, xgs: Tensor, wc: Tensor, ws: Tensor, wgs: Tensor, bias: Tensor | None, s: int,
+def _prefill(xd: Tensor, xgs: Tensor, wc: Tensor, ws: Tensor, wgs: Tensor, bias: Tensor | None, s: int,
             out_dtype: torch.dtype) -> Tensor:
     if _reference(xd):
         return _product_reference(xd, None, xgs, wc, ws, wgs, bias, s, out_dtype)
@@ -219,13 +238,15 @@ def prefill(xd: Tensor, xgs: Tensor, wc: Tensor, ws: Tensor, wgs: Tensor, bias: 
     return arc_matmul_prefill(xd, xgs, wc, _e4m3(ws), wgs, s, bias, out_dtype=out_dtype)
 
 
+prefill = custom_op("arcquant::prefill", _prefill, mutates_args=())
+
+
 @prefill.register_fake
 def _(xd, xgs, wc, ws, wgs, bias, s, out_dtype):
     return _out_fake(xd, wc, out_dtype)
 
 
-@custom_op("arcquant::prefill_unscaled", mutates_args=())
-def prefill_unscaled(xd: Tensor, wc: Tensor, ws: Tensor, s: int) -> Tensor:
+def _prefill_unscaled(xd: Tensor, wc: Tensor, ws: Tensor, s: int) -> Tensor:
     """xd (M, K+s) (code * block scale) x the augmented weight's code * block scale -> (M, N) in
     xd's dtype, without the tensor scales (the consumer applies them: silu_mul_quantize_act)."""
     if _reference(xd):
@@ -235,9 +256,20 @@ def prefill_unscaled(xd: Tensor, wc: Tensor, ws: Tensor, s: int) -> Tensor:
     return matmul_unscaled(xd, wc, _e4m3(ws), s)
 
 
+prefill_unscaled = custom_op("arcquant::prefill_unscaled", _prefill_unscaled, mutates_args=())
+
+
 @prefill_unscaled.register_fake
 def _(xd, wc, ws, s):
     return _out_fake(xd, wc, xd.dtype)
 
 
 OPS = torch.ops.arcquant                                           # the namespace, once registered
+EAGER = SimpleNamespace(quantize_act=_quantize_act, rmsnorm_quantize_act=_rmsnorm_quantize_act,
+                        silu_mul_quantize_act=_silu_mul_quantize_act, gemv_int8=_gemv_int8, gemm_mma=_gemm_mma,
+                        gemv_triton=_gemv_triton, prefill=_prefill, prefill_unscaled=_prefill_unscaled)
+
+
+def current(eager=EAGER):
+    """The ops to call now: OPS while torch.compile traces (one node each), else `eager`."""
+    return OPS if torch.compiler.is_compiling() else eager

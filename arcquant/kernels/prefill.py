@@ -7,7 +7,9 @@ Triton) and handing the GEMM to cuBLAS beats re-dequantizing the weight in every
 of a fused kernel.
 
     wd (N, K+s) bf16 = code * block scale, the tail columns K..K+s-1 copied from K-s..K-1
-    y  (M, N)        = (xd @ wd^T in fp32) / (xgs * wgs) (+ bias)
+    y  (M, N)        = (xd @ wd^T in fp32) / (xgs[m] * wgs[n]) (+ bias)
+xgs: 1 or M activation tensor scales; wgs: 1 weight tensor scale, or N (one per output row: a
+stacked q/k/v group, gpu.StackedGroup).
 xd comes from the activation kernel (arc_quantize_activation(..., dequantized=True)).
 Every operand value is exact in bf16 (at most 6 significant bits, range [2^-10, 2688]);
 the GEMM accumulates in fp32 and returns fp32 (torch.mm out_dtype), the tensor scales are
@@ -41,6 +43,12 @@ def _cuda_reason(device: torch.device) -> str | None:
     return logged_reason(device, "weight dequantization")
 
 
+def _ext(device: torch.device):
+    """The built extension for `device` (cuda_gemv.device_extension: looked up once a device)."""
+    from .cuda_gemv import device_extension
+    return device_extension(device)
+
+
 def dequantize_codes(codes, scales, s: int = 0, out_dtype=torch.bfloat16, blocks_per_program: int = 64,
                      cuda: bool | None = None):
     """codes (R, K/2) u8, scales (R, K/16) e4m3 -> (R, K+s) code * block scale (exact), the last
@@ -60,8 +68,7 @@ def dequantize_codes(codes, scales, s: int = 0, out_dtype=torch.bfloat16, blocks
         if not codes.is_cuda or out_dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"the CUDA dequantization kernel needs CUDA tensors and a bfloat16 / float16 output, "
                              f"got {codes.device} and {out_dtype}; pass cuda=None to choose automatically")
-        from .cuda_gemv import _extension
-        _extension(torch.cuda.get_device_capability(codes.device)).arc_dequant(codes, scales.view(torch.uint8), out, s)
+        _ext(codes.device).arc_dequant(codes, scales.view(torch.uint8), out, s)
         return out
     nb = blocks_per_program
     grid = (r, triton.cdiv((k + s) // 16, nb))
@@ -79,7 +86,7 @@ def arc_matmul_prefill(xd, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.
     fp32 round trip through memory (~25% of the time at M = 4096)."""
     if xd.is_cuda and not exact:
         y = matmul_unscaled(xd, wc, ws, s)                               # (M, N) xd.dtype
-        scale_rows(y, inverse_scales(xgs, wgs), None if bias is None else bias.to(y.dtype))
+        scale_rows(y, xgs, wgs, None if bias is None else bias.to(y.dtype))
         return y.to(out_dtype)
     wd = _augmented_weight(xd, wc, ws, s)                                # (N, K+s)
     acc = torch.mm(xd, wd.t(), out_dtype=torch.float32) if xd.is_cuda else xd.float() @ wd.float().t()
@@ -97,12 +104,12 @@ def _augmented_weight(xd, wc, ws, s: int) -> torch.Tensor:
 
 
 def tensor_scales(xgs, wgs) -> torch.Tensor:
-    """The product's divisor: activation tensor scale(s) x the weight's, (M, 1) or (1, 1) fp32."""
-    return xgs.to(torch.float32).reshape(-1, 1) * wgs.to(torch.float32).reshape(())
+    """The product's divisor: activation tensor scale(s) x the weight's, (M or 1, N or 1) fp32."""
+    return xgs.to(torch.float32).reshape(-1, 1) * wgs.to(torch.float32).reshape(1, -1)
 
 
 def inverse_scales(xgs, wgs) -> torch.Tensor:
-    """What the fast path multiplies the bf16 GEMM output by, row-wise: 1 / (xgs * wgs), (M, 1)."""
+    """What the fast path multiplies the bf16 GEMM output by: 1 / (xgs * wgs), (M or 1, N or 1)."""
     return 1.0 / tensor_scales(xgs, wgs)
 
 
@@ -112,22 +119,25 @@ def matmul_unscaled(xd, wc, ws, s: int) -> torch.Tensor:
     return torch.mm(xd, _augmented_weight(xd, wc, ws, s).t())
 
 
-def scale_rows(y, inv, bias=None, cuda: bool | None = None):
-    """In place: y (M, N) 16-bit = T(T(y * inv[m]) + bias[n]), torch's y.mul_(inv).add_(bias)
-    bit for bit. cuda: None picks the CUDA kernel (csrc/arc_dequant.cu, 16-byte accesses) for
-    N % 8 == 0 on a device where it builds, False torch's elementwise kernels."""
-    inv = inv.to(torch.float32).reshape(-1).contiguous()                       # (M,) or (1,)
-    bias = None if bias is None else bias.contiguous()
+def scale_rows(y, xgs, wgs, bias=None, cuda: bool | None = None):
+    """In place: y (M, N) 16-bit = T(T(y * inv) + bias[n]), inv = 1 / (xgs[m] * wgs[n]) in fp32 (xgs: 1
+    or M values, wgs: 1 or N) - torch's y.mul_(inverse_scales(xgs, wgs)).add_(bias) bit for bit.
+    cuda: None picks the CUDA kernel (csrc/arc_dequant.cu: the factors formed in the kernel, 16-byte
+    accesses) for N % 8 == 0 on a device where it builds, False torch's elementwise kernels."""
+    xgs = xgs.to(torch.float32).reshape(-1)                                     # (M,) or (1,)
+    wgs = wgs.to(torch.float32).reshape(-1)                                     # (N,) or (1,)
+    if xgs.numel() not in (1, y.shape[0]) or wgs.numel() not in (1, y.shape[1]):
+        raise ValueError(f"scale_rows: y {tuple(y.shape)} takes 1 or M = {y.shape[0]} activation scales (got "
+                         f"{xgs.numel()}) and 1 or N = {y.shape[1]} weight scales (got {wgs.numel()})")
     if cuda is None:
         cuda = (y.is_cuda and y.dtype in (torch.bfloat16, torch.float16) and y.is_contiguous()
                 and y.shape[1] % 8 == 0 and y.data_ptr() % 16 == 0 and (bias is None or bias.data_ptr() % 16 == 0)
                 and _cuda_reason(y.device) is None)
     if not cuda:
-        y.mul_(inv.reshape(-1, 1))
+        y.mul_(inverse_scales(xgs, wgs))
         return y if bias is None else y.add_(bias)
     if not y.is_cuda or y.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"the CUDA epilogue needs a CUDA bfloat16 / float16 y, got {y.device} {y.dtype}; "
                          "pass cuda=None to choose automatically")
-    from .cuda_gemv import _extension
-    _extension(torch.cuda.get_device_capability(y.device)).arc_scale_rows(y, inv, bias)
+    _ext(y.device).arc_scale_rows(y, xgs.contiguous(), wgs.contiguous(), None if bias is None else bias.contiguous())
     return y

@@ -306,9 +306,10 @@ __global__ void arc_rmsnorm_act_kernel(const T* __restrict__ x, const T* __restr
 }
 
 // SiLU(gate) * up fused in front (prefill: the input of down_proj). One CTA per row:
-//   g = T(graw * inv_g), u = T(uraw * inv_u) when inv is given (the unscaled GEMM outputs and the
-//   factors arc_scale_rows would apply to them; inv_per_row: one per row, else one value), else
-//   g, u as given; h = T(T(silu(g)) * u), silu(g) = g / (1 + exp(-g)) in fp32 - torch's order
+//   g = T(graw * 1 / (xgs[m] * wgu[0])), u = T(uraw * 1 / (xgs[m] * wgu[1])) when xgs is given (the
+//   unscaled GEMM outputs and the factors arc_scale_rows would apply to them, formed here as it
+//   forms them; xgs_per_row: one per row, else one value), else g, u as given; rows ld elements
+//   apart (gate and up may be the two halves of one stacked product's rows); h = T(T(silu(g)) * u), silu(g) = g / (1 + exp(-g)) in fp32 - torch's order
 //   and roundings (F.silu on T, then the T product). h stays in shared memory as T (not written)
 //   and is quantized as arc_act_kernel does (gs_mode 2: 2688 / max|h[m]|).
 // 16-byte loads in flight per operand: 2 (47 registers, 5 CTAs an SM) is 5 % faster than 4 (63, 4 CTAs)
@@ -323,18 +324,20 @@ __global__ void arc_rmsnorm_act_kernel(const T* __restrict__ x, const T* __restr
 #endif
 template <typename T, int OUT>
 __global__ void ARC_SILU_BOUNDS arc_silu_mul_act_kernel(const T* __restrict__ g, const T* __restrict__ u,
-                                        const float* __restrict__ inv_g, const float* __restrict__ inv_u,
-                                        int inv_per_row, const int* __restrict__ starts,
+                                        const float* __restrict__ xgs, const float* __restrict__ wgu,
+                                        int xgs_per_row, size_t ld, const int* __restrict__ starts,
                                         const float* __restrict__ gs_in, int gs_mode, float* __restrict__ gs_out,
                                         void* __restrict__ xq, uint8_t* __restrict__ scales, int K, int S) {
   extern __shared__ __align__(16) unsigned char hbuf[];          // (K,) T: the row of h
   T* hs = reinterpret_cast<T*>(hbuf);
   __shared__ float red[32];
   const int m = blockIdx.x, nblk = (K + S) / 16, kb = K / 16, sb = S / 16;
-  const bool scaled = inv_g != nullptr;
-  const float sg = scaled ? inv_g[inv_per_row ? m : 0] : 1.f, su = scaled ? inv_u[inv_per_row ? m : 0] : 1.f;
-  const uint4* grow = reinterpret_cast<const uint4*>(g + (size_t)m * K);
-  const uint4* urow = reinterpret_cast<const uint4*>(u + (size_t)m * K);
+  const bool scaled = xgs != nullptr;
+  const float xg = scaled ? xgs[xgs_per_row ? m : 0] : 1.f;
+  const float sg = scaled ? __fdiv_rn(1.f, __fmul_rn(xg, wgu[0])) : 1.f;
+  const float su = scaled ? __fdiv_rn(1.f, __fmul_rn(xg, wgu[1])) : 1.f;
+  const uint4* grow = reinterpret_cast<const uint4*>(g + (size_t)m * ld);
+  const uint4* urow = reinterpret_cast<const uint4*>(u + (size_t)m * ld);
   constexpr int U = ARC_SILU_U;
   float amax = 0.f, gf[8], uf[8];
   for (int i0 = threadIdx.x; i0 < K / 8; i0 += U * blockDim.x) {
@@ -403,12 +406,13 @@ struct ActIO {
 
 static ActIO check_act_io(const torch::Tensor& x, const torch::Tensor& starts, const torch::Tensor& gs,
                           const torch::Tensor& gs_out, const torch::Tensor& xq, const torch::Tensor& scales, int64_t s,
-                          int64_t out) {
+                          int64_t out, bool strided = false) {   // strided: rows may be apart (16-byte multiples)
   TORCH_CHECK(x.is_cuda() && starts.is_cuda() && gs.is_cuda() && xq.is_cuda() && scales.is_cuda() && gs_out.is_cuda(),
               "CUDA tensors expected");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, "x: bfloat16 or float16");
-  TORCH_CHECK(x.is_contiguous() && x.dim() == 2 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
-              "x: contiguous 2-D, 16-byte aligned");
+  TORCH_CHECK(x.dim() == 2 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
+              (strided ? x.stride(1) == 1 && x.stride(0) >= x.size(1) && x.stride(0) % 8 == 0 : x.is_contiguous()),
+              strided ? "x: 2-D, unit column stride, rows 16-byte aligned" : "x: contiguous 2-D, 16-byte aligned");
   const int64_t m = x.size(0), k = x.size(1);
   TORCH_CHECK(k % 16 == 0 && s % 16 == 0 && s >= 0 && s <= k, "K and s multiples of 16, 0 <= s <= K");
   TORCH_CHECK(starts.scalar_type() == at::kInt && starts.numel() == k / 16, "starts: int32 (K/16,)");
@@ -479,25 +483,28 @@ void arc_rmsnorm_act(torch::Tensor x, torch::Tensor w, double eps, torch::Tensor
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// SiLU(gate) * up + quantization: gate, up (M, K) of one dtype, inv_g / inv_u (0 values: none;
-// 1 or M float32) -> the outputs of arc_act_quant (out 0 int8, 1 fp16, 2 bf16, 3 packed).
-void arc_silu_mul_act(torch::Tensor g, torch::Tensor u, torch::Tensor inv_g, torch::Tensor inv_u,
+// SiLU(gate) * up + quantization: gate, up (M, K) of one dtype with one row stride, xgs (0 values:
+// no scaling; 1 or M float32) and wgu (2 float32: gate's and up's weight tensor scales) -> the
+// outputs of arc_act_quant (out 0 int8, 1 fp16, 2 bf16, 3 packed).
+void arc_silu_mul_act(torch::Tensor g, torch::Tensor u, torch::Tensor xgs, torch::Tensor wgu,
                       torch::Tensor starts, torch::Tensor gs, torch::Tensor gs_out, torch::Tensor xq,
                       torch::Tensor scales, int64_t s, int64_t out) {
   const at::cuda::CUDAGuard guard(g.device());
-  const ActIO io = check_act_io(g, starts, gs, gs_out, xq, scales, s, out);
+  const ActIO io = check_act_io(g, starts, gs, gs_out, xq, scales, s, out, true);
   const int64_t m = g.size(0), k = g.size(1);
   TORCH_CHECK(k <= 24576, "K <= 24576 (the row of h in shared memory)");
-  TORCH_CHECK(u.is_cuda() && u.scalar_type() == g.scalar_type() && u.sizes() == g.sizes() && u.is_contiguous() &&
-              reinterpret_cast<uintptr_t>(u.data_ptr()) % 16 == 0, "up: contiguous CUDA (M, K) of gate's dtype, aligned");
-  const int64_t ni = inv_g.numel();
-  TORCH_CHECK(inv_g.is_cuda() && inv_u.is_cuda() && inv_g.scalar_type() == at::kFloat &&
-              inv_u.scalar_type() == at::kFloat && inv_u.numel() == ni && inv_g.is_contiguous() &&
-              inv_u.is_contiguous() && (ni == 0 || ni == 1 || ni == m), "inv_g / inv_u: float32, both 0, 1 or M values");
+  TORCH_CHECK(u.is_cuda() && u.scalar_type() == g.scalar_type() && u.sizes() == g.sizes() && u.stride(1) == 1 &&
+              u.stride(0) == g.stride(0) && reinterpret_cast<uintptr_t>(u.data_ptr()) % 16 == 0,
+              "up: CUDA (M, K) of gate's dtype and row stride, aligned");
+  const int64_t ni = xgs.numel();
+  TORCH_CHECK(xgs.is_cuda() && wgu.is_cuda() && xgs.scalar_type() == at::kFloat && wgu.scalar_type() == at::kFloat &&
+              xgs.is_contiguous() && wgu.is_contiguous() && (ni == 0 || ni == 1 || ni == m) && (ni == 0 || wgu.numel() == 2),
+              "xgs: float32 with 0, 1 or M values; wgu: 2 float32 values (gate's, up's) when xgs is given");
   if (m == 0) return;
-  const float* ig = ni ? inv_g.data_ptr<float>() : nullptr;
-  const float* iu = ni ? inv_u.data_ptr<float>() : nullptr;
+  const float* xp = ni ? xgs.data_ptr<float>() : nullptr;
+  const float* wp = ni ? wgu.data_ptr<float>() : nullptr;
   const int per_row = ni > 1 ? 1 : 0;
+  const size_t ld = (size_t)g.stride(0);
   // 256 threads, ARC_SILU_U loads of gate and of up in flight each: ~5 CTAs an SM (registers), so one
   // CTA's loads overlap another's quantization (512 threads with one load each: 2 CTAs, ~1.3 TB/s on H200)
   const int threads = (int)std::min<int64_t>(256, std::max<int64_t>(64, (k / 8 + 31) / 32 * 32));
@@ -505,7 +512,7 @@ void arc_silu_mul_act(torch::Tensor g, torch::Tensor u, torch::Tensor inv_g, tor
   auto stream = at::cuda::getCurrentCUDAStream();
   void* q = xq.data_ptr();
 #define ARC_SILU_LAUNCH(T, O) arc_silu_mul_act_kernel<T, O><<<(unsigned)m, threads, smem, stream>>>( \
-      reinterpret_cast<const T*>(g.data_ptr()), reinterpret_cast<const T*>(u.data_ptr()), ig, iu, per_row, \
+      reinterpret_cast<const T*>(g.data_ptr()), reinterpret_cast<const T*>(u.data_ptr()), xp, wp, per_row, ld, \
       starts.data_ptr<int>(), io.gp, io.gs_mode, io.go, q, io.sp, (int)k, (int)s)
   if (g.scalar_type() == at::kBFloat16) {
     if (out == 0) ARC_SILU_LAUNCH(__nv_bfloat16, 0); else if (out == 1) ARC_SILU_LAUNCH(__nv_bfloat16, 1);

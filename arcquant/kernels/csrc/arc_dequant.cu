@@ -71,10 +71,15 @@ __global__ void arc_dequant_kernel(const uint8_t* __restrict__ codes, const uint
   o[1] = decode_word<T>(c.y, sc14);
 }
 
-// 2. The epilogue after cuBLAS: y (M, N) 16-bit in place, y = T(T(y * inv[m]) + bias[n]) - the
-// same two roundings as torch's y.mul_(inv).add_(bias) (fp32 arithmetic, RNE to T after each),
-// 8 elements per thread with 16-byte loads and stores (torch's broadcasting mixed-dtype kernel
-// moved ~0.45 TB/s in the Llama-3.1-8B prefill profile: 12 of 110 ms).
+// 2. The epilogue after cuBLAS: y (M, N) 16-bit in place, y = T(T(y * inv) + bias[n]) with
+// inv = 1 / (xgs[m] * wgs[n]) in fp32 - the same roundings as torch's
+// y.mul_(1.0 / (xgs[:, None] * wgs[None, :])).add_(bias) (fp32 product, IEEE division, RNE to T after
+// the multiply and after the add). xgs: 1 or M values (the activation tensor scales), wgs: 1 or N
+// (the weight's; N for a stacked q/k/v group, one per output column), so the caller launches no
+// kernels to form the factors. One division per thread where its 8 columns share wgs (always for
+// one layer; within a stacked group except at a member's edge). 8 elements per thread with 16-byte
+// loads and stores (torch's broadcasting mixed-dtype kernel moved ~0.45 TB/s in the Llama-3.1-8B
+// prefill profile: 12 of 110 ms).
 template <typename T>
 __device__ __forceinline__ float to_f(T v) {
   if constexpr (std::is_same<T, __nv_bfloat16>::value) return __bfloat162float(v);
@@ -88,12 +93,19 @@ __device__ __forceinline__ T from_f(float v) {
 }
 
 template <typename T>
-__global__ void arc_scale_rows_kernel(T* __restrict__ y, const float* __restrict__ inv, int inv_per_row,
+__global__ void arc_scale_rows_kernel(T* __restrict__ y, const float* __restrict__ xgs, int xgs_per_row,
+                                      const float* __restrict__ wgs, int wgs_per_col,
                                       const T* __restrict__ bias, unsigned total8, unsigned n8) {
   const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;    // 32-bit: no 64-bit division a thread
   if (idx >= total8) return;
   const unsigned r = idx / n8, c8 = idx - r * n8;
-  const float sc = inv[inv_per_row ? r : 0];
+  const float xg = xgs[xgs_per_row ? r : 0];
+  float w[8], sc[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) w[j] = wgs[wgs_per_col ? 8 * c8 + j : 0];
+  sc[0] = __fdiv_rn(1.f, __fmul_rn(xg, w[0]));
+#pragma unroll
+  for (int j = 1; j < 8; ++j) sc[j] = w[j] == w[j - 1] ? sc[j - 1] : __fdiv_rn(1.f, __fmul_rn(xg, w[j]));
   uint4 v = reinterpret_cast<uint4*>(y)[idx];
   T* h = reinterpret_cast<T*>(&v);
   uint4 bv = make_uint4(0, 0, 0, 0);
@@ -101,7 +113,7 @@ __global__ void arc_scale_rows_kernel(T* __restrict__ y, const float* __restrict
   const T* bh = reinterpret_cast<const T*>(&bv);
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
-    T t = from_f<T>(__fmul_rn(to_f(h[j]), sc));
+    T t = from_f<T>(__fmul_rn(to_f(h[j]), sc[j]));
     if (bias != nullptr) t = from_f<T>(__fadd_rn(to_f(t), to_f(bh[j])));
     h[j] = t;
   }
@@ -110,11 +122,13 @@ __global__ void arc_scale_rows_kernel(T* __restrict__ y, const float* __restrict
 
 }  // namespace
 
-void arc_scale_rows(torch::Tensor y, torch::Tensor inv, c10::optional<torch::Tensor> bias) {
+void arc_scale_rows(torch::Tensor y, torch::Tensor xgs, torch::Tensor wgs, c10::optional<torch::Tensor> bias) {
   const at::cuda::CUDAGuard guard(y.device());
   const int64_t m = y.size(0), n = y.size(1);
-  TORCH_CHECK(y.is_cuda() && inv.is_cuda() && y.is_contiguous() && inv.is_contiguous(), "contiguous CUDA tensors expected");
-  TORCH_CHECK(inv.scalar_type() == at::kFloat && (inv.numel() == 1 || inv.numel() == m), "inv: float32, 1 or M values");
+  TORCH_CHECK(y.is_cuda() && xgs.is_cuda() && wgs.is_cuda() && y.is_contiguous() && xgs.is_contiguous() &&
+              wgs.is_contiguous(), "contiguous CUDA tensors expected");
+  TORCH_CHECK(xgs.scalar_type() == at::kFloat && (xgs.numel() == 1 || xgs.numel() == m), "xgs: float32, 1 or M values");
+  TORCH_CHECK(wgs.scalar_type() == at::kFloat && (wgs.numel() == 1 || wgs.numel() == n), "wgs: float32, 1 or N values");
   TORCH_CHECK(n % 8 == 0 && reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 == 0, "N % 8 == 0 and a 16-byte aligned y");
   const void* b = nullptr;
   if (bias.has_value()) {
@@ -127,13 +141,15 @@ void arc_scale_rows(torch::Tensor y, torch::Tensor inv, c10::optional<torch::Ten
   if (total8 == 0) return;
   const unsigned blocks = (unsigned)((total8 + 255) / 256);
   auto stream = at::cuda::getCurrentCUDAStream();
-  const int per_row = inv.numel() > 1 ? 1 : 0;
+  const int per_row = xgs.numel() > 1 ? 1 : 0, per_col = wgs.numel() > 1 ? 1 : 0;
   if (y.scalar_type() == at::kBFloat16)
     arc_scale_rows_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(reinterpret_cast<__nv_bfloat16*>(y.data_ptr()),
-        inv.data_ptr<float>(), per_row, reinterpret_cast<const __nv_bfloat16*>(b), (unsigned)total8, (unsigned)(n / 8));
+        xgs.data_ptr<float>(), per_row, wgs.data_ptr<float>(), per_col, reinterpret_cast<const __nv_bfloat16*>(b),
+        (unsigned)total8, (unsigned)(n / 8));
   else if (y.scalar_type() == at::kHalf)
     arc_scale_rows_kernel<__half><<<blocks, 256, 0, stream>>>(reinterpret_cast<__half*>(y.data_ptr()),
-        inv.data_ptr<float>(), per_row, reinterpret_cast<const __half*>(b), (unsigned)total8, (unsigned)(n / 8));
+        xgs.data_ptr<float>(), per_row, wgs.data_ptr<float>(), per_col, reinterpret_cast<const __half*>(b),
+        (unsigned)total8, (unsigned)(n / 8));
   else
     TORCH_CHECK(false, "y: bfloat16 or float16");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
