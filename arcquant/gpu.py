@@ -14,7 +14,7 @@ keep the reference product, and the reason is logged. Per forward on the kernel 
       -> larger M: arc_matmul_prefill (weight dequantized to bf16, cuBLAS, scales after)
 
 With stack_groups (use_kernels does it), the layers of a q/k/v or gate/up group share one
-stacked weight for the decode GEMVs: one launch per group (StackedGroup).
+stacked weight: one decode GEMV launch per group, one dequantization + GEMM at prefill (StackedGroup).
 With fuse_norms (use_kernels does it too), the RMSNorm in front of q/k/v and gate/up
 runs as one CUDA kernel with the activation quantization (FusedNormQuant): the normalized rows
 and the group's quantized operand in one pass, the operand handed to the layers through their
