@@ -80,6 +80,28 @@ def test_opcheck_every_op():
         torch.library.opcheck(op, args)
 
 
+def test_eager_namespace_is_the_registered_ops_bodies():
+    """ops.EAGER (what gpu.KernelPath calls outside torch.compile) holds one plain function per
+    registered op, with the same results; ops.current gives OPS while torch.compile traces."""
+    import torch.library
+
+    from arcquant.kernels import ops
+    names = sorted(vars(ops.EAGER))
+    assert names == sorted(n for n in dir(OPS) if isinstance(getattr(OPS, n), torch._ops.OpOverloadPacket))
+    x, perm, wc, ws, gsw, bias = case()
+    for out in ("int8", "bfloat16"):
+        for a, b in zip(ops.EAGER.quantize_act(x, perm, None, 32, None, out), OPS.quantize_act(x, perm, None, 32, None, out)):
+            assert torch.equal(a, b)
+    xd, _, gs = OPS.quantize_act(torch.cat([x] * 7), perm, None, 32, None, "bfloat16")
+    assert torch.equal(ops.EAGER.prefill(xd, gs, wc, ws, gsw, bias, 32, torch.bfloat16),
+                       OPS.prefill(xd, gs, wc, ws, gsw, bias, 32, torch.bfloat16))
+    assert ops.current() is ops.EAGER
+    seen = []
+    torch._dynamo.reset()
+    torch.compile(lambda t: seen.append(ops.current()) or t + 1, backend="eager", fullgraph=True)(x)
+    assert seen == [OPS]
+
+
 def test_torch_compile_traces_the_ops_without_breaks():
     x, perm, wc, ws, gsw, bias = case()
 
