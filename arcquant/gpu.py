@@ -316,14 +316,18 @@ def fused_mlp_forward(mlp, x: torch.Tensor, wgu: torch.Tensor | None = None) -> 
     and h never go through memory. With gate and up stacked (StackedGroup) their products are one
     dequantization and one GEMM, (M, 2I), the kernel reading its two halves. The same bits as the
     unfused forward (the kernel repeats scale_rows', F.silu's and the product's roundings; cuBLAS
-    may pick another kernel for the stacked N); other calls run the unfused forward.
+    may pick another kernel for the stacked N). At decode sizes gate and up run as before and
+    SiLU(gate) * up is one kernel (ops.silu_mul: torch's bits, without torch's strided elementwise
+    path for the stacked GEMV's column views); under torch.compile the unfused forward.
     wgu: gate's and up's weight tensor scales, (2,) fp32 (fuse_mlps makes it once)."""
     gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
     kg, ku, kd = gate.kernel, up.kernel, down.kernel
     m = x.numel() // x.shape[-1]
-    if torch.compiler.is_compiling() or x.dtype != torch.bfloat16 or None in (kg, ku, kd) or m <= GEMV_MAX_M \
-            or kg.path(m) != "bfloat16":
+    if torch.compiler.is_compiling() or x.dtype != torch.bfloat16 or None in (kg, ku, kd):
         return down(mlp.act_fn(gate(x)) * up(x))
+    if m <= GEMV_MAX_M or kg.path(m) != "bfloat16":                     # decode: SiLU * up as one kernel
+        g, u = gate(x), up(x)                                            # views of the stacked GEMV's output
+        return down(kd.run.silu_mul(g.reshape(m, -1), u.reshape(m, -1)).reshape(g.shape))
     if wgu is None:
         wgu = _gate_up_scales(gate, up)
     ops = kd.run

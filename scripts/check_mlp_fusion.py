@@ -7,12 +7,13 @@ K = 1040, 3584, 14336, 18944 with s = 16, 448, 896, 0; bf16 / fp16 inputs; bf16 
 operands; with the tensor scales of the unscaled prefill GEMM (the activation's per row, xgs, and
 gate's and up's weight scales, wgu: the kernel forms 1 / (xgs * w) itself) and without; gate and up
 as two tensors and as the two halves of one stacked (M, 2K) product; per-token and static
-activation scale. Each operand, block scale and per-token scale must equal,
-bit for bit, the CPU reference (ops.quantize_act on CPU) applied to what the unfused GPU path
+activation scale. Each operand, block scale and per-token scale must equal, bit for bit, the CPU
+reference (ops.quantize_act on CPU) applied to what the unfused GPU path
 computes: prefill.scale_rows on gate and up, torch's F.silu(g) * u, and also the GPU activation
 kernel on that h. Bad inputs must raise. Then times one Llama / Qwen down_proj input at M = 2048
 against the unfused chain (two scale_rows, F.silu, the product, the activation kernel), CUDA
-graphs, median of do_bench.
+graphs, median of do_bench. Last, the decode MLP's SiLU * up kernel (ops.silu_mul) against torch's
+F.silu(g) * u, bit for bit and timed (check_decode).
 """
 import argparse
 import json
@@ -84,6 +85,27 @@ def bad_inputs() -> dict:
     return got
 
 
+def check_decode() -> dict:
+    """ops.silu_mul (csrc/arc_act.cu: arc_silu_mul_kernel, the decode MLP's SiLU * up) against torch's
+    F.silu(g) * u, bit for bit: M = 1 - 32, gate / up as two tensors and as the halves of one stacked
+    product, bf16 / fp16; and its time against torch's two ops on the stacked halves (Llama, M = 8)."""
+    from arcquant.kernels.cuda_act import silu_mul_rows_ok
+    rows = []
+    for m in (1, 3, 8, 16, 32):
+        for k in (1040, 14336, 18944):
+            for dtype in (torch.bfloat16, torch.float16):
+                for stacked in (False, True):
+                    g, u, _, _, _ = case(m, k, dtype, m + k, False, stacked)
+                    ok = silu_mul_rows_ok(g, u)
+                    rows.append({"M": m, "K": k, "dtype": str(dtype), "stacked": stacked, "cuda": ok,
+                                 "equal": bool(torch.equal(ops.OPS.silu_mul(g, u), torch.nn.functional.silu(g) * u))})
+    g, u, _, _, _ = case(8, 14336, torch.bfloat16, 5, False, True)
+    t_k = do_bench_cudagraph(lambda: ops.OPS.silu_mul(g, u)) * 1e3
+    t_t = do_bench_cudagraph(lambda: torch.nn.functional.silu(g) * u) * 1e3
+    return {"cases": len(rows), "equal": sum(r["equal"] for r in rows), "cuda": sum(r["cuda"] for r in rows),
+            "failures": [r for r in rows if not r["equal"]], "kernel_us_m8_llama": t_k, "torch_us_m8_llama": t_t}
+
+
 def timing(m, k, s):
     g, u, _, _, perm = case(m, k, torch.bfloat16, 1, False)
     one, ones = torch.ones(m, device="cuda"), torch.ones(2, device="cuda")
@@ -113,7 +135,8 @@ def main():
                "operand_exact": sum(r["operand_exact"] for r in rows),
                "equals_unfused_gpu": sum(r["equals_unfused_gpu"] for r in rows),
                "failures": [r for r in rows if not (r["operand_exact"] and r["equals_unfused_gpu"])],
-               "bad_inputs": bad_inputs(), "timing": [timing(2048, 14336, 896), timing(2048, 18944, 1216)]}
+               "bad_inputs": bad_inputs(), "timing": [timing(2048, 14336, 896), timing(2048, 18944, 1216)],
+               "decode_silu_mul": check_decode()}
     print(json.dumps(summary, indent=1))
     with open(a.out, "w") as fh:
         json.dump({"summary": summary, "rows": rows}, fh, indent=1)

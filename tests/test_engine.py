@@ -185,9 +185,10 @@ def test_fused_mlp_prefill_equals_the_unfused_layers(quantized, m, stack):
     products go to silu_mul_quantize_act (their tensor scales, SiLU * up, down_proj's operand) and
     then down_proj's product; with the GPU's fast prefill (bf16 GEMM output, then scale_rows)
     emulated on the CPU references, the output equals the unfused layers' bit for bit. At a
-    decode size (M = 8) the MLP runs unfused. stack: gate and up stacked (gpu.stack_groups) - one
-    unscaled product for both, the kernel reading its two halves. The CUDA kernel itself is checked
-    on the GPU by scripts/check_mlp_fusion.py."""
+    decode size (M = 8) gate, up and down run as before and SiLU(gate) * up is one op (silu_mul).
+    stack: gate and up stacked (gpu.stack_groups) - one unscaled product for both, the kernel
+    reading its two halves. The CUDA kernels themselves are checked on the GPU by
+    scripts/check_mlp_fusion.py."""
     from types import SimpleNamespace
 
     from arcquant.gpu import fuse_mlps, stack_groups
@@ -199,7 +200,8 @@ def test_fused_mlp_prefill_equals_the_unfused_layers(quantized, m, stack):
     spy = lambda name: lambda *a, **k: calls.append(name) or getattr(OPS, name)(*a, **k)
 
     fake_ops = SimpleNamespace(quantize_act=spy("quantize_act"), prefill_unscaled=spy("prefill_unscaled"),
-                               silu_mul_quantize_act=spy("silu_mul_quantize_act"), prefill=fast_prefill(calls),
+                               silu_mul_quantize_act=spy("silu_mul_quantize_act"), silu_mul=spy("silu_mul"),
+                               prefill=fast_prefill(calls),
                                gemm_mma=lambda xd, gs, wc, ws, wgs, bias, s, out_dtype, kw, occ, **pipe:
                                calls.append("mma") or fp16_gemm_reference(xd, gs, wc, ws.view(torch.float8_e4m3fn), wgs, s, bias).to(out_dtype))
     projs = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
@@ -229,7 +231,8 @@ def test_fused_mlp_prefill_equals_the_unfused_layers(quantized, m, stack):
         unscaled = ["prefill_unscaled"] * (1 if stack else 2)                  # stacked: one product for both
         assert calls == ["quantize_act", *unscaled, "silu_mul_quantize_act", "prefill"]
     else:
-        assert calls == unfused_calls == ["quantize_act", "mma", "mma", "quantize_act", "mma"]
+        assert unfused_calls == ["quantize_act", "mma", "mma", "quantize_act", "mma"]
+        assert calls == ["quantize_act", "mma", "mma", "silu_mul", "quantize_act", "mma"]   # SiLU * up: one op
     assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
 
 

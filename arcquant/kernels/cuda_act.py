@@ -150,3 +150,24 @@ def arc_silu_mul_act_cuda(g: torch.Tensor, u: torch.Tensor, starts: torch.Tensor
     ext = device_extension(g.device)
     ext.arc_silu_mul_act(g, u, xs, w2, starts, gg, g_out, xq, scales if scales is not None else xq, s, kind)
     return xq, None if scales is None else scales.view(torch.float8_e4m3fn), g_out
+
+
+def silu_mul_rows_ok(g: torch.Tensor, u: torch.Tensor) -> bool:
+    """Whether arc_silu_mul_cuda takes gate / up as they are: CUDA bf16 / fp16 (M, K), K % 8 == 0, rows
+    16-byte aligned and one row stride (two tensors, or the halves of a stacked product)."""
+    return (g.is_cuda and g.dtype in (torch.bfloat16, torch.float16) and g.dim() == 2 and u.shape == g.shape
+            and u.dtype == g.dtype and u.device == g.device and u.stride() == g.stride() and g.shape[1] % 8 == 0
+            and _rows_ok(g, True) and g.data_ptr() % 16 == 0 and u.data_ptr() % 16 == 0)
+
+
+def arc_silu_mul_cuda(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """F.silu(g) * u bit for bit, one CUDA kernel (the decode MLP: gate / up may be the two halves of
+    the stacked GEMV's output, which torch's elementwise kernels read through their strided path):
+    g, u (M, K) -> h (M, K) contiguous."""
+    if not silu_mul_rows_ok(g, u):
+        raise ValueError(f"gate {tuple(g.shape)} {g.dtype} on {g.device} (strides {g.stride()}) and up "
+                         f"{tuple(u.shape)} {u.dtype} (strides {u.stride()}) must be CUDA bfloat16 / float16 (M, K), "
+                         "K % 8 == 0, with one row stride and 16-byte aligned rows")
+    h = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+    device_extension(g.device).arc_silu_mul(g, u, h)
+    return h

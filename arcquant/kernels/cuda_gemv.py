@@ -44,7 +44,8 @@ DECL = ("void arc_gemv_dp4a(torch::Tensor xi, torch::Tensor xs, torch::Tensor xg
         "int64_t ctas);\n"
         "void arc_silu_mul_act(torch::Tensor g, torch::Tensor u, torch::Tensor xgs, torch::Tensor wgu, "
         "torch::Tensor starts, torch::Tensor gs, torch::Tensor gs_out, torch::Tensor xq, torch::Tensor scales, "
-        "int64_t s, int64_t out);")
+        "int64_t s, int64_t out);\n"
+        "void arc_silu_mul(torch::Tensor g, torch::Tensor u, torch::Tensor h);")
 
 
 # The pipelined MMA GEMV's settings in the default build, (token tiles: 1 for M <= 8 else 2, kw, st, xs):
@@ -81,7 +82,8 @@ def _extension(capability: tuple):
     try:
         return load_inline(name="arcquant_gemv", cpp_sources=DECL, cuda_sources=[f.read_text() for f in SRCS],
                            functions=["arc_gemv_dp4a", "arc_gemm_mma", "arc_gemm_mma_pipe", "arc_act_quant",
-                                      "arc_dequant", "arc_scale_rows", "arc_rmsnorm_act", "arc_silu_mul_act"],
+                                      "arc_dequant", "arc_scale_rows", "arc_rmsnorm_act", "arc_silu_mul_act",
+                                      "arc_silu_mul"],
                            extra_cuda_cflags=["-O3"] + (["-DARC_PIPE_ALL"] if sweep else []),
                            build_directory=str(build))
     finally:

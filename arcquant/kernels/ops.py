@@ -4,6 +4,7 @@ and CUDA graphs capture them, with a backend choice per device.
     torch.ops.arcquant.quantize_act(x, perm, starts, s, gs, out) -> (xq, scales, gs)
     torch.ops.arcquant.rmsnorm_quantize_act(x, weight, eps, perm, starts, s, gs, out) -> (y, xq, scales, gs)
     torch.ops.arcquant.silu_mul_quantize_act(g, u, xgs, wgu, perm, starts, s, gs, out) -> (xq, scales, gs)
+    torch.ops.arcquant.silu_mul(g, u) -> F.silu(g) * u, contiguous (M, K)
     torch.ops.arcquant.gemv_int8(xi, xs, xgs, wc, ws, wgs, bias, s, nr, kw, out_dtype, u=1)
     torch.ops.arcquant.gemm_mma(xd, xgs, wc, ws, wgs, bias, s, kw, occ, out_dtype, st=0, xs=False)   (xd: "mma")
     torch.ops.arcquant.gemv_triton(xd, xgs, wc, ws, wgs, bias, s, fma, block_n, block_k, split_k, out_dtype)
@@ -164,6 +165,24 @@ def _(g, u, xgs, wgu, perm, starts, s, gs, out):
     return _quantize_act_fake(g, s, gs, out)
 
 
+def _silu_mul(g: Tensor, u: Tensor) -> Tensor:
+    """F.silu(g) * u (the decode MLP's input of down_proj): one CUDA kernel where it takes g and u
+    (cuda_act.arc_silu_mul_cuda: the halves of a stacked product without torch's strided path), else
+    torch's two ops - the same bits."""
+    from .cuda_act import arc_silu_mul_cuda, silu_mul_reference, silu_mul_rows_ok
+    if silu_mul_rows_ok(g, u) and runs_kernels(g):
+        return arc_silu_mul_cuda(g, u)
+    return silu_mul_reference(g, u)
+
+
+silu_mul = custom_op("arcquant::silu_mul", _silu_mul, mutates_args=())
+
+
+@silu_mul.register_fake
+def _(g, u):
+    return torch.empty(g.shape, dtype=g.dtype, device=g.device)
+
+
 # ---- products ------------------------------------------------------------------------------
 def _e4m3(bits: Tensor | None) -> Tensor | None:
     return None if bits is None else bits.view(torch.float8_e4m3fn)
@@ -266,7 +285,8 @@ def _(xd, wc, ws, s):
 
 OPS = torch.ops.arcquant                                           # the namespace, once registered
 EAGER = SimpleNamespace(quantize_act=_quantize_act, rmsnorm_quantize_act=_rmsnorm_quantize_act,
-                        silu_mul_quantize_act=_silu_mul_quantize_act, gemv_int8=_gemv_int8, gemm_mma=_gemm_mma,
+                        silu_mul_quantize_act=_silu_mul_quantize_act, silu_mul=_silu_mul, gemv_int8=_gemv_int8,
+                        gemm_mma=_gemm_mma,
                         gemv_triton=_gemv_triton, prefill=_prefill, prefill_unscaled=_prefill_unscaled)
 
 

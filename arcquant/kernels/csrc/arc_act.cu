@@ -375,6 +375,32 @@ __global__ void ARC_SILU_BOUNDS arc_silu_mul_act_kernel(const T* __restrict__ g,
   }
 }
 
+// SiLU(gate) * up alone (decode: the input of down_proj, which the activation kernel then quantizes
+// with the other decode layers' settings): h = T(T(silu(g)) * u), the prefill kernel's per-value code
+// and torch's F.silu(g) * u bit for bit; gate and up rows ld elements apart (the two halves of the
+// stacked gate / up GEMV's output, which torch's elementwise kernels read through their slow strided
+// path), h contiguous. 8 values a thread, 16-byte loads and stores.
+template <typename T>
+__global__ void arc_silu_mul_kernel(const T* __restrict__ g, const T* __restrict__ u, T* __restrict__ h,
+                                    size_t ld, unsigned k8, unsigned total8) {
+  const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= total8) return;
+  const unsigned r = idx / k8, c8 = idx - r * k8;
+  const uint4 gv = reinterpret_cast<const uint4*>(g + (size_t)r * ld)[c8];
+  const uint4 uv = reinterpret_cast<const uint4*>(u + (size_t)r * ld)[c8];
+  float gf[8], uf[8];
+  unpack8<T>(gv, gf);
+  unpack8<T>(uv, uf);
+  uint4 o;
+  T* ho = reinterpret_cast<T*>(&o);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const float a = act_to_f<T>(act_from_f<T>(__fdiv_rn(gf[j], __fadd_rn(1.f, expf(-gf[j])))));
+    ho[j] = act_from_f<T>(__fmul_rn(a, uf[j]));
+  }
+  reinterpret_cast<uint4*>(h)[idx] = o;
+}
+
 template <typename T>
 void launch_act(const torch::Tensor& x, const torch::Tensor& starts, const float* gs_in, int gs_mode, float* gs_out,
                 torch::Tensor& xq, uint8_t* scales, int s, int out, int ctas) {
@@ -522,5 +548,32 @@ void arc_silu_mul_act(torch::Tensor g, torch::Tensor u, torch::Tensor xgs, torch
     else if (out == 2) ARC_SILU_LAUNCH(__half, 2); else ARC_SILU_LAUNCH(__half, 3);
   }
 #undef ARC_SILU_LAUNCH
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// h (M, K) contiguous = SiLU(g) * u; g, u (M, K) of one dtype and one row stride (16-byte rows).
+void arc_silu_mul(torch::Tensor g, torch::Tensor u, torch::Tensor h) {
+  const at::cuda::CUDAGuard guard(g.device());
+  TORCH_CHECK(g.is_cuda() && u.is_cuda() && h.is_cuda(), "CUDA tensors expected");
+  TORCH_CHECK((g.scalar_type() == at::kBFloat16 || g.scalar_type() == at::kHalf) && u.scalar_type() == g.scalar_type() &&
+              h.scalar_type() == g.scalar_type(), "g, u, h: one dtype, bfloat16 or float16");
+  TORCH_CHECK(g.dim() == 2 && u.sizes() == g.sizes() && h.sizes() == g.sizes() && h.is_contiguous(), "(M, K) each, h contiguous");
+  const int64_t m = g.size(0), k = g.size(1), ld = g.stride(0);
+  TORCH_CHECK(g.stride(1) == 1 && u.stride(1) == 1 && u.stride(0) == ld && ld >= k && ld % 8 == 0 && k % 8 == 0 &&
+              reinterpret_cast<uintptr_t>(g.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(u.data_ptr()) % 16 == 0 &&
+              reinterpret_cast<uintptr_t>(h.data_ptr()) % 16 == 0, "rows 16-byte aligned, one row stride, K % 8 == 0");
+  const long long total8 = m * (k / 8);
+  TORCH_CHECK(total8 < (1LL << 32), "at most 2^32 - 1 groups of 8 values a call");
+  if (total8 == 0) return;
+  const unsigned blocks = (unsigned)((total8 + 255) / 256);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (g.scalar_type() == at::kBFloat16)
+    arc_silu_mul_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(reinterpret_cast<const __nv_bfloat16*>(g.data_ptr()),
+        reinterpret_cast<const __nv_bfloat16*>(u.data_ptr()), reinterpret_cast<__nv_bfloat16*>(h.data_ptr()), (size_t)ld,
+        (unsigned)(k / 8), (unsigned)total8);
+  else
+    arc_silu_mul_kernel<__half><<<blocks, 256, 0, stream>>>(reinterpret_cast<const __half*>(g.data_ptr()),
+        reinterpret_cast<const __half*>(u.data_ptr()), reinterpret_cast<__half*>(h.data_ptr()), (size_t)ld,
+        (unsigned)(k / 8), (unsigned)total8);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
