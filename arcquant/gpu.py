@@ -146,6 +146,7 @@ class KernelPath:
         from .kernels.act_quant import block_starts
         from .kernels.cuda_gemv import gemv_shape_reason
         self.ops = ops.EAGER                                                  # tests may spy on these
+        self._current = ops.current
         self.perm = q.perm.to(torch.int32).contiguous()
         self.starts = block_starts(self.perm)
         self.s, self.pad = q.s, q.k_padded - q.in_features
@@ -159,8 +160,7 @@ class KernelPath:
     @property
     def run(self):
         """The ops as called now: torch.ops.arcquant while torch.compile traces, else self.ops."""
-        from .kernels.ops import current
-        return current(self.ops)
+        return self._current(self.ops)
 
     def global_scale(self, q: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         if q.act_scale == "static":

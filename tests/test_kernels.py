@@ -429,3 +429,19 @@ def test_cuda_norm_kernel_refuses_a_bad_cta_count():
             arc_rmsnorm_act_cuda(x, torch.ones(64, dtype=torch.bfloat16), 1e-5, starts, 16, ctas=bad)
     with pytest.raises(ValueError, match="needs a CUDA tensor"):
         arc_rmsnorm_act_cuda(x, torch.ones(64, dtype=torch.bfloat16), 1e-5, starts, 16, ctas=8)
+
+
+def test_cuda_extension_declarations_match_the_sources():
+    """The CUDA extension's bindings (cuda_gemv.FUNCTIONS, declared in DECL) match the host functions
+    the .cu sources define, parameter for parameter: a mismatch otherwise shows only when the
+    extension is built on a GPU machine."""
+    from arcquant.kernels.cuda_gemv import DECL, FUNCTIONS, SRCS
+    norm = lambda s: re.sub(r"\s+", " ", s).strip()                    # noqa: E731
+    decls = [norm(d) for d in DECL.split(";") if d.strip()]
+    names = [re.match(r"void (\w+)\(", d).group(1) for d in decls]
+    assert sorted(names) == sorted(FUNCTIONS)
+    src = "\n".join(f.read_text() for f in SRCS)
+    for name, d in zip(names, decls):
+        found = re.findall(r"\nvoid " + name + r"\((.*?)\)\s*\{", src, re.S)
+        assert len(found) == 1, name
+        assert norm(f"void {name}({found[0]})") == d, name

@@ -48,6 +48,10 @@ DECL = ("void arc_gemv_dp4a(torch::Tensor xi, torch::Tensor xs, torch::Tensor xg
         "void arc_silu_mul(torch::Tensor g, torch::Tensor u, torch::Tensor h);")
 
 
+FUNCTIONS = ["arc_gemv_dp4a", "arc_gemm_mma", "arc_gemm_mma_pipe", "arc_act_quant", "arc_dequant", "arc_scale_rows",
+             "arc_rmsnorm_act", "arc_silu_mul_act", "arc_silu_mul"]          # bound into Python; each declared in DECL
+
+
 # The pipelined MMA GEMV's settings in the default build, (token tiles: 1 for M <= 8 else 2, kw, st, xs):
 # the ones gpu.mma_config takes (tests check both sides). ARCQUANT_EXT_SWEEP=1 builds every kw in (4, 8),
 # st in 2..4 and xs instead (the benchmarks' sweeps; its own build folder): 24 kernels, ~20 % more
@@ -81,9 +85,7 @@ def _extension(capability: tuple):
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
     try:
         return load_inline(name="arcquant_gemv", cpp_sources=DECL, cuda_sources=[f.read_text() for f in SRCS],
-                           functions=["arc_gemv_dp4a", "arc_gemm_mma", "arc_gemm_mma_pipe", "arc_act_quant",
-                                      "arc_dequant", "arc_scale_rows", "arc_rmsnorm_act", "arc_silu_mul_act",
-                                      "arc_silu_mul"],
+                           functions=FUNCTIONS,
                            extra_cuda_cflags=["-O3"] + (["-DARC_PIPE_ALL"] if sweep else []),
                            build_directory=str(build))
     finally:
