@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .formats import nvfp4
+from .kernels.ops import current
 from .qlinear import QuantLinear
 from .stacking import SharedProduct
 
@@ -146,7 +147,6 @@ class KernelPath:
         from .kernels.act_quant import block_starts
         from .kernels.cuda_gemv import gemv_shape_reason
         self.ops = ops.EAGER                                                  # tests may spy on these
-        self._current = ops.current
         self.perm = q.perm.to(torch.int32).contiguous()
         self.starts = block_starts(self.perm)
         self.s, self.pad = q.s, q.k_padded - q.in_features
@@ -160,7 +160,7 @@ class KernelPath:
     @property
     def run(self):
         """The ops as called now: torch.ops.arcquant while torch.compile traces, else self.ops."""
-        return self._current(self.ops)
+        return current(self.ops)
 
     def global_scale(self, q: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         if q.act_scale == "static":
@@ -309,7 +309,7 @@ GATED_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}      # down_proj
 SILU = {"SiLU", "SiLUActivation"}
 
 
-def fused_mlp_forward(mlp, x: torch.Tensor, wgu: torch.Tensor | None = None) -> torch.Tensor:
+def fused_mlp_forward(mlp, x: torch.Tensor, wgu: torch.Tensor) -> torch.Tensor:
     """A gated MLP's forward whose prefill-sized calls (the cuBLAS path) hand gate and up's unscaled
     products to one kernel (ops.silu_mul_quantize_act) that applies their tensor scales, SiLU(gate)
     * up and down_proj's activation quantization: the two scale epilogues, the SiLU, the product
@@ -328,8 +328,6 @@ def fused_mlp_forward(mlp, x: torch.Tensor, wgu: torch.Tensor | None = None) -> 
     if m <= GEMV_MAX_M or kg.path(m) != "bfloat16":                     # decode: SiLU * up as one kernel
         g, u = gate(x), up(x)                                            # views of the stacked GEMV's output
         return down(kd.run.silu_mul(g.reshape(m, -1), u.reshape(m, -1)).reshape(g.shape))
-    if wgu is None:
-        wgu = _gate_up_scales(gate, up)
     ops = kd.run
     _, _, (_, xq, _, xgs) = kg.operand(gate, x)                          # shared with up_proj
     group, inter = kg.group, gate.out_features

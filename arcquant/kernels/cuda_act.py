@@ -48,6 +48,13 @@ def _rows_ok(x: torch.Tensor, strided: bool) -> bool:
     return x.stride(1) == 1 and x.stride(0) >= x.shape[1] and x.stride(0) % 8 == 0
 
 
+def _same_rows(g: torch.Tensor, u: torch.Tensor) -> bool:
+    """Whether u matches g (shape, dtype, device, strides) and both start on a 16-byte boundary: how
+    the SiLU kernels read gate and up (two tensors, or the halves of one stacked product)."""
+    return (u.shape == g.shape and u.dtype == g.dtype and u.device == g.device and u.stride() == g.stride()
+            and g.data_ptr() % 16 == 0 and u.data_ptr() % 16 == 0)
+
+
 def _outputs(x: torch.Tensor, starts: torch.Tensor, s: int, gs: torch.Tensor | None, out: str,
              max_k: int | None = None, strided: bool = False) -> tuple:
     """The activation kernels' shared input checks and outputs: -> (kind, nblk, xq, scales or
@@ -135,8 +142,7 @@ def arc_silu_mul_act_cuda(g: torch.Tensor, u: torch.Tensor, starts: torch.Tensor
     gate / up product) -> (xq, scales or None, gs) as
     arc_act_quant_cuda(silu_mul_reference(g, u, xgs, wgu), ...)."""
     kind, _, xq, scales, gg, g_out = _outputs(g, starts, s, gs, out, SILU_MAX_K, strided=True)
-    if u.shape != g.shape or u.dtype != g.dtype or u.device != g.device or u.stride() != g.stride() \
-            or u.data_ptr() % 16:
+    if not _same_rows(g, u):
         raise ValueError(f"up {tuple(u.shape)} {u.dtype} on {u.device} (strides {u.stride()}) must match gate "
                          f"{tuple(g.shape)} {g.dtype} on {g.device} (strides {g.stride()}) and be 16-byte aligned")
     if (xgs is None) != (wgu is None):
@@ -155,9 +161,8 @@ def arc_silu_mul_act_cuda(g: torch.Tensor, u: torch.Tensor, starts: torch.Tensor
 def silu_mul_rows_ok(g: torch.Tensor, u: torch.Tensor) -> bool:
     """Whether arc_silu_mul_cuda takes gate / up as they are: CUDA bf16 / fp16 (M, K), K % 8 == 0, rows
     16-byte aligned and one row stride (two tensors, or the halves of a stacked product)."""
-    return (g.is_cuda and g.dtype in (torch.bfloat16, torch.float16) and g.dim() == 2 and u.shape == g.shape
-            and u.dtype == g.dtype and u.device == g.device and u.stride() == g.stride() and g.shape[1] % 8 == 0
-            and _rows_ok(g, True) and g.data_ptr() % 16 == 0 and u.data_ptr() % 16 == 0)
+    return (g.is_cuda and g.dtype in (torch.bfloat16, torch.float16) and g.dim() == 2 and g.shape[1] % 8 == 0
+            and _rows_ok(g, True) and _same_rows(g, u))
 
 
 def arc_silu_mul_cuda(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -286,8 +286,8 @@ def _(xd, wc, ws, s):
 OPS = torch.ops.arcquant                                           # the namespace, once registered
 EAGER = SimpleNamespace(quantize_act=_quantize_act, rmsnorm_quantize_act=_rmsnorm_quantize_act,
                         silu_mul_quantize_act=_silu_mul_quantize_act, silu_mul=_silu_mul, gemv_int8=_gemv_int8,
-                        gemm_mma=_gemm_mma,
-                        gemv_triton=_gemv_triton, prefill=_prefill, prefill_unscaled=_prefill_unscaled)
+                        gemm_mma=_gemm_mma, gemv_triton=_gemv_triton, prefill=_prefill,
+                        prefill_unscaled=_prefill_unscaled)
 
 
 def current(eager=EAGER):
