@@ -81,9 +81,10 @@ class Engine:
         return (keys[None, :] <= positions[:, None]).expand(self.batch, 1, -1, -1)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        for layer in getattr(self.cache, "layers", []):             # transformers >= 5.2x counts written
-            if getattr(layer, "is_initialized", False) and hasattr(layer, "cumulative_length"):
-                layer.cumulative_length.copy_(positions[0])            # positions itself: device-side
+        counts = [layer.cumulative_length for layer in getattr(self.cache, "layers", [])   # transformers >= 5.2x
+                  if getattr(layer, "is_initialized", False) and hasattr(layer, "cumulative_length")]
+        if counts:                                                     # tokens written: positions, device-side;
+            torch._foreach_copy_(counts, [positions[0]] * len(counts))   # one launch for all layers
         out = self.model(input_ids=ids, attention_mask=self._mask(positions), past_key_values=self.cache,
                          cache_position=positions, position_ids=positions[None].expand(ids.shape[0], -1),
                          use_cache=True)
