@@ -207,6 +207,25 @@ def test_activation_kernel_int8_output(m, k, s, order, mode):
     assert torch.equal(gs_out.reshape(-1), gs.reshape(-1))               # in-kernel per-token scale: same bits
 
 
+@pytest.mark.parametrize("col", [5, 200])
+def test_activation_kernel_row_amax_over_several_tiles(col, monkeypatch):
+    """The in-kernel per-token scale reads the row AMAX_TILE values at a time: with tiles of 32, a
+    208-wide row takes 7 (the last one partial), and the row's largest value - in the first tile or
+    the last - sets the scale bits the reference computes."""
+    from arcquant.kernels import act_quant
+    monkeypatch.setattr(act_quant, "AMAX_TILE", 32)
+    x, plan = make_case(2, 208, 48, "blocks", seed=col, dtype=torch.bfloat16)
+    x[:, col] = torch.tensor([-1344.0, 5376.0], dtype=torch.bfloat16)     # each row's amax, sign differing
+    gs = global_scale(x, "token")
+    codes, scales = arc.quantize_activation(x.float(), plan, F, gs)
+    perm = plan.perm.to(torch.int32)
+    xi, xs, gs_out = arc_quantize_activation_gemv(x, perm, 48, None, starts=block_starts(perm), blocks_per_program=2)
+    assert torch.equal(gs_out.reshape(-1), gs.reshape(-1))
+    assert gs_out.tolist() == [2.0, 0.5]                                 # 2688 / amax
+    assert torch.equal(xi.float(), 2 * e2m1.e2m1_decode(codes)) and torch.equal(xs.view(torch.uint8),
+                                                                                 scales.view(torch.uint8))
+
+
 @pytest.mark.parametrize("out", ["bfloat16", "int8"])
 def test_activation_kernel_many_rows_scale_pass(out, monkeypatch):
     """M > ROW_AMAX_MAX_M rows of K > ROW_AMAX_MAX_K: the per-token scale comes from one amax

@@ -26,6 +26,7 @@ from .fp4_jit import e2m1_decode, tail_to_main
 # are many long rows; then one amax pass first (H200, M = 4096: K = 14336 470 -> 222 us, but
 # K = 4096 78 -> 229 us: results/act-kernel-h200.json)
 ROW_AMAX_MAX_M, ROW_AMAX_MAX_K = 32, 8192
+AMAX_TILE = 1024   # values a program's row amax pass loads at once: 2048 and 4096 were slower at K = 14336 (results/ab-act-decode-h200.json)
 # The CUDA kernel (cuda_act.py) for at least CUDA_MIN_M rows, or rows deeper than CUDA_MIN_K: at
 # M = 4096 it takes 0.6-0.8x the Triton time; at decode sizes (M <= 32, the model's call, H200,
 # results/act-crossover-h200.json) 0.6-1.5 us slower for K = 4096 and 14336 (7.9-10.9 against
@@ -93,22 +94,13 @@ def _arc_act_quant_kernel(
     PACKED: tl.constexpr, DEQUANTIZED: tl.constexpr,          # outputs written
     INT8: tl.constexpr,                                       # 2 * E2M1 value as int8 (+ scales)
     ROW_AMAX: tl.constexpr,                                   # per-token scale computed here -> gs_ptr
-    ROW_TILES: tl.constexpr,                                  # cdiv(K, 1024) (with ROW_AMAX)
+    ROW_TILES: tl.constexpr, AMAX_TILE: tl.constexpr,         # cdiv(K, AMAX_TILE) tiles (with ROW_AMAX)
     BLOCK_PERM: tl.constexpr,                                 # perm_ptr holds (K/16,) block starts
     MMA_ORDER: tl.constexpr,                                  # xd's 8-column groups as 0,4,1,5,2,6,3,7
 ):
     m = tl.program_id(0)
-    if ROW_AMAX:                                                  # 448*6 / max|x[m, :]|, as nvfp4.global_scale_from_amax
-        amax = tl.zeros((1024,), dtype=tl.float32)
-        for r in range(ROW_TILES):
-            offs = r * 1024 + tl.arange(0, 1024)
-            amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + m * stride_xm + offs, mask=offs < K, other=0.0)
-                                           .to(tl.float32)))
-        gs = tl.math.div_rn(2688.0, tl.maximum(tl.max(amax), 1e-30))
-        if tl.program_id(1) == 0:
-            tl.store(gs_ptr + m, gs)
-    else:
-        gs = tl.load(gs_ptr + m) if GS_PER_ROW else tl.load(gs_ptr)
+    # this program's blocks are gathered first: their loads (and the block starts' before them) do not
+    # wait for the row's amax pass, which a decode-sized call is latency-bound on
     c = tl.program_id(1) * NB * 16 + tl.arange(0, NB)[:, None] * 16 + tl.arange(0, 16)[None, :]
     valid = c < K + S                                             # (NB, 16)
     is_tail = c >= K
@@ -121,6 +113,17 @@ def _arc_act_quant_kernel(
     else:
         col = tl.load(perm_ptr + src, mask=valid, other=0)
     x = tl.load(x_ptr + m * stride_xm + col, mask=valid, other=0.0).to(tl.float32)
+    if ROW_AMAX:                                                  # 448*6 / max|x[m, :]|, as nvfp4.global_scale_from_amax
+        amax = tl.zeros((AMAX_TILE,), dtype=tl.float32)
+        for r in range(ROW_TILES):                                # AMAX_TILE wide: few round trips
+            offs = r * AMAX_TILE + tl.arange(0, AMAX_TILE)
+            amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + m * stride_xm + offs, mask=offs < K, other=0.0)
+                                           .to(tl.float32)))
+        gs = tl.math.div_rn(2688.0, tl.maximum(tl.max(amax), 1e-30))
+        if tl.program_id(1) == 0:
+            tl.store(gs_ptr + m, gs)
+    else:
+        gs = tl.load(gs_ptr + m) if GS_PER_ROW else tl.load(gs_ptr)
     code1, sbits1, vs1, val1 = _quant_blocks(x, gs)
     if (tl.program_id(1) + 1) * NB * 16 > K:                      # this program reaches the tail
         deq1 = tl.math.div_rn(vs1, gs)                            # as the reference: (code * s_b) / gs
@@ -200,7 +203,7 @@ def arc_quantize_activation(x: torch.Tensor, perm: torch.Tensor, s: int, gs: tor
     _arc_act_quant_kernel[grid](x, perm if starts is None else starts, gs, codes, scales, xd, xd, k, s, x.stride(0),
                                 codes.stride(0), scales.stride(0), xd.stride(0), 0, GS_PER_ROW=gs.numel() > 1,
                                 NB=nb, PACKED=packed, DEQUANTIZED=dequantized is not None, INT8=False,
-                                ROW_AMAX=False, ROW_TILES=1, BLOCK_PERM=starts is not None, MMA_ORDER=False)
+                                ROW_AMAX=False, ROW_TILES=1, AMAX_TILE=16, BLOCK_PERM=starts is not None, MMA_ORDER=False)
     out = (codes, scales.view(torch.float8_e4m3fn)) if packed else (None, None)
     return out if dequantized is None else (*out, xd)
 
@@ -236,10 +239,12 @@ def arc_quantize_activation_gemv(x: torch.Tensor, perm: torch.Tensor, s: int, gs
     xq = torch.empty(m, k + s, dtype=XQ_DTYPES[out], device=x.device)
     scales = torch.empty(m if int8 else 1, (k + s) // 16, dtype=torch.uint8, device=x.device)
     grid = (m, triton.cdiv((k + s) // 16, blocks_per_program))
+    tile = min(AMAX_TILE, triton.next_power_of_2(k))              # the row amax pass's width
     _arc_act_quant_kernel[grid](x, perm if starts is None else starts, gs_buf, scales, scales, xq, xq, k, s,
                                 x.stride(0), 0, scales.stride(0), xq.stride(0), xq.stride(0),
                                 GS_PER_ROW=row_amax or gs_buf.numel() > 1, NB=blocks_per_program, PACKED=False,
                                 DEQUANTIZED=not int8, INT8=int8, ROW_AMAX=row_amax,
-                                ROW_TILES=triton.cdiv(k, 1024) if row_amax else 1, BLOCK_PERM=starts is not None,
+                                ROW_TILES=triton.cdiv(k, tile) if row_amax else 1, AMAX_TILE=tile,
+                                BLOCK_PERM=starts is not None,
                                 MMA_ORDER=out == "mma")
     return xq, scales.view(torch.float8_e4m3fn) if int8 else None, gs_buf
