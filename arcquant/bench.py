@@ -9,6 +9,7 @@ Models: a checkpoint (the BF16 side is its source model), or a
 model shape with random weights (arcquant/synth.py) quantized here with a short calibration.
 """
 import gc
+import json
 import statistics
 import tempfile
 import time
@@ -275,6 +276,26 @@ def quantized_shape(shape: str, work: Path, calib_source: str, tokenizer_dir=Non
     return src, work / "arc"
 
 
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "vocab_size")
+
+
+def check_same_shape(source, checkpoint) -> None:
+    """Refuse to compare a checkpoint with a BF16 model of another shape (its config.json against the
+    checkpoint's): the table would time two different models."""
+    def config(folder) -> dict:
+        try:
+            c = json.loads((Path(folder) / "config.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError) as e:
+            raise ValueError(f"{folder}: no readable config.json ({type(e).__name__}); give a model folder") from None
+        return c.get("text_config", c)
+    want, got = config(checkpoint), config(source)
+    diff = [f"{k} {got.get(k)} vs {want.get(k)}" for k in SHAPE_KEYS if got.get(k) != want.get(k)]
+    if diff:
+        raise ValueError(f"the checkpoint {checkpoint} was made for another model shape than {source} "
+                         f"({'; '.join(diff)}, BF16 model vs checkpoint): give the model it was quantized from")
+
+
 def run_bench(source, checkpoint, batches=(1, 8, 32), decode: int = 64, prefill: int = 2048,
               repeats: int = 5, compile_batches=(), bf16_stacked: bool = True) -> list:
     """BF16 `source` folder vs the arcquant `checkpoint`, one after the other on one GPU.
@@ -283,6 +304,7 @@ def run_bench(source, checkpoint, batches=(1, 8, 32), decode: int = 64, prefill:
     from transformers import AutoModelForCausalLM
     from .checkpoint import load_quantized
     from .gpu import use_kernels
+    check_same_shape(source, checkpoint)
     if not torch.cuda.is_available():
         raise ValueError("arcquant bench measures GPU speed and needs a CUDA GPU (none found); "
                          "on a CPU use arcquant eval for accuracy")

@@ -209,3 +209,39 @@ def test_cli_refuses_to_requantize_a_checkpoint(saved_tiny):
     r = subprocess.run([sys.executable, "-m", "arcquant.cli", "eval", str(saved_tiny), "--method", "arc"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "already a quantized checkpoint" in r.stderr
+
+
+def test_bench_refuses_a_model_of_another_shape_and_a_cpu_only_machine(saved_tiny, tmp_path, monkeypatch):
+    """arcquant bench compares a checkpoint with the BF16 model it came from: a source of another shape
+    is named field by field; the right one gets as far as the GPU check, which on a CPU-only machine
+    refuses with the reason."""
+    from arcquant.bench import run_bench
+    cfg = json.loads((saved_tiny / "config.json").read_text())
+    other = dict(cfg, hidden_size=cfg["hidden_size"] * 2, num_hidden_layers=cfg["num_hidden_layers"] + 1)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match=f"another model shape.*hidden_size {2 * cfg['hidden_size']} vs "
+                                         f"{cfg['hidden_size']}; num_hidden_layers {cfg['num_hidden_layers'] + 1} vs"):
+        run_bench(tmp_path / "other", saved_tiny)
+    with pytest.raises(ValueError, match="no readable config.json"):
+        run_bench(tmp_path / "missing", saved_tiny)
+    (tmp_path / "same").mkdir()
+    (tmp_path / "same" / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="needs a CUDA GPU \\(none found\\); on a CPU use arcquant eval"):
+        run_bench(tmp_path / "same", saved_tiny)
+
+
+def test_engine_says_which_batch_fits_the_free_memory(monkeypatch):
+    """A KV cache larger than 90 % of the free GPU memory is refused, naming the need, the free
+    memory and the largest batch that fits at that length (mem_get_info stands in for a card)."""
+    from transformers import LlamaConfig
+    from arcquant.engine import check_fits
+    cfg = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=32)
+    per_seq = 2 * 32 * 4096 * 8 * 128 * 2                               # K and V, 32 layers, 4096 tokens: 512 MiB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**30, 80 * 2**30))
+    check_fits(cfg, 17, 4096, torch.bfloat16, torch.device("cuda"))    # 8.5 GiB of 9 GiB usable: fits
+    with pytest.raises(ValueError, match=r"batch 64 x 4096 tokens needs 32.00 GiB but 10.00 GiB are free; "
+                                         r"at 4096 tokens at most batch 18 fits"):
+        check_fits(cfg, 64, 4096, torch.bfloat16, torch.device("cuda"))
+    assert int(0.9 * 10 * 2**30 // per_seq) == 18
