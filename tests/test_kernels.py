@@ -464,3 +464,22 @@ def test_cuda_extension_declarations_match_the_sources():
         found = re.findall(r"\nvoid " + name + r"\((.*?)\)\s*\{", src, re.S)
         assert len(found) == 1, name
         assert norm(f"void {name}({found[0]})") == d, name
+
+
+def test_an_older_gpu_keeps_the_triton_kernels_with_the_reason_logged(monkeypatch, caplog):
+    """A CUDA device below compute capability 8.0 (no int8 dot product / E4M3 convert the CUDA
+    kernels use) is refused by name, once, in the log; its calls stay on the Triton kernels.
+    (torch.cuda.get_device_capability stands in for such a card.)"""
+    import logging
+    from arcquant.kernels import cuda_gemv
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    dev = torch.device("cuda", 3)                                         # a device no other test asks about
+    assert cuda_gemv.unavailable_reason(dev) == "the CUDA GEMV needs compute capability >= 8.0, got (7, 5)"
+    assert cuda_gemv.unavailable_reason(torch.device("cpu")) == "the CUDA GEMV needs a CUDA device, got cpu"
+    cuda_gemv.logged_reason.cache_clear()
+    with caplog.at_level(logging.INFO, logger="arcquant"):
+        for _ in range(3):
+            assert "compute capability >= 8.0" in cuda_gemv.logged_reason(dev, "GEMV")
+    said = [r.getMessage() for r in caplog.records if "GEMV: Triton" in r.getMessage()]
+    assert said == ["GEMV: Triton (the CUDA GEMV needs compute capability >= 8.0, got (7, 5))"]
+    cuda_gemv.logged_reason.cache_clear()
