@@ -55,12 +55,19 @@ WIDE_N = 16384                 # output rows from which the tensor-core GEMV has
 VERY_WIDE_N = 32768            # ... and from which 9 - 16 tokens do better with kw = 4 and occ (mma_config)
 
 
-def cuda_gemv_config(m: int, k: int) -> dict:
-    """Launch settings of the integer GEMV, from the H200 sweeps (results/cuda-gemv-h200.json,
-    results/cuda-gemv-u-h200.json): 4 output rows per block (2 for one token and K < 8192), 2
-    warps along K for deep calls; one step's weight loads at a time (u = 1: issuing 2 or 4 steps'
-    loads first was no faster alone, and u = 2 cost ~10 % in the model's decode step)."""
-    return dict(nr=2 if m == 1 and k < 8192 else 4, kw=2 if k >= 8192 and m <= 4 else 1, u=1)
+def cuda_gemv_config(m: int, k: int, n: int | None = None) -> dict:
+    """Launch settings of the integer GEMV (M <= 2 in the model), from the H200 sweeps
+    (results/cuda-gemv-h200.json, results/cuda-gemv-u-h200.json; since v37 the chain timing of
+    results/sweep-chain-h200.json: back to back on weights not in L2, as the model runs them):
+    4 output rows per block (2 for K < 8192 - one token, or two and N < 16384), 2 warps along K for
+    deep calls and for o_proj-sized ones (K < 8192, N <= 4096: ~N/2 one-warp blocks leave SMs
+    short of warps; Llama 5.89 -> 5.54 us, Qwen 5.73 -> 5.21 at M = 1, 8.5 -> 7.1 / 8.0 -> 6.8 at
+    M = 2); one step's weight loads at a time (u = 1: issuing 2 or 4 steps' loads first was no
+    faster, and u = 2 cost ~10 % in the model's decode step). n None: as for wide layers."""
+    if k < 8192 and n is not None and n <= 4096 and m <= 2:
+        return dict(nr=4, kw=2, u=1)
+    narrow = m == 1 or (m == 2 and n is not None and n < WIDE_N)
+    return dict(nr=2 if narrow and k < 8192 else 4, kw=2 if k >= 8192 and m <= 4 else 1, u=1)
 
 
 def mma_config(m: int, n: int, k: int, pipelined: bool = True) -> dict:
@@ -86,6 +93,8 @@ def mma_config(m: int, n: int, k: int, pipelined: bool = True) -> dict:
     62.5 - 73.7 in v25's two runs). pipelined=False: the unpipelined kernel everywhere (for A/B timing:
     pipelined_gemv)."""
     wide = n >= WIDE_N
+    if pipelined and m <= 8 and 4096 < n < WIDE_N and k < 8192:   # q/k/v-sized (chain sweep, v37)
+        return dict(kw=8, occ=False, st=2, xs=False) if k % 1024 == 0 else dict(kw=8, occ=False)
     if pipelined and m <= 8 and k % 512 == 0:         # the pipelined kernel, whole stages of kw * 128
         if wide:
             return dict(kw=4, occ=False, st=2, xs=False)
@@ -210,7 +219,7 @@ class KernelPath:
         which the prefill's epilogue adds (given: no conversion a call)."""
         ops = self.run
         if kind == "int8":
-            return ops.gemv_int8(xq, xs, gs, *w, bias, self.s, out_dtype=out_dtype, **cuda_gemv_config(m, k))
+            return ops.gemv_int8(xq, xs, gs, *w, bias, self.s, out_dtype=out_dtype, **cuda_gemv_config(m, k, n))
         if kind == "mma":
             return ops.gemm_mma(xq, gs, *w, bias, self.s, out_dtype=out_dtype, **mma_config(m, n, k, _PIPELINED[0]))
         if m <= GEMV_MAX_M:

@@ -126,7 +126,7 @@ def speed(dev, models, ms, mma_off=False) -> list:
                              for nr, kw, u in CONFIGS if u == 1 or m <= 2}
                     best = min(sweep, key=sweep.get)
                     nr, kw, u = map(int, best.split(","))
-                    used = "{nr},{kw},{u}".format(**cuda_gemv_config(m, k))
+                    used = "{nr},{kw},{u}".format(**cuda_gemv_config(m, k, n))
                     row.update(int8_sweep=sweep, int8_us=sweep[best], int8_config=[nr, kw, u],
                                int8_used_config=used, int8_used_us=sweep.get(used),
                                int8_u1_us=min(v for c, v in sweep.items() if c.endswith(",1")))

@@ -43,7 +43,7 @@ def run(model, name, k, ns, m, dev) -> dict:
                                               "int8" if int8 else "mma")
     if int8:
         one = lambda wc_, ws_, wgs_, b_, dt=torch.float32: arc_gemv_int8(xq, xs, gs, wc_, ws_, wgs_, s, b_, dt,
-                                                                         **cuda_gemv_config(m, k))
+                                                                         **cuda_gemv_config(m, k, wc_.shape[0]))
         ref = lambda wc_, ws_, wgs_, b_: int8_gemv_reference(xq, xs, gs, wc_, ws_, wgs_, s, b_)
     else:
         one = lambda wc_, ws_, wgs_, b_, dt=torch.float32: arc_gemm_mma(xq, gs, wc_, ws_, wgs_, s, b_, dt,

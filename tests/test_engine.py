@@ -331,11 +331,17 @@ def test_stacked_group_is_one_launch_with_the_same_outputs(quantized, m, path):
 def test_kernel_launch_settings():
     from arcquant.gpu import cuda_gemv_config, mma_config
     assert cuda_gemv_config(1, 4096) == dict(nr=2, kw=1, u=1) and cuda_gemv_config(2, 14336) == dict(nr=4, kw=2, u=1)
+    # chain sweep (v37): o_proj-sized layers with 2 warps along K; two tokens of q/k/v with 2 rows a block
+    assert cuda_gemv_config(1, 4096, 4096) == dict(nr=4, kw=2, u=1) == cuda_gemv_config(2, 3584, 3584)
+    assert cuda_gemv_config(1, 4096, 6144) == dict(nr=2, kw=1, u=1) == cuda_gemv_config(2, 3584, 4608)
+    assert cuda_gemv_config(2, 4096, 28672) == dict(nr=4, kw=1, u=1) and cuda_gemv_config(1, 14336, 4096)["kw"] == 2
     pipe = lambda kw, st, xs: dict(kw=kw, occ=False, st=st, xs=xs)                  # the cp.async-pipelined kernel
     # up to 8 tokens, K % 512 == 0: pipelined; wide (gate/up) from L2, the others with staged activations
     assert mma_config(8, 28672, 4096) == pipe(4, 2, False) and mma_config(8, 37888, 3584) == pipe(4, 2, False)
     assert mma_config(8, 4096, 14336) == pipe(8, 3, True) and mma_config(4, 3584, 18944) == pipe(4, 3, True)
-    assert mma_config(3, 6144, 4096) == pipe(4, 3, True) and mma_config(8, 3584, 3584) == pipe(4, 3, True)
+    assert mma_config(4, 4096, 4096) == pipe(4, 3, True) and mma_config(8, 3584, 3584) == pipe(4, 3, True)
+    # q/k/v-sized (4096 < N < 16384, K < 8192): 8 warps along K, pipelined from L2 where K % 1024 == 0
+    assert mma_config(3, 6144, 4096) == pipe(8, 2, False) and mma_config(8, 4608, 3584) == dict(kw=8, occ=False)
     # 9 - 16 tokens: pipelined only very wide (Qwen gate/up) and deep with K % 1024 == 0 (Llama down)
     assert mma_config(16, 37888, 3584) == pipe(4, 3, True) and mma_config(12, 4096, 14336) == pipe(4, 4, True)
     assert mma_config(16, 28672, 4096) == dict(kw=1, occ=False) and mma_config(16, 3584, 18944) == dict(kw=8, occ=False)

@@ -393,7 +393,7 @@ def test_the_default_build_holds_every_pipelined_setting_the_model_takes(monkeyp
     monkeypatch.delenv("ARCQUANT_EXT_SWEEP", raising=False)
     _sweep_build.cache_clear()
     assert pipe_built_reason(8, 4, 2, False) is None and pipe_built_reason(16, 4, 4, True) is None
-    assert "kw=8, st=2, xs=False at M=4 is not in the default build" in pipe_built_reason(4, 8, 2, False)
+    assert "kw=8, st=4, xs=False at M=4 is not in the default build" in pipe_built_reason(4, 8, 4, False)
     monkeypatch.setenv("ARCQUANT_EXT_SWEEP", "1")
     _sweep_build.cache_clear()
     try:

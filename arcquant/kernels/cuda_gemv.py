@@ -56,7 +56,7 @@ FUNCTIONS = ["arc_gemv_dp4a", "arc_gemm_mma", "arc_gemm_mma_pipe", "arc_act_quan
 # the ones gpu.mma_config takes (tests check both sides). ARCQUANT_EXT_SWEEP=1 builds every kw in (4, 8),
 # st in 2..4 and xs instead (the benchmarks' sweeps; its own build folder): 24 kernels, ~20 % more
 # build time on first use.
-PIPE_SETTINGS = {(1, 4, 2, False), (1, 4, 3, True), (1, 8, 3, True), (2, 4, 3, True), (2, 4, 4, True)}
+PIPE_SETTINGS = {(1, 4, 2, False), (1, 4, 3, True), (1, 8, 2, False), (1, 8, 3, True), (2, 4, 3, True), (2, 4, 4, True)}
 
 
 @functools.cache

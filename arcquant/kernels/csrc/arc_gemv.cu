@@ -776,6 +776,7 @@ void arc_gemm_mma_pipe(torch::Tensor xd, torch::Tensor xgs, torch::Tensor wc, to
   switch (key) {                          // PIPE_SETTINGS: tiles * 1000 + kw * 100 + st * 10 + xs
     case 1420: launch_pipe<1, 4, 2, false>(xd, xgs, wc, ws, wgs, b, y, out_kind, s); break;
     case 1431: launch_pipe<1, 4, 3, true>(xd, xgs, wc, ws, wgs, b, y, out_kind, s); break;
+    case 1820: launch_pipe<1, 8, 2, false>(xd, xgs, wc, ws, wgs, b, y, out_kind, s); break;
     case 1831: launch_pipe<1, 8, 3, true>(xd, xgs, wc, ws, wgs, b, y, out_kind, s); break;
     case 2431: launch_pipe<2, 4, 3, true>(xd, xgs, wc, ws, wgs, b, y, out_kind, s); break;
     case 2441: launch_pipe<2, 4, 4, true>(xd, xgs, wc, ws, wgs, b, y, out_kind, s); break;
