@@ -359,6 +359,23 @@ def test_kernel_launch_settings():
     assert not gemv_config(8, 4096)["fma"]
 
 
+def test_launch_settings_follow_the_chain_sweep():
+    """Every decode GEMV setting the model picks is within 10 % of the fastest one measured for
+    that layer and token count in the chain sweep (results/sweep-chain-h200.json: H200, each setting
+    back to back on weights not in L2, as the model runs them), on both model shapes."""
+    import json
+    from pathlib import Path
+    from arcquant.gpu import cuda_gemv_config, mma_config
+    rows = json.loads((Path(__file__).resolve().parents[1] / "results" / "sweep-chain-h200.json").read_text())["rows"]
+    key = lambda cfg: ",".join(f"{k}={int(v)}" for k, v in sorted(cfg.items()))
+    assert {r["model"] for r in rows} == {"llama-3.1-8b", "qwen2.5-7b"} and {r["M"] for r in rows} == {1, 2, 8, 16}
+    for r in rows:
+        m, k, n = r["M"], r["K"], r["N"]
+        cfg = cuda_gemv_config(m, k, n) if m <= 2 else dict(dict(st=0, xs=False), **mma_config(m, n, k))
+        picked = r["times"][key(cfg)]
+        assert picked <= 1.10 * min(r["times"].values()), (r["model"], r["layer"], m, key(cfg), picked)
+
+
 def test_cpu_model_stays_on_the_reference_backend(quantized, caplog):
     with caplog.at_level("INFO", logger="arcquant"):
         counts = use_kernels(quantized)
