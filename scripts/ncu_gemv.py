@@ -7,6 +7,16 @@ launches them (integer GEMV at M = 1, tensor-core GEMV at M = 8; bench_layers.ma
     sm__warps_active.avg.pct_of_peak_sustained_active,launch__occupancy_limit_registers,\\
     sm__inst_executed_pipe_lsu.sum,smsp__average_warp_latency_issue_stalled_long_scoreboard.ratio,\\
     dram__throughput.avg.pct_of_peak_sustained_elapsed python3 scripts/ncu_gemv.py > results/ncu-gemv-h200.txt
+
+The v37 profile (issue activity and stall reasons; results/ncu-gemv-v37-h200.txt):
+
+    PYTHONPATH=. ncu --kernel-name regex:"arc_gemv_kernel|arc_gemm_mma" --cache-control all --metrics \
+    gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,\
+    smsp__issue_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active,\
+    smsp__inst_executed.sum,launch__registers_per_thread,launch__grid_size,sm__cycles_elapsed.avg.per_second,\
+    smsp__average_warps_issue_stalled_{long_scoreboard,short_scoreboard,wait,math_pipe_throttle,not_selected,\
+    lg_throttle,barrier,no_instruction}_per_issue_active.ratio python3 scripts/ncu_gemv.py
+(the braces spelled out one metric each).
 """
 import sys
 from pathlib import Path
