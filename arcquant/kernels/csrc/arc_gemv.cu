@@ -80,10 +80,17 @@ struct Codes8 {
   }
 };
 
-// The signed integer sum of one 16-block: codes c0 (elements 0-7), c1 (8-15) against 16 int8
-// activations, the positive and the negative magnitudes each in one DP4A chain (the same integer
-// as c0.dot + c1.dot, one subtraction instead of three adds).
-__device__ __forceinline__ int dot16(const Codes8<true>& c0, const Codes8<true>& c1, uint4 x) {
+// Two E4M3 scales (bits 0-7: .x, bits 8-15: .y) in one conversion.
+__device__ __forceinline__ float2 e4m3x2(uint32_t bits) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)bits, __NV_E4M3);
+  return __half22float2(__half2(h));
+}
+
+// A 16-block's signed integer sum: codes c0 (elements 0-7), c1 (8-15) against 16 int8 activations.
+// SPLIT: the positive and the negative magnitudes each in one DP4A chain (one subtraction).
+template <bool SPLIT>
+__device__ __forceinline__ int dot(const Codes8<SPLIT>& c0, const Codes8<SPLIT>& c1, uint4 x) {
+  if constexpr (!SPLIT) return c0.dot(x.x, x.y) + c1.dot(x.z, x.w);
   int p = __dp4a((int)c0.a0, (int)x.x, 0), n = __dp4a((int)c0.b0, (int)x.x, 0);
   p = __dp4a((int)c0.a1, (int)x.y, p);
   n = __dp4a((int)c0.b1, (int)x.y, n);
@@ -92,19 +99,6 @@ __device__ __forceinline__ int dot16(const Codes8<true>& c0, const Codes8<true>&
   p = __dp4a((int)c1.a1, (int)x.w, p);
   n = __dp4a((int)c1.b1, (int)x.w, n);
   return p - n;
-}
-
-// Two E4M3 scales (bits 0-7: .x, bits 8-15: .y) in one conversion.
-__device__ __forceinline__ float2 e4m3x2(uint32_t bits) {
-  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)bits, __NV_E4M3);
-  return __half22float2(__half2(h));
-}
-
-// A 16-block's integer sum for either decode (dot16 where the magnitudes are split).
-template <bool SPLIT>
-__device__ __forceinline__ int dot(const Codes8<SPLIT>& c0, const Codes8<SPLIT>& c1, uint4 x) {
-  if constexpr (SPLIT) return dot16(c0, c1, x);
-  else return c0.dot(x.x, x.y) + c1.dot(x.z, x.w);
 }
 
 // One 32-code step of NR rows (two 16-blocks, the chunk j of each row) into acc: w / sb the
