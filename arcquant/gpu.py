@@ -59,13 +59,14 @@ def cuda_gemv_config(m: int, k: int, n: int | None = None) -> dict:
     """Launch settings of the integer GEMV (M <= 2 in the model), from the H200 sweeps
     (results/cuda-gemv-h200.json, results/cuda-gemv-u-h200.json; since v37 the chain timing of
     results/sweep-chain-h200.json: back to back on weights not in L2, as the model runs them):
-    4 output rows per block (2 for K < 8192 - one token, or two and N < 16384), 2 warps along K for
-    deep calls and for o_proj-sized ones (K < 8192, N <= 4096: ~N/2 one-warp blocks leave SMs
-    short of warps; Llama 5.89 -> 5.54 us, Qwen 5.73 -> 5.21 at M = 1, 8.5 -> 7.1 / 8.0 -> 6.8 at
-    M = 2); one step's weight loads at a time (u = 1: issuing 2 or 4 steps' loads first was no
-    faster, and u = 2 cost ~10 % in the model's decode step). n None: as for wide layers."""
-    if k < 8192 and n is not None and n <= 4096 and m <= 2:
-        return dict(nr=4, kw=2, u=1)
+    2 output rows a block and 2 warps along K for layers of N <= 4096 rows (o_proj, down_proj: ~N/2
+    one-warp blocks leave SMs short of warps; since the tail-free loop of v38, 2 rows beat 4 there -
+    Llama down 11.98 -> 11.37 us, o 5.72 -> 5.47 at M = 1); otherwise 4 rows a block (2 for K < 8192 -
+    one token, or two and N < 16384), 2 warps along K for deep calls; one step's weight loads at a
+    time (u = 1: issuing 2 or 4 steps' loads first was no faster, and u = 2 cost ~10 % in the model's
+    decode step). n None: as for wide layers."""
+    if n is not None and n <= 4096 and m <= 2:                     # o_proj- and down_proj-sized
+        return dict(nr=2, kw=2, u=1)
     narrow = m == 1 or (m == 2 and n is not None and n < WIDE_N)
     return dict(nr=2 if narrow and k < 8192 else 4, kw=2 if k >= 8192 and m <= 4 else 1, u=1)
 

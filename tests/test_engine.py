@@ -331,10 +331,12 @@ def test_stacked_group_is_one_launch_with_the_same_outputs(quantized, m, path):
 def test_kernel_launch_settings():
     from arcquant.gpu import cuda_gemv_config, mma_config
     assert cuda_gemv_config(1, 4096) == dict(nr=2, kw=1, u=1) and cuda_gemv_config(2, 14336) == dict(nr=4, kw=2, u=1)
-    # chain sweep (v37): o_proj-sized layers with 2 warps along K; two tokens of q/k/v with 2 rows a block
-    assert cuda_gemv_config(1, 4096, 4096) == dict(nr=4, kw=2, u=1) == cuda_gemv_config(2, 3584, 3584)
+    # chain sweep (v38): layers of N <= 4096 (o_proj, down_proj) with 2 rows a block and 2 warps along K;
+    # two tokens of q/k/v with 2 rows a block
+    assert cuda_gemv_config(1, 4096, 4096) == dict(nr=2, kw=2, u=1) == cuda_gemv_config(2, 3584, 3584)
+    assert cuda_gemv_config(1, 14336, 4096) == dict(nr=2, kw=2, u=1) == cuda_gemv_config(2, 18944, 3584)
     assert cuda_gemv_config(1, 4096, 6144) == dict(nr=2, kw=1, u=1) == cuda_gemv_config(2, 3584, 4608)
-    assert cuda_gemv_config(2, 4096, 28672) == dict(nr=4, kw=1, u=1) and cuda_gemv_config(1, 14336, 4096)["kw"] == 2
+    assert cuda_gemv_config(2, 4096, 28672) == dict(nr=4, kw=1, u=1)
     pipe = lambda kw, st, xs: dict(kw=kw, occ=False, st=st, xs=xs)                  # the cp.async-pipelined kernel
     # up to 8 tokens, K % 512 == 0: pipelined; wide (gate/up) from L2, the others with staged activations
     assert mma_config(8, 28672, 4096) == pipe(4, 2, False) and mma_config(8, 37888, 3584) == pipe(4, 2, False)

@@ -149,6 +149,44 @@ __device__ __forceinline__ void gemv_step(const uint4* w, const uint32_t* sb, in
   }
 }
 
+// gemv_step for a chunk with no tail block (the warp's chunks all below (K - S) / 32), its operands
+// through pointers the caller advances: xp[m] the row's 32 int8 activations of the chunk, xsp[m] their
+// two E4M3 scales (one conversion; one 16-bit load for row 0). The same operations on the same values in the
+// same order as gemv_step, so the same bits; no tail test and no index arithmetic in the step.
+template <int M, int NR>
+__device__ __forceinline__ void gemv_step_main(const uint4* w, const uint32_t* sb, float (*acc)[M],
+                                               const int8_t* const* xp, const uint8_t* const* xsp) {
+  constexpr bool SPLIT = M <= 2;
+  float2 sw2[NR], sx2[M];
+  uint4 x[M][2];
+#pragma unroll
+  for (int r = 0; r < NR; ++r) sw2[r] = e4m3x2(sb[r]);
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    const uint32_t sxb = m == 0 ? *reinterpret_cast<const uint16_t*>(xsp[0])          // row 0: 2-byte aligned
+                                : xsp[m][0] | ((uint32_t)xsp[m][1] << 8);                   // row m starts at m * (K+S)/16
+    sx2[m] = e4m3x2(sxb);
+    x[m][0] = __ldg(reinterpret_cast<const uint4*>(xp[m]));
+    x[m][1] = __ldg(reinterpret_cast<const uint4*>(xp[m]) + 1);
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    Codes8<SPLIT> c0[NR], c1[NR];
+#pragma unroll
+    for (int r = 0; r < NR; ++r) {
+      c0[r] = Codes8<SPLIT>(h ? w[r].z : w[r].x);
+      c1[r] = Codes8<SPLIT>(h ? w[r].w : w[r].y);
+    }
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+      for (int r = 0; r < NR; ++r) {
+        const int i1 = dot(c0[r], c1[r], x[m][h]);
+        acc[r][m] = fmaf((float)i1, (h ? sw2[r].y : sw2[r].x) * (h ? sx2[m].y : sx2[m].x), acc[r][m]);
+      }
+  }
+}
+
 // Grid: one block per NR output rows; blockDim (32, KW): KW warps split the depth and meet in
 // shared memory. Rows >= N are clamped (loaded, never stored); activation rows >= mrows too.
 // U: steps whose weight loads a lane issues before using the first (U * NR 16-byte loads in
@@ -178,7 +216,44 @@ __global__ void arc_gemv_kernel(const int8_t* __restrict__ xi, const uint8_t* __
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
 
-  for (int j0 = warp * 32 + lane; j0 < chunks; j0 += U * stride) {
+  int j0 = warp * 32 + lane;
+  if (U == 1) {                                                   // chunks below the tail, whole warps
+    const int8_t* xp[M];
+    const uint8_t* xsp[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const int mm = min(m, mrows - 1);
+      xp[m] = xi + (size_t)mm * ka + 32 * j0;
+      xsp[m] = xs + (size_t)mm * (ka / 16) + 2 * j0;
+    }
+    const uint8_t* wp[NR];
+    const uint8_t* sp[NR];
+#pragma unroll
+    for (int r = 0; r < NR; ++r) {
+      wp[r] = wrow[r] + 16 * j0;
+      sp[r] = srow[r] + 2 * j0;
+    }
+    const int jt = tb0 >> 1;                                      // chunk jt may hold a tail block
+#pragma unroll 2
+    for (; j0 - lane + 31 < jt; j0 += stride) {                   // warp-uniform: its last chunk < jt
+      uint4 w[NR];
+      uint32_t sb[NR];
+#pragma unroll
+      for (int r = 0; r < NR; ++r) {
+        w[r] = ld_stream(wp[r]);
+        sb[r] = *reinterpret_cast<const uint16_t*>(sp[r]);
+        wp[r] += 16 * stride;
+        sp[r] += 2 * stride;
+      }
+      gemv_step_main<M, NR>(w, sb, acc, xp, xsp);
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        xp[m] += 32 * stride;
+        xsp[m] += 2 * stride;
+      }
+    }
+  }
+  for (; j0 < chunks; j0 += U * stride) {                         // the rest (every chunk for U > 1)
     uint4 w[U][NR];
     uint32_t sb[U][NR];
 #pragma unroll
