@@ -293,6 +293,9 @@ def test_cuda_gemv_bad_input_is_named():
         arc_gemv_int8(torch.zeros(1, 48, dtype=torch.int16), xs, one, wc, ws, one, 16)
     with pytest.raises(ValueError, match="one CUDA device: xi on cpu"):
         arc_gemv_int8(torch.zeros(1, 48, dtype=torch.int8), xs, one, wc, ws, one, 16)
+    odd = torch.zeros(4, dtype=torch.uint8)[1:].view(1, 3).view(torch.float8_e4m3fn)   # one byte past an allocation
+    with pytest.raises(ValueError, match="xs and ws must start on a 2-byte boundary"):
+        arc_gemv_int8(torch.zeros(1, 48, dtype=torch.int8), odd, one, wc, ws, one, 16)
     from arcquant.kernels.cuda_gemv import tensor_scales             # stacked layers: one scale per row
     assert tensor_scales(one, 8).shape == (1,) and tensor_scales(torch.ones(8, 1), 8).shape == (8,)
     with pytest.raises(ValueError, match=r"wgs holds 3 values: give one tensor scale or one per output row \(N = 8\)"):

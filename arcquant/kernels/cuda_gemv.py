@@ -182,6 +182,8 @@ def arc_gemv_int8(xi, xs, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.b
                          f"{tuple(xi.shape)}")
     if xs.shape != (m, (k + s) // 16) or xs.dtype != torch.float8_e4m3fn:
         raise ValueError(f"xs must be float8_e4m3fn ({m}, {(k + s) // 16}); got {xs.dtype} {tuple(xs.shape)}")
+    if xs.data_ptr() % 2 or ws.data_ptr() % 2:                    # the kernel reads two scales a load
+        raise ValueError("xs and ws must start on a 2-byte boundary (take a fresh, contiguous tensor)")
     _check_weight_and_devices(wc, ws, {"xi": xi, "xs": xs, "wc": wc, "ws": ws})
     if any(t.data_ptr() % 16 for t in (xi, wc)):
         raise ValueError("xi and wc must start on a 16-byte boundary (take a fresh, contiguous tensor)")

@@ -800,6 +800,8 @@ void arc_gemv_dp4a(torch::Tensor xi, torch::Tensor xs, torch::Tensor xgs, torch:
   TORCH_CHECK(wgs.is_contiguous() && (wgs.numel() == 1 || wgs.numel() == n), "wgs must hold 1 or N values");
   TORCH_CHECK(kw >= 1 && kw <= 32 && (nr == 1 || nr == 2 || nr == 4), "kw in 1..32, nr in {1, 2, 4}");
   TORCH_CHECK(u == 1 || ((u == 2 || u == 4) && m <= 2), "u in {1, 2, 4} (2 and 4 for M <= 2)");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(xs.data_ptr()) % 2 == 0 && reinterpret_cast<uintptr_t>(ws.data_ptr()) % 2 == 0,
+              "xs and ws must start on a 2-byte boundary");
   const auto [b, out_kind] = epilogue_args(bias, y, n);
   if (m == 1) launch_u<1>((int)u, nr, xi, xs, xgs, wc, ws, wgs, b, y, out_kind, kw, s);
   else if (m == 2) launch_u<2>((int)u, nr, xi, xs, xgs, wc, ws, wgs, b, y, out_kind, kw, s);
