@@ -13,7 +13,6 @@ E4M3 scale, bf16 and fp16. Speed: the per-linear shapes of the Llama-3.1-8B / Qw
 (q, k, v, o, gate, up, down; s = 6.25 % of K), median of do_bench with L2 flushed; next to a write-only
 fill and a copy of the same output bytes; per model the sum over its layers' dequantizations.
 """
-import argparse
 import json
 import os
 import sys
@@ -24,7 +23,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_dequant import operands  # noqa: E402
-from bench_hopper_paths import copy_bandwidth, run_header  # noqa: E402
+from bench_hopper_paths import copy_bandwidth, gpu_run, run_header  # noqa: E402
 
 from arcquant.formats import nvfp4  # noqa: E402
 from arcquant.kernels.prefill import dequantize_codes  # noqa: E402
@@ -110,11 +109,7 @@ def speed(ext, dev, copy_gbps) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    a = ap.parse_args()
-    dev = torch.device("cuda")
-    torch.manual_seed(0)
+    a, dev = gpu_run()
     ext = extension()
     head = run_header(copy_GBps=copy_bandwidth(dev))
     print(head, flush=True)

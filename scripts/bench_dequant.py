@@ -10,7 +10,6 @@ rows 1 / 3 / 1000), random codes (all 16) and scales (every positive finite E4M3
 flushed, the Llama-3.1-8B and Qwen2.5-7B layer shapes, s = 6.25% of K; GB/s counts codes and
 scales read once and the bf16 output written once, against the card's copy bandwidth.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_hopper_paths import SHAPES, copy_bandwidth, run_header  # noqa: E402
+from bench_hopper_paths import SHAPES, copy_bandwidth, gpu_run, run_header  # noqa: E402
 
 from arcquant.formats import nvfp4  # noqa: E402
 from arcquant.kernels.prefill import dequantize_codes, scale_rows  # noqa: E402
@@ -101,11 +100,7 @@ def speed(dev, copy_gbps: float) -> list:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    a = ap.parse_args()
-    dev = torch.device("cuda")
-    torch.manual_seed(0)
+    a, dev = gpu_run()
     head = run_header(copy_GBps=copy_bandwidth(dev))
     print(head, flush=True)
     ex = exactness(dev)

@@ -46,6 +46,16 @@ def run_header(**extra) -> dict:
             "cuda": torch.version.cuda, **extra}
 
 
+def gpu_run() -> tuple:
+    """What the GPU scripts' main() starts with: --out (required), seed 0, the CUDA device.
+    -> (parsed arguments, device)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    return a, torch.device("cuda")
+
+
 def graphed(fn):
     fn()                                                                            # compile
     torch.cuda.synchronize()

@@ -5,7 +5,6 @@ bit for bit: the o_proj input (Triton kernel vs the CUDA one at 1 - 16 CTAs a ro
 
     PYTHONPATH=. python3 scripts/chain_act.py --out results/chain-act-h200.json
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -13,7 +12,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_hopper_paths import make_x, run_header  # noqa: E402
+from bench_hopper_paths import gpu_run, make_x, run_header  # noqa: E402
+from sweep_chain import chain_us as sweep_chain_us  # noqa: E402
 
 from arcquant.kernels.act_quant import arc_quantize_activation_gemv, block_starts  # noqa: E402
 from arcquant.kernels.cuda_act import (arc_act_quant_cuda, arc_rmsnorm_act_cuda, arc_silu_mul_act_cuda,  # noqa: E402
@@ -24,21 +24,8 @@ CTAS = (1, 2, 4, 8, 16)
 
 
 def chain_us(call, n: int = 64) -> float:
-    call()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(n):
-            call()
-    times = []
-    for _ in range(6):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000.0 / n)
-    return sorted(times[1:])[2]
+    """us a call: n calls back to back in one CUDA graph (sweep_chain.chain_us), median of 5 replays."""
+    return sweep_chain_us(lambda _: call(), [None] * n)
 
 
 def same(a: tuple, b: tuple) -> bool:
@@ -67,11 +54,7 @@ def row(model, what, k, s, m, variants: dict, current: str) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    a = ap.parse_args()
-    dev = torch.device("cuda")
-    torch.manual_seed(0)
+    a, dev = gpu_run()
     rows = []
     for model, (hidden, inter) in MODELS.items():
         for m in (1, 8):

@@ -8,7 +8,6 @@ with a bias, every nr at kw 1 / 2 / 4.
 
     PYTHONPATH=. python3 scripts/check_gemv_int8.py --out results/gemv-int8-check-h200.json
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_hopper_paths import make_layer, make_x, run_header  # noqa: E402
+from bench_hopper_paths import gpu_run, make_layer, make_x, run_header  # noqa: E402
 
 from arcquant.kernels.act_quant import arc_quantize_activation_gemv, block_starts  # noqa: E402
 from arcquant.kernels.cuda_gemv import arc_gemv_int8, int8_gemv_reference  # noqa: E402
@@ -44,11 +43,7 @@ def case(k, s, m, n, per_row, dev) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    a = ap.parse_args()
-    dev = torch.device("cuda")
-    torch.manual_seed(0)
+    a, dev = gpu_run()
     rows = [case(k, s, m, n, per_row, dev) for k in (3584, 4096, 14336, 18944) for s in (0, 16, 64, 448)
             for m in (1, 2) for n, per_row in ((1001, False), (37, True))]
     bad = [r for r in rows if not r["equal"] or r["max_rel"] > 1e-6]
