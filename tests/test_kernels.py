@@ -486,3 +486,26 @@ def test_an_older_gpu_keeps_the_triton_kernels_with_the_reason_logged(monkeypatc
     said = [r.getMessage() for r in caplog.records if "GEMV: Triton" in r.getMessage()]
     assert said == ["GEMV: Triton (the CUDA GEMV needs compute capability >= 8.0, got (7, 5))"]
     cuda_gemv.logged_reason.cache_clear()
+
+
+def test_signed_zeros_are_kept_bit_for_bit():
+    """E2M1 code 8 is -0: the Triton kernels' decoded values keep the sign as the reference does
+    (Triton's unary minus is 0 - x, which turns +0 into +0), so the dequantized weight, the
+    dequantized activation and a tail residual taken from a -0 input match the reference bit for bit,
+    not only as values (torch.equal calls -0 and +0 equal)."""
+    bits = lambda t: t.float().view(torch.int32)
+    codes = torch.tensor([[0x88, 0x08, 0x80, 0x31] * 4, [0x8F, 0x7A, 0x88, 0x00] * 4], dtype=torch.uint8)
+    scales = torch.tensor([[1.5, 0.25], [3.0, 448.0]]).to(torch.float8_e4m3fn)
+    ref = F.dequantize(nvfp4.unpack(codes), scales, torch.tensor(1.0))
+    ref = torch.cat([ref, ref[:, -16:]], 1)
+    for dt in (torch.float32, torch.bfloat16):
+        assert torch.equal(bits(dequantize_codes(codes, scales, 16, dt)), bits(ref.to(dt)))
+    m, k, s = 2, 64, 16
+    x, plan = make_case(m, k, s, "sorted", seed=7)
+    x[:, ::3] = -0.0                                               # -0 inputs, tail channels among them
+    x[:, plan.perm[k - s:][::2]] = -0.0
+    gs = global_scale(x, "token")
+    c, sc = arc.quantize_activation(x, plan, F, gs)
+    codes_k, _, xd = arc_quantize_activation(x, plan.perm.to(torch.int32), s, gs, dequantized=torch.bfloat16)
+    assert torch.equal(codes_k, nvfp4.pack(c))                     # the residual of a -0 input: code 0
+    assert torch.equal(bits(xd), bits(F.dequantize(c, sc, torch.tensor(1.0)).to(torch.bfloat16)))

@@ -20,7 +20,7 @@ def e2m1_decode(code):
     mag = (code & 7).to(tl.int32)
     val = tl.where(mag < 4, mag.to(tl.float32) * 0.5,
                    tl.where(mag < 6, (mag - 2).to(tl.float32), tl.where(mag == 6, 4.0, 6.0)))
-    return tl.where((code & 8) != 0, -val, val)
+    return tl.where((code & 8) != 0, val * -1.0, val)              # not -val: Triton's minus is 0 - x (+0 for code 8)
 
 
 @triton.jit
