@@ -23,7 +23,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_dequant import operands  # noqa: E402
-from bench_hopper_paths import copy_bandwidth, gpu_run, run_header  # noqa: E402
+from bench_hopper_paths import copy_bandwidth, gpu_run, run_header, tail_width  # noqa: E402
 
 from arcquant.formats import nvfp4  # noqa: E402
 from arcquant.kernels.prefill import dequantize_codes  # noqa: E402
@@ -83,7 +83,7 @@ def speed(ext, dev, copy_gbps) -> dict:
     rows, sums = [], {}
     for model, (layers, shapes) in LAYERS.items():
         for name, k, n, count in shapes:
-            s = max(64, round(k * 0.0625 / 64) * 64)
+            s = tail_width(k)
             codes, scales = operands(n, k, dev)
             out = torch.empty(n, k + s, dtype=torch.bfloat16, device=dev)
             other = torch.empty_like(out)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_hopper_paths import SHAPES, run_header  # noqa: E402
+from bench_hopper_paths import SHAPES, run_header, tail_width  # noqa: E402
 from bench_layers import inputs, make_layer, timed  # noqa: E402
 
 from arcquant import gpu  # noqa: E402
@@ -77,7 +77,7 @@ def main():
     res, rows = run_header(command=" ".join(sys.argv)), []
     for model in a.models:
         for name, k, n in SHAPES[model]:
-            s = max(64, round(0.0625 * k / 64) * 64)
+            s = tail_width(k)
             hot = torch.randperm(k, device=dev, generator=torch.Generator(device=dev).manual_seed(k))[:8]
             q, wb = make_layer(k, n, s, hot, dev, k)
             wc, ws, wgs = q.kernel.weight

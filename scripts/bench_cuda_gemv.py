@@ -22,7 +22,7 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_hopper_paths import SHAPES, copy_bandwidth, graphed, make_layer, make_x, run_header  # noqa: E402
+from bench_hopper_paths import SHAPES, copy_bandwidth, graphed, make_layer, make_x, run_header, tail_width  # noqa: E402
 
 from arcquant import arc  # noqa: E402
 from arcquant.formats import e2m1, get_format, nvfp4  # noqa: E402
@@ -109,7 +109,7 @@ def speed(dev, models, ms, mma_off=False) -> list:
     rows = []
     for model in models:
         for name, k, n in SHAPES[model]:
-            s = max(64, round(k * 0.0625 / 64) * 64)
+            s = tail_width(k)
             w, plan, gsw, wc, ws = make_layer(k, n, s, dev)
             wb = w.to(torch.bfloat16)
             perm = plan.perm.to(torch.int32)

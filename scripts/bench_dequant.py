@@ -18,7 +18,7 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_hopper_paths import SHAPES, copy_bandwidth, gpu_run, run_header  # noqa: E402
+from bench_hopper_paths import SHAPES, copy_bandwidth, gpu_run, run_header, tail_width  # noqa: E402
 
 from arcquant.formats import nvfp4  # noqa: E402
 from arcquant.kernels.prefill import dequantize_codes, scale_rows  # noqa: E402
@@ -80,7 +80,7 @@ def speed(dev, copy_gbps: float) -> list:
     rows = []
     for model, shapes in SHAPES.items():
         for name, k, n in shapes:
-            s = max(64, round(k * 0.0625 / 64) * 64)
+            s = tail_width(k)
             codes, scales = operands(n, k, dev)
             moved = n * (k // 2 + k // 16) + n * (k + s) * 2
             row = {"model": model, "layer": name, "K": k, "N": n, "s": s}

@@ -65,10 +65,20 @@ def graphed(fn):
     return g.replay
 
 
+def tail_width(k: int) -> int:
+    """The benchmarks' realistic s for depth K: ~6.25 % of K in multiples of 64, at least 64."""
+    return max(64, round(k * 0.0625 / 64) * 64)
+
+
+def block_perm(k: int, dev) -> torch.Tensor:
+    """A random channel order that moves whole 16-blocks (the 'blocks' order): (K,) int64."""
+    return torch.randperm(k // 16, device=dev).repeat_interleave(16) * 16 + torch.arange(16, device=dev).repeat(k // 16)
+
+
 def make_layer(k, n, s, dev):
     """Weight (N, K) with a plan whose tail is the last s columns ('blocks' order)."""
     w = torch.randn(n, k, device=dev) * 0.02
-    perm = torch.randperm(k // 16, device=dev).repeat_interleave(16) * 16 + torch.arange(16, device=dev).repeat(k // 16)
+    perm = block_perm(k, dev)
     plan = arc.ArcPlan(perm, perm[k - s:].clone())
     gsw = F.global_scale(w.abs().amax())
     codes, scales = F.quantize(w[:, perm], gsw)
@@ -100,7 +110,7 @@ def check(x, plan, s, gsw, wc, ws):
 
 
 def run_shape(model, name, k, n, dev, rows):
-    s = max(64, round(k * 0.0625 / 64) * 64)
+    s = tail_width(k)
     w, plan, gsw, wc, ws = make_layer(k, n, s, dev)
     wb = w.to(torch.bfloat16)
     perm = plan.perm.to(torch.int32)

@@ -31,7 +31,7 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_hopper_paths import SHAPES, graphed, run_header  # noqa: E402
+from bench_hopper_paths import SHAPES, graphed, run_header, tail_width  # noqa: E402
 
 from arcquant import arc  # noqa: E402
 from arcquant.formats import get_format  # noqa: E402
@@ -94,7 +94,7 @@ def bf16_rel_err(x, w):
 
 
 def bench_shape(model, name, k, n, ms, dev):
-    s = max(64, round(0.0625 * k / 64) * 64)
+    s = tail_width(k)
     hot = torch.randperm(k, device=dev, generator=torch.Generator(device=dev).manual_seed(k))[:8]
     q, wb = make_layer(k, n, s, hot, dev, k)
     kp, ops = q.kernel, q.kernel.ops

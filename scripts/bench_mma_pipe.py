@@ -20,7 +20,7 @@ import torch
 os.environ.setdefault("ARCQUANT_EXT_SWEEP", "1")   # every pipelined setting (cuda_gemv.PIPE_SETTINGS: the model's)
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_hopper_paths import SHAPES, run_header  # noqa: E402
+from bench_hopper_paths import SHAPES, run_header, tail_width  # noqa: E402
 from bench_layers import inputs, make_layer, timed  # noqa: E402
 
 from arcquant.kernels.cuda_gemv import arc_gemm_mma, arc_gemm_mma_pipe, fp16_gemm_reference  # noqa: E402
@@ -67,7 +67,7 @@ def speed(dev, ms, models) -> list:
     rows = []
     for model, layers in ((mo, SHAPES[mo]) for mo in models):
         for name, k, n in layers:
-            s = max(64, round(0.0625 * k / 64) * 64)
+            s = tail_width(k)
             hot = torch.randperm(k, device=dev, generator=torch.Generator(device=dev).manual_seed(k))[:8]
             q, wb = make_layer(k, n, s, hot, dev, k)
             kp = q.kernel

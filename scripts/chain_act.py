@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_hopper_paths import gpu_run, make_x, run_header  # noqa: E402
+from bench_hopper_paths import block_perm, gpu_run, make_x, run_header, tail_width  # noqa: E402
 from sweep_chain import chain_us as sweep_chain_us  # noqa: E402
 
 from arcquant.kernels.act_quant import arc_quantize_activation_gemv, block_starts  # noqa: E402
@@ -35,9 +35,8 @@ def same(a: tuple, b: tuple) -> bool:
 
 
 def plan(k: int, dev):
-    s = max(64, round(k * 0.0625 / 64) * 64)
-    perm = (torch.randperm(k // 16, device=dev).repeat_interleave(16) * 16 + torch.arange(16, device=dev).repeat(k // 16))
-    perm = perm.to(torch.int32)
+    s = tail_width(k)
+    perm = block_perm(k, dev).to(torch.int32)
     return s, perm, block_starts(perm)
 
 

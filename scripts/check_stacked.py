@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_cuda_gemv import bench  # noqa: E402
-from bench_hopper_paths import graphed, make_layer, make_x, run_header  # noqa: E402
+from bench_hopper_paths import graphed, make_layer, make_x, run_header, tail_width  # noqa: E402
 
 from arcquant.gpu import cuda_gemv_config, mma_config  # noqa: E402
 from arcquant.kernels.act_quant import arc_quantize_activation_gemv  # noqa: E402
@@ -30,7 +30,7 @@ GROUPS = {"llama-3.1-8b": {"qkv": (4096, [4096, 1024, 1024]), "gate_up": (4096, 
 
 
 def run(model, name, k, ns, m, dev) -> dict:
-    s = max(64, round(k * 0.0625 / 64) * 64)
+    s = tail_width(k)
     layers = [make_layer(k, n, s, dev) for n in ns]                       # (w, plan, gsw, wc, ws)
     plan = layers[0][1]                                                    # one input plan for the group
     biases = [torch.randn(n, device=dev) for n in ns]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_hopper_paths import SHAPES, make_layer, make_x, run_header  # noqa: E402
+from bench_hopper_paths import SHAPES, make_layer, make_x, run_header, tail_width  # noqa: E402
 
 from arcquant.gpu import cuda_gemv_config, mma_config  # noqa: E402
 from arcquant.kernels.act_quant import arc_quantize_activation_gemv, block_starts  # noqa: E402
@@ -53,7 +53,7 @@ def key(cfg: dict) -> str:
 
 
 def sweep_shape(model, name, k, n, ms, dev) -> list:
-    s = max(64, round(k * 0.0625 / 64) * 64)
+    s = tail_width(k)
     _, plan, gsw, wc, ws = make_layer(k, n, s, dev)
     perm = plan.perm.to(torch.int32)
     starts = block_starts(perm)

@@ -490,7 +490,7 @@ def test_an_older_gpu_keeps_the_triton_kernels_with_the_reason_logged(monkeypatc
 
 def test_signed_zeros_are_kept_bit_for_bit():
     """E2M1 code 8 is -0: the Triton kernels' decoded values keep the sign as the reference does
-    (Triton's unary minus is 0 - x, which turns +0 into +0), so the dequantized weight, the
+    (Triton's unary minus is 0 - x, which gave +0 for code 8), so the dequantized weight, the
     dequantized activation and a tail residual taken from a -0 input match the reference bit for bit,
     not only as values (torch.equal calls -0 and +0 equal)."""
     bits = lambda t: t.float().view(torch.int32)
