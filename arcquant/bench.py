@@ -224,20 +224,50 @@ def decode_pipeline_ab(model, batches, decode: int, repeats: int) -> dict:
     return out
 
 
-def greedy_logits(model, steps: int, vocab: int, fusions: bool = True, tokens=None, graphs: bool = True) -> tuple:
-    """Logits of `steps` decode steps (batch 1, CUDA graph) after a fixed 128-token prompt, each
-    step fed the previous step's argmax (greedy) or, given `tokens` (steps,), tokens[i] (teacher
-    forcing) -> ((steps, V) float32 logits, (steps,) the tokens fed) - for comparing two settings of
-    the same model step by step."""
-    e = Engine(model, 1, PROMPT + steps + 1, graphs=graphs, fusions=fusions)
-    ids = torch.randint(0, vocab, (1, PROMPT), device=e.device, generator=torch.Generator(device=e.device).manual_seed(0))
+def pdl_ab(model, label: str, batches, decode: int, repeats: int) -> dict:
+    """The same run's A/B of programmatic dependent launch (kernels/pdl.py), at the batches it is
+    used for (up to pdl.max_rows() tokens): decode tokens/s again with it off (fresh engines, so
+    fresh CUDA graphs), and the largest |logit| difference of 32 greedy decode steps at each batch
+    with it on vs off (0: the overlap changes no value). Empty where the GPU has no PDL (before
+    sm_90), it is off, or no batch is small enough."""
+    from .kernels import pdl
+    batches = [b for b in batches if b <= pdl.max_rows()]
+    if torch.cuda.get_device_capability() < (9, 0) or not pdl.enabled() or not batches:
+        return {}
+    vocab, out = model.config.vocab_size, {}
+    on = [greedy_logits(model, 32, vocab, batch=b)[0] for b in batches]
+    try:
+        pdl.set_pdl(False)
+        for b in batches:
+            out[f"decode_tok_s_b{b}_no_pdl"] = decode_tokens_per_s(model, b, decode, repeats, vocab)
+            print(f"  {label}, PDL off: decode b{b} {out[f'decode_tok_s_b{b}_no_pdl']:.1f} tok/s", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+        out["pdl_logits_max_abs_diff"] = max((greedy_logits(model, 32, vocab, batch=b)[0] - want).abs().max().item()
+                                             for b, want in zip(batches, on))
+        print(f"  {label}: logits of 32 greedy steps at batch {', '.join(map(str, batches))}, PDL on vs off: "
+              f"max |diff| {out['pdl_logits_max_abs_diff']:.3g}", flush=True)
+    finally:
+        pdl.set_pdl(True)
+    return out
+
+
+def greedy_logits(model, steps: int, vocab: int, fusions: bool = True, tokens=None, graphs: bool = True,
+                  batch: int = 1) -> tuple:
+    """Logits of `steps` decode steps (CUDA graph) after a fixed 128-token prompt, each step fed
+    the previous step's argmax (greedy) or, given `tokens` (steps,), tokens[i] (teacher forcing,
+    batch 1) -> ((steps, V) float32 logits, (steps,) the tokens fed; batch > 1: (steps, batch, V)
+    and (steps, batch)) - for comparing two settings of the same model step by step."""
+    e = Engine(model, batch, PROMPT + steps + 1, graphs=graphs, fusions=fusions)
+    ids = torch.randint(0, vocab, (batch, PROMPT), device=e.device,
+                        generator=torch.Generator(device=e.device).manual_seed(0))
     tok, out, fed = e.prefill(ids).argmax(-1, keepdim=True), [], []
     for i in range(steps):
         if tokens is not None:
             tok = tokens[i].reshape(1, 1).to(e.device)
-        fed.append(tok.reshape(()).clone())
+        fed.append((tok.reshape(()) if batch == 1 else tok.reshape(batch)).clone())
         logits = e.step(tok, PROMPT + i).float()
-        out.append(logits[0].clone())
+        out.append((logits[0] if batch == 1 else logits).clone())
         tok = logits.argmax(-1, keepdim=True)
     return torch.stack(out), torch.stack(fed)
 
@@ -313,6 +343,7 @@ def run_bench(source, checkpoint, batches=(1, 8, 32), decode: int = 64, prefill:
     rows.append(bench_one(model, "bf16", batches, decode, prefill, repeats, compile_batches))
     rows[-1]["backend"] = "cuBLAS (torch)"
     rows[-1].update(fusion_ab(model, "bf16", batches, decode, prefill, repeats))
+    rows[-1].update(pdl_ab(model, "bf16", batches, decode, repeats))
     if bf16_stacked:
         from .stacking import stack_linears
         groups = stack_linears(model)
@@ -329,6 +360,7 @@ def run_bench(source, checkpoint, batches=(1, 8, 32), decode: int = 64, prefill:
                       f"reference for {counts['reference']}, {counts['fused_mlps']} MLPs fused for prefill")
     row.update(decode_repeat(model))
     row.update(fusion_ab(model, "arc", batches, decode, prefill, repeats))
+    row.update(pdl_ab(model, "arc", batches, decode, repeats))
     if counts["cuda_gemv"]:
         row.update(decode_pipeline_ab(model, batches, decode, repeats))
     if counts["fused_mlps"]:
@@ -398,6 +430,14 @@ def table(rows: list, batches, prefill: int) -> str:
             if off is not None:
                 lines += ["", f"{r['model']} decode b{b} with the pipelined GEMV off: {off:.1f} tok/s "
                           f"({off / base[f'decode_tok_s_b{b}']:.2f}x BF16; on: {r[f'decode_tok_s_b{b}']:.1f})"]
+    pdl_batches = [b for b in batches if all(f"decode_tok_s_b{b}_no_pdl" in r for r in rows)]
+    if pdl_batches:                                                     # the PDL A/B
+        old = rows[0]
+        off = lambda r, b: r[f"decode_tok_s_b{b}_no_pdl"]                # noqa: E731
+        cells = [f"{r['model']} " + ", ".join(
+            f"b{b} {off(r, b):.1f}" + ("" if r is old else f" ({off(r, b) / off(old, b):.2f}x)") for b in pdl_batches)
+            + f", logits on vs off: max |diff| {r['pdl_logits_max_abs_diff']:.3g}" for r in rows]
+        lines += ["", "Programmatic dependent launch off (kernels/pdl.py; tok/s): " + "; ".join(cells)]
     for r in rows:
         if "decode_repeat_logits_max_abs_diff" in r:
             lines += ["", f"{r['model']}: logits of 32 greedy decode steps from two fresh engines: max |diff| "

@@ -24,7 +24,7 @@ from bench_hopper_paths import SHAPES, run_header, tail_width  # noqa: E402
 from bench_layers import inputs, make_layer, timed  # noqa: E402
 
 from arcquant import gpu  # noqa: E402
-from arcquant.kernels.cuda_gemv import (DECL, arc_gemm_mma, fp16_gemm_reference, from_mma_order,  # noqa: E402
+from arcquant.kernels.cuda_gemv import (CSRC, DECL, arc_gemm_mma, fp16_gemm_reference, from_mma_order,  # noqa: E402
                                         pipe_shape_reason, tensor_scales)
 
 
@@ -38,7 +38,7 @@ def extension(path, name: str, flags=()):
     decl = ";\n".join(d.rstrip(";") for d in DECL.split(";\n") if "arc_gemm_mma" in d) + ";"
     return load_inline(name=name, cpp_sources=decl, cuda_sources=[Path(path).read_text()],
                        functions=["arc_gemm_mma", "arc_gemm_mma_pipe"], extra_cuda_cflags=["-O3", *flags],
-                       build_directory=str(build))
+                       extra_include_paths=[str(CSRC)], build_directory=str(build))
 
 
 def old_extension(path: str):

@@ -384,6 +384,8 @@ def test_cpu_model_stays_on_the_reference_backend(quantized, caplog):
     assert counts["kernels"] == 0 and counts["reference"] == 210
     assert counts["reasons"] == {"the layer is not on a CUDA device": 210}
     assert "kernels for 0 layers (decode GEMV in CUDA for 0), reference for 210" in caplog.text
+    assert "programmatic dependent launch off (needs a CUDA GPU of compute capability >= 9.0, model on cpu)" \
+        in caplog.text
 
 
 def test_compiled_decode_step_equals_eager():

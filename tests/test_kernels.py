@@ -509,3 +509,70 @@ def test_signed_zeros_are_kept_bit_for_bit():
     codes_k, _, xd = arc_quantize_activation(x, plan.perm.to(torch.int32), s, gs, dequantized=torch.bfloat16)
     assert torch.equal(codes_k, nvfp4.pack(c))                     # the residual of a -0 input: code 0
     assert torch.equal(bits(xd), bits(F.dequantize(c, sc, torch.tensor(1.0)).to(torch.bfloat16)))
+
+
+def _kernel_bodies(src: str) -> dict:
+    """name -> text of each __global__ / __device__ function defined in CUDA source `src`, from its
+    signature to the closing brace of its body (braces counted)."""
+    out = {}
+    for m in re.finditer(r"(?:__global__|__device__)[^;{]*?\b(\w+)\s*\((?:[^(){}]|\([^()]*\))*\)\s*\{", src):
+        depth, i = 1, m.end()
+        while depth:
+            depth += {"{": 1, "}": -1}.get(src[i], 0)
+            i += 1
+        out.setdefault(m.group(1), "")
+        out[m.group(1)] += src[m.start():i]
+    return out
+
+
+def test_every_kernel_launched_with_pdl_waits_before_touching_memory():
+    """Programmatic dependent launch (kernels/pdl.py) lets a kernel start while the one before it
+    still writes: every kernel launched through arc::launch (every __global__ not launched with
+    <<<>>>) must begin with arc::pdl_enter() - in its body or the body it calls first - and every
+    Triton kernel taking PDL with the launch-dependents and wait calls, before any load, or it
+    reads stale values on a Hopper GPU (a permutation read before the wait did, v39)."""
+    from arcquant.kernels.cuda_gemv import HEADER, SRCS
+    src = "\n".join(f.read_text() for f in [HEADER, *SRCS])
+    bodies = _kernel_bodies(src)
+    plain = set(re.findall(r"(\w+)(?:<[^<>;]*>)?<<<", src))                # launched without the attribute
+    launched = {k for k, b in bodies.items() if "__global__" in b and k not in plain}
+    assert {"arc_gemv_kernel", "arc_act_kernel", "arc_rmsnorm_act_kernel", "arc_silu_mul_kernel",
+            "arc_silu_mul_act_kernel", "arc_gemm_mma_pipe_kernel", "arc_gemm_mma_kernel"} <= launched
+    first = lambda body: re.sub(r"//[^\n]*", "", body.split("{", 1)[1]).split(";")     # noqa: E731
+    for k in launched:
+        stmts = [t.strip() for t in first(bodies[k])]
+        if "arc::pdl_enter()" not in stmts:                              # a body in one call: mma_body
+            stmts = [t.strip() for t in first(bodies[re.match(r"(\w+)<", stmts[0]).group(1)])]
+        lead = [t for t in stmts[:stmts.index("arc::pdl_enter()")] if t]
+        assert all(t.startswith(("using ", "constexpr ")) for t in lead), (k, lead)
+    import inspect
+    from arcquant.kernels import act_quant, decode_attention, rmsnorm, rope_cache
+    seen = 0
+    for mod in (act_quant, decode_attention, rmsnorm, rope_cache):
+        for name, fn in vars(mod).items():
+            text = inspect.getsource(fn.fn) if hasattr(fn, "fn") else ""
+            if "PDL: tl.constexpr" in text:
+                body = text.split("PDL: tl.constexpr", 1)[1]
+                assert "tl.load" not in body[:body.index("gdc_wait()")], name
+                assert "gdc_launch_dependents()" in body, name
+                seen += 1
+    assert seen == 5
+
+
+def test_pdl_is_off_for_the_cpu_and_the_interpreter_and_switchable():
+    """PDL only where a Hopper-or-later GPU runs the kernels: the Triton launch arguments are
+    empty on the CPU (and under the interpreter), and set_pdl switches the setting (on, and the
+    most token rows a call may have) that a CUDA extension built later (or already) is given."""
+    from arcquant.kernels import pdl
+    assert pdl.triton_args(torch.device("cpu"), 1) == {}
+    before, rows = pdl.enabled(), pdl.max_rows()
+    try:
+        pdl.set_pdl(False)
+        assert not pdl.enabled() and pdl.max_rows() == rows
+        pdl.set_pdl(True, 4)
+        assert pdl.enabled() and pdl.max_rows() == 4
+        assert pdl.triton_args(torch.device("cpu"), 1) == {}
+        with pytest.raises(ValueError, match="max_rows=-1"):
+            pdl.set_pdl(True, -1)
+    finally:
+        pdl.set_pdl(before, rows)

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .fp4_jit import e2m1_decode, tail_to_main
+from .pdl import triton_args
 
 # Triton path, per-token scale: inside the kernel (every program re-reads its row) unless there
 # are many long rows; then one amax pass first (H200, M = 4096: K = 14336 470 -> 222 us, but
@@ -97,7 +98,11 @@ def _arc_act_quant_kernel(
     ROW_TILES: tl.constexpr, AMAX_TILE: tl.constexpr,         # cdiv(K, AMAX_TILE) tiles (with ROW_AMAX)
     BLOCK_PERM: tl.constexpr,                                 # perm_ptr holds (K/16,) block starts
     MMA_ORDER: tl.constexpr,                                  # xd's 8-column groups as 0,4,1,5,2,6,3,7
+    PDL: tl.constexpr = False,                                # launched with PDL (kernels/pdl.py)
 ):
+    if PDL:                                                       # kernels/pdl.py
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     m = tl.program_id(0)
     # this program's blocks are gathered first: their loads (and the block starts' before them) do not
     # wait for the row's amax pass, which a decode-sized call is latency-bound on
@@ -246,5 +251,5 @@ def arc_quantize_activation_gemv(x: torch.Tensor, perm: torch.Tensor, s: int, gs
                                 DEQUANTIZED=not int8, INT8=int8, ROW_AMAX=row_amax,
                                 ROW_TILES=triton.cdiv(k, tile) if row_amax else 1, AMAX_TILE=tile,
                                 BLOCK_PERM=starts is not None,
-                                MMA_ORDER=out == "mma")
+                                MMA_ORDER=out == "mma", **triton_args(x.device, m))
     return xq, scales.view(torch.float8_e4m3fn) if int8 else None, gs_buf

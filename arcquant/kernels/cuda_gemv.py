@@ -25,7 +25,11 @@ from pathlib import Path
 
 import torch
 
-SRCS = [Path(__file__).parent / "csrc" / f for f in ("arc_gemv.cu", "arc_act.cu", "arc_dequant.cu")]   # one extension
+from . import pdl
+
+CSRC = Path(__file__).parent / "csrc"
+SRCS = [CSRC / f for f in ("arc_gemv.cu", "arc_act.cu", "arc_dequant.cu")]   # one extension
+HEADER = CSRC / "arc_launch.cuh"    # included by the sources; its text goes in first so that a change rebuilds
 MAX_M, MMA_MAX_M, PIPE_MAX_M = 8, 64, 16
 DECL = ("void arc_gemv_dp4a(torch::Tensor xi, torch::Tensor xs, torch::Tensor xgs, torch::Tensor wc, "
         "torch::Tensor ws, torch::Tensor wgs, c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t s, "
@@ -45,11 +49,12 @@ DECL = ("void arc_gemv_dp4a(torch::Tensor xi, torch::Tensor xs, torch::Tensor xg
         "void arc_silu_mul_act(torch::Tensor g, torch::Tensor u, torch::Tensor xgs, torch::Tensor wgu, "
         "torch::Tensor starts, torch::Tensor gs, torch::Tensor gs_out, torch::Tensor xq, torch::Tensor scales, "
         "int64_t s, int64_t out);\n"
-        "void arc_silu_mul(torch::Tensor g, torch::Tensor u, torch::Tensor h);")
+        "void arc_silu_mul(torch::Tensor g, torch::Tensor u, torch::Tensor h);\n"
+        "void arc_set_pdl(int64_t on, int64_t max_rows);")
 
 
 FUNCTIONS = ["arc_gemv_dp4a", "arc_gemm_mma", "arc_gemm_mma_pipe", "arc_act_quant", "arc_dequant", "arc_scale_rows",
-             "arc_rmsnorm_act", "arc_silu_mul_act", "arc_silu_mul"]          # bound into Python; each declared in DECL
+             "arc_rmsnorm_act", "arc_silu_mul_act", "arc_silu_mul", "arc_set_pdl"]          # bound into Python; each declared in DECL
 
 
 # The pipelined MMA GEMV's settings in the default build, (token tiles: 1 for M <= 8 else 2, kw, st, xs):
@@ -84,10 +89,13 @@ def _extension(capability: tuple):
     old = os.environ.get("TORCH_CUDA_ARCH_LIST")
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
     try:
-        return load_inline(name="arcquant_gemv", cpp_sources=DECL, cuda_sources=[f.read_text() for f in SRCS],
+        ext = load_inline(name="arcquant_gemv", cpp_sources=DECL, cuda_sources=[f.read_text() for f in [HEADER, *SRCS]],
                            functions=FUNCTIONS,
                            extra_cuda_cflags=["-O3"] + (["-DARC_PIPE_ALL"] if sweep else []),
+                           extra_include_paths=[str(CSRC)],
                            build_directory=str(build))
+        pdl.register(ext, capability)
+        return ext
     finally:
         if old is None:
             os.environ.pop("TORCH_CUDA_ARCH_LIST")

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import triton_args
+
 MAX_T, BN = 16, 64
 TARGET_PROGRAMS = 264                     # ~2 per SM of an H100 / H200 (132 SMs)
 NUM_WARPS, MIN_SPLIT_BLOCKS = 4, 1        # results/decode-attention-tune-h200.json (H200): BN 64, 4 warps, 1
@@ -36,7 +38,10 @@ DTYPES = (torch.bfloat16, torch.float16)
 def _decode_attention_kernel(q, k, v, mask, nvalid, o, wacc, wml, scale, T, HQ, HKV, L, G,
                              sq_b, sq_h, sq_t, sm_b, sm_t,
                              D: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, PER: tl.constexpr,
-                             SPLIT: tl.constexpr, F32: tl.constexpr):
+                             SPLIT: tl.constexpr, F32: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:                                                       # kernels/pdl.py
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     bj = tl.program_id(0)                                  # b * HKV + key/value head j
     t = tl.program_id(1)                                   # new token
     sp = tl.program_id(2)                                  # key split: blocks sp*PER .. sp*PER + PER - 1
@@ -85,7 +90,10 @@ def _decode_attention_kernel(q, k, v, mask, nvalid, o, wacc, wml, scale, T, HQ, 
 
 
 @triton.jit
-def _combine_kernel(wacc, wml, o, R, S, D: tl.constexpr, SP: tl.constexpr):
+def _combine_kernel(wacc, wml, o, R, S, D: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:                                                       # kernels/pdl.py
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     r = tl.program_id(0)                                   # output row (b, t, query head)
     sidx = tl.arange(0, SP)
     d = tl.arange(0, D)
@@ -145,9 +153,10 @@ def decode_attention(q, k, v, mask, scale: float, nvalid=None) -> torch.Tensor:
         q, k, v, m, nvalid, o, wacc, wml, float(scale), t, hq, hkv, L, g,
         q.stride(0), q.stride(1), q.stride(2), m.stride(0), m.stride(2),
         D=d, GP=max(16, triton.next_power_of_2(g)), BN=BN, PER=triton.cdiv(triton.cdiv(L, BN), s), SPLIT=s > 1,
-        F32=os.environ.get("TRITON_INTERPRET") == "1", num_warps=NUM_WARPS)
+        F32=os.environ.get("TRITON_INTERPRET") == "1", num_warps=NUM_WARPS, **triton_args(q.device, b * t))
     if s > 1:
-        _combine_kernel[(b * t * hq,)](wacc, wml, o, b * t * hq, s, D=d, SP=triton.next_power_of_2(s))
+        _combine_kernel[(b * t * hq,)](wacc, wml, o, b * t * hq, s, D=d, SP=triton.next_power_of_2(s),
+                                       **triton_args(q.device, b * t))
     return o
 
 

@@ -13,13 +13,17 @@ import triton
 import triton.language as tl
 
 from .fp4_jit import round_to
+from .pdl import triton_args
 from .rope_cache import DTYPES
 
 MAX_N = 16384
 
 
 @triton.jit
-def _rmsnorm_kernel(x, w, y, N, sx, sy, eps, BLOCK: tl.constexpr):
+def _rmsnorm_kernel(x, w, y, N, sx, sy, eps, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:                                                       # kernels/pdl.py
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0)
     i = tl.arange(0, BLOCK)
     m = i < N
@@ -52,7 +56,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     if x2.shape[0]:
         _rmsnorm_kernel[(x2.shape[0],)](x2, weight, y, n, x2.stride(0), y.stride(0), float(eps),
-                                        BLOCK=triton.next_power_of_2(n))
+                                        BLOCK=triton.next_power_of_2(n), **triton_args(x.device, x2.shape[0]))
     return y.view(x.shape)
 
 

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .fp4_jit import round_to
+from .pdl import triton_args
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -45,7 +46,10 @@ def _rotate_store(src, dst, c_lo, c_hi, s_lo, s_hi, i, m, HALF: tl.constexpr):
 @triton.jit
 def _rope_cache_kernel(q, k, v, cos, sin, qo, kc, vc, start,
                        T, HQ, HKV, L, sq_b, sq_t, sk_b, sk_t, sv_b, sv_t, sc_b, sc_t,
-                       HALF: tl.constexpr, BLOCK: tl.constexpr):
+                       HALF: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:                                                       # kernels/pdl.py
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     bt = tl.program_id(0)                              # token: b * T + t
     h = tl.program_id(1)                               # head: < HQ a query head, else key/value head h - HQ
     b = bt // T
@@ -108,7 +112,7 @@ def rope_cache(q, k, v, cos, sin, k_cache, v_cache, start) -> torch.Tensor:
     _rope_cache_kernel[(b * t, hq + hkv)](
         q, k, v, cos, sin, qo, k_cache, v_cache, start, t, hq, hkv, L,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), cos.stride(1),
-        HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2), enable_fp_fusion=False)
+        HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2), enable_fp_fusion=False, **triton_args(q.device, b * t))
     return qo.transpose(1, 2)
 
 

@@ -26,6 +26,7 @@
 #include <cuda_bf16.h>
 #include <algorithm>
 #include <type_traits>
+#include "arc_launch.cuh"
 
 namespace {
 
@@ -175,6 +176,10 @@ __device__ float row_amax(const T* row, int K) {                   // whole CTA;
   return a;
 }
 
+// The CTA's sum (or max) of a: a butterfly within each warp, the warps' values through shared
+// memory, then a butterfly over them in every warp (each lane adds the same two values at each
+// level, so every thread ends with the same bits; v39 - the warps' values summed one after another
+// were a 16-load dependent chain at 512 threads).
 __device__ __forceinline__ float block_reduce(float a, bool is_max, float* red) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
@@ -183,8 +188,13 @@ __device__ __forceinline__ float block_reduce(float a, bool is_max, float* red) 
   }
   if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = a;
   __syncthreads();
-  a = 0.f;
-  for (int w = 0; w < (int)(blockDim.x >> 5); ++w) a = is_max ? fmaxf(a, red[w]) : __fadd_rn(a, red[w]);
+  const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;     // nw: 1 .. 32 warps
+  a = lane < nw ? red[lane] : 0.f;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float o = __shfl_xor_sync(0xffffffffu, a, off);
+    a = is_max ? fmaxf(a, o) : __fadd_rn(a, o);
+  }
   __syncthreads();                                              // red is reused
   return a;
 }
@@ -203,6 +213,7 @@ template <typename T, int OUT>
 __global__ void arc_act_kernel(const T* __restrict__ x, const int* __restrict__ starts, const float* __restrict__ gs_in,
                                int gs_mode, float* __restrict__ gs_out, void* __restrict__ xq,
                                uint8_t* __restrict__ scales, int K, int S) {
+  arc::pdl_enter();
   const int m = blockIdx.x, nblk = (K + S) / 16, kb = K / 16, sb = S / 16;
   const T* row = x + (size_t)m * K;
   const float gs = row_scale(gs_mode == 2 ? row_amax<T>(row, K) : 0.f, gs_mode, gs_in, gs_out, m);
@@ -231,6 +242,7 @@ __global__ void arc_rmsnorm_act_kernel(const T* __restrict__ x, const T* __restr
                                        const int* __restrict__ starts, const float* __restrict__ gs_in, int gs_mode,
                                        float* __restrict__ gs_out, T* __restrict__ y, void* __restrict__ xq,
                                        uint8_t* __restrict__ scales, int K, int S) {
+  arc::pdl_enter();
   extern __shared__ __align__(16) float ys[];                   // (K,) the row, then its normalized values
   __shared__ float red[32];
   const int m = blockIdx.x, nblk = (K + S) / 16, kb = K / 16, sb = S / 16;
@@ -253,10 +265,10 @@ __global__ void arc_rmsnorm_act_kernel(const T* __restrict__ x, const T* __restr
       if (i >= K / 8) break;
       unpack8<T>(v[t], f);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        ys[8 * i + j] = f[j];
-        ss = __fadd_rn(ss, __fmul_rn(f[j], f[j]));
-      }
+      for (int j = 0; j < 8; ++j) ss = __fadd_rn(ss, __fmul_rn(f[j], f[j]));
+      float4* yv = reinterpret_cast<float4*>(ys + 8 * i);         // 16-byte stores: no bank conflicts
+      yv[0] = make_float4(f[0], f[1], f[2], f[3]);
+      yv[1] = make_float4(f[4], f[5], f[6], f[7]);
     }
   }
   ss = block_reduce(ss, false, red);
@@ -279,13 +291,18 @@ __global__ void arc_rmsnorm_act_kernel(const T* __restrict__ x, const T* __restr
       unpack8<T>(wv[t], f);
       uint4 o;
       T* h = reinterpret_cast<T*>(&o);
+      float4* yv = reinterpret_cast<float4*>(ys + 8 * i);
+      const float4 r0 = yv[0], r1 = yv[1];
+      float xv[8] = {r0.x, r0.y, r0.z, r0.w, r1.x, r1.y, r1.z, r1.w}, yf[8];
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        const float n = act_to_f<T>(act_from_f<T>(__fmul_rn(ys[8 * i + j], rstd)));
+        const float n = act_to_f<T>(act_from_f<T>(__fmul_rn(xv[j], rstd)));
         h[j] = act_from_f<T>(__fmul_rn(f[j], n));
-        ys[8 * i + j] = act_to_f<T>(h[j]);
-        amax = fmaxf(amax, fabsf(ys[8 * i + j]));
+        yf[j] = act_to_f<T>(h[j]);
+        amax = fmaxf(amax, fabsf(yf[j]));
       }
+      yv[0] = make_float4(yf[0], yf[1], yf[2], yf[3]);
+      yv[1] = make_float4(yf[4], yf[5], yf[6], yf[7]);
       if (i >= y_lo && i < y_hi) reinterpret_cast<uint4*>(y + (size_t)m * K)[i] = o;
     }
   }
@@ -328,6 +345,7 @@ __global__ void ARC_SILU_BOUNDS arc_silu_mul_act_kernel(const T* __restrict__ g,
                                         int xgs_per_row, size_t ld, const int* __restrict__ starts,
                                         const float* __restrict__ gs_in, int gs_mode, float* __restrict__ gs_out,
                                         void* __restrict__ xq, uint8_t* __restrict__ scales, int K, int S) {
+  arc::pdl_enter();
   extern __shared__ __align__(16) unsigned char hbuf[];          // (K,) T: the row of h
   T* hs = reinterpret_cast<T*>(hbuf);
   __shared__ float red[32];
@@ -383,6 +401,7 @@ __global__ void ARC_SILU_BOUNDS arc_silu_mul_act_kernel(const T* __restrict__ g,
 template <typename T>
 __global__ void arc_silu_mul_kernel(const T* __restrict__ g, const T* __restrict__ u, T* __restrict__ h,
                                     size_t ld, unsigned k8, unsigned total8) {
+  arc::pdl_enter();
   const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= total8) return;
   const unsigned r = idx / k8, c8 = idx - r * k8;
@@ -411,11 +430,9 @@ void launch_act(const torch::Tensor& x, const torch::Tensor& starts, const float
   const T* xp = reinterpret_cast<const T*>(x.data_ptr());
   const int* st = starts.data_ptr<int>();
   void* q = xq.data_ptr();
-  if (out == 0) arc_act_kernel<T, 0><<<grid, block, 0, stream>>>(xp, st, gs_in, gs_mode, gs_out, q, scales, k, s);
-  else if (out == 1) arc_act_kernel<T, 1><<<grid, block, 0, stream>>>(xp, st, gs_in, gs_mode, gs_out, q, scales, k, s);
-  else if (out == 2) arc_act_kernel<T, 2><<<grid, block, 0, stream>>>(xp, st, gs_in, gs_mode, gs_out, q, scales, k, s);
-  else arc_act_kernel<T, 3><<<grid, block, 0, stream>>>(xp, st, gs_in, gs_mode, gs_out, q, scales, k, s);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto kernel = out == 0 ? arc_act_kernel<T, 0> : out == 1 ? arc_act_kernel<T, 1>
+               : out == 2 ? arc_act_kernel<T, 2> : arc_act_kernel<T, 3>;
+  arc::launch(kernel, m, grid, block, 0, stream, xp, st, gs_in, gs_mode, gs_out, q, scales, k, s);
 }
 
 }  // namespace
@@ -495,7 +512,7 @@ void arc_rmsnorm_act(torch::Tensor x, torch::Tensor w, double eps, torch::Tensor
   const size_t smem = (size_t)k * sizeof(float);
   auto stream = at::cuda::getCurrentCUDAStream();
   void* q = xq.data_ptr();
-#define ARC_NORM_LAUNCH(T, O) arc_rmsnorm_act_kernel<T, O><<<grid, threads, smem, stream>>>( \
+#define ARC_NORM_LAUNCH(T, O) arc::launch(arc_rmsnorm_act_kernel<T, O>, m, grid, dim3(threads), smem, stream, \
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(w.data_ptr()), (float)eps, \
       starts.data_ptr<int>(), io.gp, io.gs_mode, io.go, reinterpret_cast<T*>(y.data_ptr()), q, io.sp, (int)k, (int)s)
   if (x.scalar_type() == at::kBFloat16) {
@@ -506,7 +523,6 @@ void arc_rmsnorm_act(torch::Tensor x, torch::Tensor w, double eps, torch::Tensor
     else if (out == 2) ARC_NORM_LAUNCH(__half, 2); else ARC_NORM_LAUNCH(__half, 3);
   }
 #undef ARC_NORM_LAUNCH
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // SiLU(gate) * up + quantization: gate, up (M, K) of one dtype with one row stride, xgs (0 values:
@@ -537,8 +553,8 @@ void arc_silu_mul_act(torch::Tensor g, torch::Tensor u, torch::Tensor xgs, torch
   const size_t smem = (size_t)k * 2;
   auto stream = at::cuda::getCurrentCUDAStream();
   void* q = xq.data_ptr();
-#define ARC_SILU_LAUNCH(T, O) arc_silu_mul_act_kernel<T, O><<<(unsigned)m, threads, smem, stream>>>( \
-      reinterpret_cast<const T*>(g.data_ptr()), reinterpret_cast<const T*>(u.data_ptr()), xp, wp, per_row, ld, \
+#define ARC_SILU_LAUNCH(T, O) arc::launch(arc_silu_mul_act_kernel<T, O>, m, dim3((unsigned)m), dim3(threads), smem, \
+      stream, reinterpret_cast<const T*>(g.data_ptr()), reinterpret_cast<const T*>(u.data_ptr()), xp, wp, per_row, ld, \
       starts.data_ptr<int>(), io.gp, io.gs_mode, io.go, q, io.sp, (int)k, (int)s)
   if (g.scalar_type() == at::kBFloat16) {
     if (out == 0) ARC_SILU_LAUNCH(__nv_bfloat16, 0); else if (out == 1) ARC_SILU_LAUNCH(__nv_bfloat16, 1);
@@ -548,7 +564,6 @@ void arc_silu_mul_act(torch::Tensor g, torch::Tensor u, torch::Tensor xgs, torch
     else if (out == 2) ARC_SILU_LAUNCH(__half, 2); else ARC_SILU_LAUNCH(__half, 3);
   }
 #undef ARC_SILU_LAUNCH
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // h (M, K) contiguous = SiLU(g) * u; g, u (M, K) of one dtype and one row stride (16-byte rows).
@@ -568,12 +583,13 @@ void arc_silu_mul(torch::Tensor g, torch::Tensor u, torch::Tensor h) {
   const unsigned blocks = (unsigned)((total8 + 255) / 256);
   auto stream = at::cuda::getCurrentCUDAStream();
   if (g.scalar_type() == at::kBFloat16)
-    arc_silu_mul_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(reinterpret_cast<const __nv_bfloat16*>(g.data_ptr()),
+    arc::launch(arc_silu_mul_kernel<__nv_bfloat16>, m, dim3(blocks), dim3(256), 0, stream,
+        reinterpret_cast<const __nv_bfloat16*>(g.data_ptr()),
         reinterpret_cast<const __nv_bfloat16*>(u.data_ptr()), reinterpret_cast<__nv_bfloat16*>(h.data_ptr()), (size_t)ld,
         (unsigned)(k / 8), (unsigned)total8);
   else
-    arc_silu_mul_kernel<__half><<<blocks, 256, 0, stream>>>(reinterpret_cast<const __half*>(g.data_ptr()),
+    arc::launch(arc_silu_mul_kernel<__half>, m, dim3(blocks), dim3(256), 0, stream,
+        reinterpret_cast<const __half*>(g.data_ptr()),
         reinterpret_cast<const __half*>(u.data_ptr()), reinterpret_cast<__half*>(h.data_ptr()), (size_t)ld,
         (unsigned)(k / 8), (unsigned)total8);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

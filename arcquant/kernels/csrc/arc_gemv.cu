@@ -25,6 +25,7 @@
 #include <cuda_fp8.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include "arc_launch.cuh"
 
 namespace {
 
@@ -198,6 +199,7 @@ __global__ void arc_gemv_kernel(const int8_t* __restrict__ xi, const uint8_t* __
                                 const uint8_t* __restrict__ wc, const uint8_t* __restrict__ ws,
                                 const float* __restrict__ wgs, int wgs_per_row, const float* __restrict__ bias,
                                 void* __restrict__ y, int out_kind, int mrows, int N, int K, int S) {
+  arc::pdl_enter();
   const int lane = threadIdx.x, warp = threadIdx.y, kw = blockDim.y;
   const int n0 = blockIdx.x * NR;
   const int ka = K + S, chunks = K / 32, tb0 = (K - S) / 16;     // 32 codes = 2 blocks per lane step
@@ -306,11 +308,10 @@ void launch(const torch::Tensor& xi, const torch::Tensor& xs, const torch::Tenso
   const int n = wc.size(0), k = wc.size(1) * 2, mrows = xi.size(0);
   dim3 grid((n + NR - 1) / NR), block(32, kw);
   const size_t smem = sizeof(float) * kw * NR * M;
-  arc_gemv_kernel<M, NR, U><<<grid, block, smem, at::cuda::getCurrentCUDAStream()>>>(
-      xi.data_ptr<int8_t>(), xs.data_ptr<uint8_t>(), xgs.data_ptr<float>(), xgs.numel() > 1 ? 1 : 0,
-      wc.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), wgs.data_ptr<float>(), wgs.numel() > 1 ? 1 : 0, bias, y.data_ptr(), out_kind,
-      mrows, n, k, s);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  arc::launch(arc_gemv_kernel<M, NR, U>, mrows, grid, block, smem, at::cuda::getCurrentCUDAStream(),
+              xi.data_ptr<int8_t>(), xs.data_ptr<uint8_t>(), xgs.data_ptr<float>(), xgs.numel() > 1 ? 1 : 0,
+              wc.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), wgs.data_ptr<float>(), wgs.numel() > 1 ? 1 : 0, bias,
+              y.data_ptr(), out_kind, mrows, n, k, s);
 }
 
 template <int M, int U>
@@ -493,6 +494,7 @@ __device__ __forceinline__ void mma_body(const __half* __restrict__ xd, const fl
                                          const uint8_t* __restrict__ wc, const uint8_t* __restrict__ ws,
                                          const float* __restrict__ wgs, int wgs_per_row, const float* __restrict__ bias,
                                          void* __restrict__ y, int out_kind, int mrows, int N, int K, int S) {
+  arc::pdl_enter();
   const int lane = threadIdx.x, warp = threadIdx.y, kw = blockDim.y;
   const int g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * 16;
@@ -556,11 +558,10 @@ void launch_mma(const torch::Tensor& xd, const torch::Tensor& xgs, const torch::
   dim3 grid((n + 15) / 16), block(32, kw);
   const size_t smem = sizeof(float) * kw * MT * 4 * 32;
   auto kernel = occ ? arc_gemm_mma_bounded<MT> : arc_gemm_mma_kernel<MT>;
-  kernel<<<grid, block, smem, at::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const __half*>(xd.data_ptr<at::Half>()), xgs.data_ptr<float>(), xgs.numel() > 1 ? 1 : 0,
-      wc.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), wgs.data_ptr<float>(), wgs.numel() > 1 ? 1 : 0, bias, y.data_ptr(), out_kind, mrows, n,
-      k, s);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  arc::launch(kernel, mrows, grid, block, smem, at::cuda::getCurrentCUDAStream(),
+              reinterpret_cast<const __half*>(xd.data_ptr<at::Half>()), xgs.data_ptr<float>(), xgs.numel() > 1 ? 1 : 0,
+              wc.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), wgs.data_ptr<float>(), wgs.numel() > 1 ? 1 : 0, bias,
+              y.data_ptr(), out_kind, mrows, n, k, s);
 }
 
 
@@ -619,6 +620,7 @@ template <int MT, int KW, int ST, bool XS>
 __global__ void __launch_bounds__(32 * KW) arc_gemm_mma_pipe_kernel(MMA_PARAMS) {
   using G = PipeGeom<KW>;
   constexpr int SB = G::SB;
+  arc::pdl_enter();
   extern __shared__ __align__(16) uint8_t smem[];
   const int lane = threadIdx.x, warp = threadIdx.y, tid = warp * 32 + lane;
   const int g = lane >> 2, t = lane & 3, n0 = blockIdx.x * 16;
@@ -721,11 +723,10 @@ void launch_pipe(const torch::Tensor& xd, const torch::Tensor& xgs, const torch:
                                        sizeof(float) * KW * MT * 4 * 32);
   auto kernel = arc_gemm_mma_pipe_kernel<MT, KW, ST, XS>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-  kernel<<<dim3((n + 15) / 16), dim3(32, KW), smem, at::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const __half*>(xd.data_ptr<at::Half>()), xgs.data_ptr<float>(), xgs.numel() > 1 ? 1 : 0,
-      wc.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), wgs.data_ptr<float>(), wgs.numel() > 1 ? 1 : 0, bias,
-      y.data_ptr(), out_kind, mrows, n, k, s);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  arc::launch(kernel, mrows, dim3((n + 15) / 16), dim3(32, KW), smem, at::cuda::getCurrentCUDAStream(),
+              reinterpret_cast<const __half*>(xd.data_ptr<at::Half>()), xgs.data_ptr<float>(), xgs.numel() > 1 ? 1 : 0,
+              wc.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), wgs.data_ptr<float>(), wgs.numel() > 1 ? 1 : 0, bias,
+              y.data_ptr(), out_kind, mrows, n, k, s);
 }
 
 template <int MT, int KW, int ST>
@@ -855,4 +856,12 @@ void arc_gemm_mma_pipe(torch::Tensor xd, torch::Tensor xgs, torch::Tensor wc, to
       TORCH_CHECK(false, "pipelined setting ", key, " (tiles kw st xs) not built: ARCQUANT_EXT_SWEEP=1 builds all");
   }
 #endif
+}
+
+// Programmatic dependent launch for the decode kernels launched after this call (arc_launch.cuh):
+// on or off (sm_90+ only: kernels/pdl.py decides), for calls of at most max_rows token rows.
+void arc_set_pdl(int64_t on, int64_t max_rows) {
+  TORCH_CHECK(max_rows >= 0, "max_rows >= 0, got ", max_rows);
+  arc::pdl_flag() = on != 0;
+  arc::pdl_max_rows() = max_rows;
 }

@@ -1,0 +1,65 @@
+"""Programmatic dependent launch (PDL) for the decode kernels, on Hopper (sm_90) and later.
+
+A decode step runs ~15 kernels a layer, most of them microseconds long; with PDL each may start
+while the kernel before it still runs, at a wait instruction (its first) that returns once every
+earlier kernel has finished and its writes are visible (csrc/arc_launch.cuh; Triton's gdc_wait):
+the launch and the CTAs' placement overlap the kernel before, nothing else does. The arithmetic
+is the same either way, so the outputs are the same bits (checked on the GPU: scripts/bench_e2e.py's
+PDL A/B, `pdl_logits_max_abs_diff`).
+
+Only for calls of at most MAX_ROWS token rows (batch 1 - 2 decode, the integer GEMVs' steps): on
+an H200 it made batch-1 decode 5.6 - 6.1 % faster (Llama-3.1-8B / Qwen2.5-7B shapes) but batch 8
+(tensor-core GEMVs) 1.5 % and 8 % slower (results/e2e-v39-h200.md, e2e-qwen-v39-h200.md).
+On by default where the GPU has it (compute capability >= 9.0, not the Triton interpreter);
+ARCQUANT_PDL=0 turns it off, set_pdl() switches it at run time (a CUDA graph keeps the setting it
+was captured with).
+"""
+import functools
+import os
+
+import torch
+
+MAX_ROWS = 2
+_STATE = {"on": os.environ.get("ARCQUANT_PDL", "1") != "0", "max_rows": MAX_ROWS}
+_EXTENSIONS = []                           # the CUDA extensions built so far (cuda_gemv registers them)
+
+
+def enabled() -> bool:
+    """The current setting (it takes effect where the device supports PDL)."""
+    return _STATE["on"]
+
+
+def set_pdl(on: bool, max_rows: int | None = None) -> None:
+    """Switch PDL for the kernels launched from now on (max_rows: for calls of at most that many
+    token rows; None keeps the current limit)."""
+    if max_rows is not None and max_rows < 0:
+        raise ValueError(f"max_rows={max_rows}: give a number of token rows >= 0")
+    _STATE["on"] = bool(on)
+    _STATE["max_rows"] = _STATE["max_rows"] if max_rows is None else int(max_rows)
+    for ext in _EXTENSIONS:
+        ext.arc_set_pdl(int(_STATE["on"]), _STATE["max_rows"])
+
+
+def max_rows() -> int:
+    return _STATE["max_rows"]
+
+
+def register(ext, capability: tuple) -> None:
+    """A freshly built CUDA extension for a device of `capability` takes the setting (sm_90 on)."""
+    if capability >= (9, 0):
+        _EXTENSIONS.append(ext)
+        ext.arc_set_pdl(int(_STATE["on"]), _STATE["max_rows"])
+
+
+@functools.cache
+def _device_has_pdl(device: torch.device) -> bool:
+    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1" and \
+        torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def triton_args(device: torch.device, rows: int) -> dict:
+    """The launch arguments that give a Triton kernel with a PDL constexpr its PDL launch on
+    `device` for a call of `rows` token rows ({} where the device has none, PDL is off or the call
+    has more rows than max_rows(): the kernel's PDL stays False)."""
+    on = _STATE["on"] and rows <= _STATE["max_rows"] and _device_has_pdl(device)
+    return {"PDL": True, "launch_pdl": True} if on else {}
