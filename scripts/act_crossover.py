@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_hopper_paths import run_header  # noqa: E402
+from bench_hopper_paths import run_header, tail_width  # noqa: E402
 from bench_layers import timed  # noqa: E402
 
 from arcquant.kernels import act_quant  # noqa: E402
@@ -32,7 +32,7 @@ def main():
     print(json.dumps(head), flush=True)
     rows = []
     for k in (4096, 14336, 18944):
-        s = round(0.0625 * k / 64) * 64
+        s = tail_width(k)
         perm = ((torch.randperm(k // 16, device=dev)[:, None] * 16 + torch.arange(16, device=dev)).flatten()
                 .to(torch.int32))
         starts = act_quant.block_starts(perm)

@@ -13,17 +13,22 @@ fallbacks; the per-layer benchmark of the kernels the model runs is scripts/benc
 """
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 import triton
 from triton.testing import do_bench
 
-from arcquant import arc
-from arcquant.formats import get_format, nvfp4
-from arcquant.kernels.act_quant import arc_quantize_activation, block_starts
-from arcquant.kernels.decode import arc_gemv
-from arcquant.kernels.prefill import arc_matmul_prefill
-from arcquant.kernels.arc_gemm import arc_gemm
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_hopper_paths import tail_width  # noqa: E402
+
+from arcquant import arc  # noqa: E402
+from arcquant.formats import get_format, nvfp4  # noqa: E402
+from arcquant.kernels.act_quant import arc_quantize_activation, block_starts  # noqa: E402
+from arcquant.kernels.decode import arc_gemv  # noqa: E402
+from arcquant.kernels.prefill import arc_matmul_prefill  # noqa: E402
+from arcquant.kernels.arc_gemm import arc_gemm  # noqa: E402
 
 F = get_format("nvfp4")
 SHAPES = {"llama-3.1-8b": [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)],
@@ -111,7 +116,7 @@ def exactness(dev):
 
 
 def bench_shape(name, k, n, m, dev, copies=4):
-    s = max(64, round(0.0625 * k / 64) * 64)
+    s = tail_width(k)
     plan = plan_for(k, s, dev)
     perm = plan.perm.to(torch.int32).to(dev)
     ws = []

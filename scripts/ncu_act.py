@@ -10,16 +10,22 @@ depths 4096 (q/k/v, o, gate/up) and 14336 (down), s = 6.25 % of K, a random whol
         python3 scripts/ncu_act.py > results/ncu-act-h200.txt
 Per element: smsp__inst_executed.sum (warp instructions) x 32 / (M x K).
 """
+import sys
+from pathlib import Path
+
 import torch
 
-from arcquant.kernels.act_quant import block_starts
-from arcquant.kernels.cuda_act import arc_act_quant_cuda
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_hopper_paths import tail_width  # noqa: E402
+
+from arcquant.kernels.act_quant import block_starts  # noqa: E402
+from arcquant.kernels.cuda_act import arc_act_quant_cuda  # noqa: E402
 
 
 def main():
     dev, m = "cuda", 4096
     for k in (4096, 14336):
-        s = round(0.0625 * k / 64) * 64
+        s = tail_width(k)
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
         perm = (torch.randperm(k // 16, device=dev)[:, None] * 16 + torch.arange(16, device=dev)).flatten()
         starts = block_starts(perm.to(torch.int32))

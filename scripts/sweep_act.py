@@ -14,24 +14,29 @@ Triton kernel (same API), timed in the same run.
 import argparse
 import importlib
 import json
+import sys
+from pathlib import Path
 
 import torch
 import triton
 from triton.testing import do_bench
 
-from arcquant import arc
-from arcquant.formats import get_format
-from arcquant.formats import e2m1
-from arcquant.kernels import act_quant
-from arcquant.kernels.cuda_act import arc_act_quant_cuda
-from arcquant.kernels.cuda_gemv import from_mma_order
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_hopper_paths import tail_width  # noqa: E402
+
+from arcquant import arc  # noqa: E402
+from arcquant.formats import get_format  # noqa: E402
+from arcquant.formats import e2m1  # noqa: E402
+from arcquant.kernels import act_quant  # noqa: E402
+from arcquant.kernels.cuda_act import arc_act_quant_cuda  # noqa: E402
+from arcquant.kernels.cuda_gemv import from_mma_order  # noqa: E402
 
 F = get_format("nvfp4")
 DEPTHS = {"llama q/k/v, o, gate/up": 4096, "llama down": 14336, "qwen q/k/v, o, gate/up": 3584, "qwen down": 18944}
 
 
 def case(k, m, dev):
-    s = max(64, round(0.0625 * k / 64) * 64)
+    s = tail_width(k)
     xs = [torch.randn(m, k, device=dev, dtype=torch.bfloat16) for _ in range(4)]
     for x in xs:                                                       # a few outlier channels, as real inputs
         x[:, :8] *= 30
