@@ -232,7 +232,7 @@ def pdl_ab(model, label: str, batches, decode: int, repeats: int) -> dict:
     sm_90), it is off, or no batch is small enough."""
     from .kernels import pdl
     batches = [b for b in batches if b <= pdl.max_rows()]
-    if torch.cuda.get_device_capability() < (9, 0) or not pdl.enabled() or not batches:
+    if torch.cuda.get_device_capability() < pdl.MIN_CAPABILITY or not pdl.enabled() or not batches:
         return {}
     vocab, out = model.config.vocab_size, {}
     on = [greedy_logits(model, 32, vocab, batch=b)[0] for b in batches]

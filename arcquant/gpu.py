@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .formats import nvfp4
+from .kernels import pdl
 from .kernels.ops import current
 from .qlinear import QuantLinear
 from .stacking import SharedProduct
@@ -505,7 +506,7 @@ def use_kernels(model, enable: bool = True) -> dict:
     counts["stacked_groups"] = stacks["stacked"]
     mlps = fuse_mlps(model, enable and counts["cuda_gemv"] > 0)
     counts["fused_mlps"] = mlps["fused"]
-    counts["pdl"] = _pdl_note(model)
+    counts["pdl"] = pdl.describe(next((p.device for p in model.parameters()), torch.device("cpu")))
     log.info("arcquant backend: kernels for %d layers (decode GEMV in CUDA for %d%s), reference for %d %s; "
              "RMSNorm fused with the activation kernel for %d groups %s; %d groups stacked into one GEMV %s; "
              "prefill SiLU*up fused with down_proj's activation kernel in %d MLPs %s; %s",
@@ -514,13 +515,3 @@ def use_kernels(model, enable: bool = True) -> dict:
              stacks["stacked"], stacks["reasons"] or "", mlps["fused"], mlps["reasons"] or "", counts["pdl"])
     return counts
 
-
-def _pdl_note(model) -> str:
-    """Whether the decode kernels launch with programmatic dependent launch here, and why not."""
-    from .kernels import pdl
-    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-    if not pdl.enabled():
-        return "programmatic dependent launch off (ARCQUANT_PDL=0 or pdl.set_pdl(False))"
-    if dev.type != "cuda" or torch.cuda.get_device_capability(dev) < (9, 0):
-        return f"programmatic dependent launch off (needs a CUDA GPU of compute capability >= 9.0, model on {dev})"
-    return f"programmatic dependent launch for calls of up to {pdl.max_rows()} token rows"

@@ -20,6 +20,7 @@ import os
 import torch
 
 MAX_ROWS = 2
+MIN_CAPABILITY = (9, 0)                    # griddepcontrol: Hopper and later
 _STATE = {"on": os.environ.get("ARCQUANT_PDL", "1") != "0", "max_rows": MAX_ROWS}
 _EXTENSIONS = []                           # the CUDA extensions built so far (cuda_gemv registers them)
 
@@ -46,15 +47,29 @@ def max_rows() -> int:
 
 def register(ext, capability: tuple) -> None:
     """A freshly built CUDA extension for a device of `capability` takes the setting (sm_90 on)."""
-    if capability >= (9, 0):
+    if capability >= MIN_CAPABILITY:
         _EXTENSIONS.append(ext)
         ext.arc_set_pdl(int(_STATE["on"]), _STATE["max_rows"])
 
 
+def _capable(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
+
+
 @functools.cache
 def _device_has_pdl(device: torch.device) -> bool:
-    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1" and \
-        torch.cuda.get_device_capability(device) >= (9, 0)
+    return os.environ.get("TRITON_INTERPRET") != "1" and _capable(device)
+
+
+def describe(device: torch.device) -> str:
+    """Whether the decode kernels of a model on `device` launch with PDL, and why not (the backend
+    log line)."""
+    if not _STATE["on"]:
+        return "programmatic dependent launch off (ARCQUANT_PDL=0 or pdl.set_pdl(False))"
+    if not _capable(device):
+        return (f"programmatic dependent launch off (needs a CUDA GPU of compute capability >= "
+                f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}, model on {device})")
+    return f"programmatic dependent launch for calls of up to {_STATE['max_rows']} token rows"
 
 
 def triton_args(device: torch.device, rows: int) -> dict:
