@@ -252,6 +252,34 @@ def pdl_ab(model, label: str, batches, decode: int, repeats: int) -> dict:
     return out
 
 
+def residual_ab(model, label: str, batches, decode: int, prefill: int, repeats: int) -> dict:
+    """The same run's A/B of the residual-add fusion (engine_fusion.linear_residual): decode
+    tokens/s and the graph prefill again with the decoder layers' adds as separate kernels, and the
+    teacher-forced logits of 32 decode steps vs fused (ARC: 0, the GEMV epilogue adds as torch
+    does; BF16: cuBLAS addmm rounds once, so a logit may move)."""
+    from .engine_fusion import fuse_engine
+    vocab, out = model.config.vocab_size, {}
+    fused, fed = greedy_logits(model, 32, vocab)
+    try:
+        if not fuse_engine(model, True, residual=False)["attention"]:
+            return {}
+        for b in batches:
+            out[f"decode_tok_s_b{b}_no_residual"] = decode_tokens_per_s(model, b, decode, repeats, vocab)
+            gc.collect()
+            torch.cuda.empty_cache()
+        out[f"prefill_ms_{prefill}_graph_no_residual"], _, _ = prefill_ms(model, prefill, repeats, vocab, True)
+        out.update(logit_difference(greedy_logits(model, 32, vocab, tokens=fed)[0], fused, "no_residual"))
+        print(f"  {label}, residual fusion off: " + ", ".join(f"decode b{b} {out[f'decode_tok_s_b{b}_no_residual']:.1f}"
+                                                              for b in batches) +
+              f" tok/s, prefill {out[f'prefill_ms_{prefill}_graph_no_residual']:.1f} ms; teacher-forced logits vs "
+              f"fused: max |diff| {out['no_residual_logits_max_abs_diff']:.3g}", flush=True)
+    finally:
+        fuse_engine(model, True)
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
 def greedy_logits(model, steps: int, vocab: int, fusions: bool = True, tokens=None, graphs: bool = True,
                   batch: int = 1) -> tuple:
     """Logits of `steps` decode steps (CUDA graph) after a fixed 128-token prompt, each step fed
@@ -344,6 +372,7 @@ def run_bench(source, checkpoint, batches=(1, 8, 32), decode: int = 64, prefill:
     rows[-1]["backend"] = "cuBLAS (torch)"
     rows[-1].update(fusion_ab(model, "bf16", batches, decode, prefill, repeats))
     rows[-1].update(pdl_ab(model, "bf16", batches, decode, repeats))
+    rows[-1].update(residual_ab(model, "bf16", batches, decode, prefill, repeats))
     if bf16_stacked:
         from .stacking import stack_linears
         groups = stack_linears(model)
@@ -361,6 +390,7 @@ def run_bench(source, checkpoint, batches=(1, 8, 32), decode: int = 64, prefill:
     row.update(decode_repeat(model))
     row.update(fusion_ab(model, "arc", batches, decode, prefill, repeats))
     row.update(pdl_ab(model, "arc", batches, decode, repeats))
+    row.update(residual_ab(model, "arc", batches, decode, prefill, repeats))
     if counts["cuda_gemv"]:
         row.update(decode_pipeline_ab(model, batches, decode, repeats))
     if counts["fused_mlps"]:
@@ -438,6 +468,14 @@ def table(rows: list, batches, prefill: int) -> str:
             f"b{b} {off(r, b):.1f}" + ("" if r is old else f" ({off(r, b) / off(old, b):.2f}x)") for b in pdl_batches)
             + f", logits on vs off: max |diff| {r['pdl_logits_max_abs_diff']:.3g}" for r in rows]
         lines += ["", "Programmatic dependent launch off (kernels/pdl.py; tok/s): " + "; ".join(cells)]
+    if all(f"decode_tok_s_b{b}_no_residual" in r for r in rows for b in batches):   # the residual fusion's A/B
+        old = rows[0]
+        off = lambda r, b: r[f"decode_tok_s_b{b}_no_residual"]           # noqa: E731
+        cells = [f"{r['model']} " + ", ".join(
+            f"b{b} {off(r, b):.1f}" + ("" if r is old else f" ({off(r, b) / off(old, b):.2f}x)") for b in batches)
+            + f", prefill graph {r[f'prefill_ms_{prefill}_graph_no_residual']:.1f} ms, teacher-forced logits vs fused: "
+            f"max |diff| {r['no_residual_logits_max_abs_diff']:.3g}" for r in rows]
+        lines += ["", "Residual adds as separate kernels (engine_fusion.linear_residual off; tok/s): " + "; ".join(cells)]
     for r in rows:
         if "decode_repeat_logits_max_abs_diff" in r:
             lines += ["", f"{r['model']}: logits of 32 greedy decode steps from two fresh engines: max |diff| "

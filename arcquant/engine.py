@@ -9,7 +9,8 @@ per prompt shape (B, T), as a server bucketing prompt lengths would: that remove
 of a few hundred eager kernel launches, which a quantized model (several kernels per linear)
 pays more than a BF16 one. A capture that fails falls back to eager, with the reason logged.
 Both models get the same engine-level fusions (engine_fusion.py: the rotary with the cache
-write, decode attention over the cache, RMSNorm, one kernel each); fusions=False runs the eager
+write, decode attention over the cache, RMSNorm, one kernel each; the residual adds into the
+o_proj / down_proj products); fusions=False runs the eager
 modules, None leaves them as set.
 """
 import logging
@@ -48,8 +49,8 @@ def set_fusions(model, enable: bool) -> None:
     c = fuse_engine(model, enable)
     model._arcquant_fusions = enable
     log.info("engine fusions %s: rotary + KV-cache write and decode attention in %d attention modules, "
-             "RMSNorm kernel in %d norms%s",
-             "on" if enable else "off", c["attention"], c["norms"],
+             "RMSNorm kernel in %d norms, residual adds into o_proj / down_proj in %d decoder layers%s",
+             "on" if enable else "off", c["attention"], c["norms"], c["layers"],
              f"; attention classes left eager: {c['other_attention']}" if c["other_attention"] else "")
 
 

@@ -205,25 +205,35 @@ class KernelPath:
             value = quant(x)
         return m, out_dtype, value
 
-    def forward(self, q: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: QuantLinear, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """q(x), plus residual when given (checked by QuantLinear.forward): added in the CUDA GEMVs'
+        epilogue where the output dtype is x's, else by torch afterwards - the same bits."""
         m, out_dtype, value = self.operand(q, x)
         kind, xq, xs, gs = value
-        if self.group is not None and not torch.compiler.is_compiling():
+        stacked = self.group is not None and not torch.compiler.is_compiling()
+        fuse = residual is not None and kind in ("int8", "mma") and not stacked and out_dtype == x.dtype
+        if stacked:
             y = self.group.output(q, value, out_dtype)                         # q's columns (a view)
         else:
             y = self.product(kind, m, xq, xs, gs, self.weight, self.bias32, q.out_features, q.k_padded, out_dtype,
-                             self.bias16)
-        return y.to(x.dtype).reshape(*x.shape[:-1], q.out_features)
+                             self.bias16, residual.reshape(m, q.out_features).contiguous() if fuse else None)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], q.out_features)
+        return y if residual is None or fuse else residual + y
 
-    def product(self, kind, m, xq, xs, gs, w, bias, n, k, out_dtype, bias16=None):
+    def product(self, kind, m, xq, xs, gs, w, bias, n, k, out_dtype, bias16=None, residual=None):
         """The quantized operand times the packed weight w (N rows): one GEMV launch, or the
         prefill's dequantization, GEMM and epilogue. bias: fp32 (N,); bias16: the same in bf16,
-        which the prefill's epilogue adds (given: no conversion a call)."""
+        which the prefill's epilogue adds (given: no conversion a call). residual (M, N) of
+        out_dtype: added by the CUDA GEMVs' epilogue (kinds int8 / mma only)."""
         ops = self.run
         if kind == "int8":
-            return ops.gemv_int8(xq, xs, gs, *w, bias, self.s, out_dtype=out_dtype, **cuda_gemv_config(m, k, n))
+            return ops.gemv_int8(xq, xs, gs, *w, bias, self.s, out_dtype=out_dtype, **cuda_gemv_config(m, k, n),
+                                 residual=residual)
         if kind == "mma":
-            return ops.gemm_mma(xq, gs, *w, bias, self.s, out_dtype=out_dtype, **mma_config(m, n, k, _PIPELINED[0]))
+            return ops.gemm_mma(xq, gs, *w, bias, self.s, out_dtype=out_dtype, **mma_config(m, n, k, _PIPELINED[0]),
+                                residual=residual)
+        if residual is not None:
+            raise ValueError(f"the {kind} product takes no residual (the CUDA GEMVs do)")
         if m <= GEMV_MAX_M:
             return ops.gemv_triton(xq, gs, *w, bias, self.s, out_dtype=out_dtype, **gemv_config(m, k))
         return ops.prefill(xq, gs, *w, bias if bias16 is None else bias16, self.s, out_dtype=out_dtype)
@@ -320,7 +330,7 @@ GATED_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}      # down_proj
 SILU = {"SiLU", "SiLUActivation"}
 
 
-def fused_mlp_forward(mlp, x: torch.Tensor, wgu: torch.Tensor) -> torch.Tensor:
+def fused_mlp_forward(mlp, x: torch.Tensor, wgu: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """A gated MLP's forward whose prefill-sized calls (the cuBLAS path) hand gate and up's unscaled
     products to one kernel (ops.silu_mul_quantize_act) that applies their tensor scales, SiLU(gate)
     * up and down_proj's activation quantization: the two scale epilogues, the SiLU, the product
@@ -330,15 +340,17 @@ def fused_mlp_forward(mlp, x: torch.Tensor, wgu: torch.Tensor) -> torch.Tensor:
     may pick another kernel for the stacked N). At decode sizes gate and up run as before and
     SiLU(gate) * up is one kernel (ops.silu_mul: torch's bits, without torch's strided elementwise
     path for the stacked GEMV's column views); under torch.compile the unfused forward.
-    wgu: gate's and up's weight tensor scales, (2,) fp32 (fuse_mlps makes it once)."""
+    wgu: gate's and up's weight tensor scales, (2,) fp32 (fuse_mlps makes it once). residual (the
+    decoder layer's, engine_fusion.mlp_residual): residual + the output, added by down_proj's GEMV
+    at decode sizes (QuantLinear.forward), by torch at prefill sizes."""
     gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
     kg, ku, kd = gate.kernel, up.kernel, down.kernel
     m = x.numel() // x.shape[-1]
     if torch.compiler.is_compiling() or x.dtype != torch.bfloat16 or None in (kg, ku, kd):
-        return down(mlp.act_fn(gate(x)) * up(x))
+        return down(mlp.act_fn(gate(x)) * up(x), residual=residual)
     if m <= GEMV_MAX_M or kg.path(m) != "bfloat16":                     # decode: SiLU * up as one kernel
         g, u = gate(x), up(x)                                            # views of the stacked GEMV's output
-        return down(kd.run.silu_mul(g.reshape(m, -1), u.reshape(m, -1)).reshape(g.shape))
+        return down(kd.run.silu_mul(g.reshape(m, -1), u.reshape(m, -1)).reshape(g.shape), residual=residual)
     ops = kd.run
     _, _, (_, xq, _, xgs) = kg.operand(gate, x)                          # shared with up_proj
     group, inter = kg.group, gate.out_features
@@ -352,7 +364,8 @@ def fused_mlp_forward(mlp, x: torch.Tensor, wgu: torch.Tensor) -> torch.Tensor:
     hq, hs, hgs = ops.silu_mul_quantize_act(graw, uraw, xgs, wgu, kd.perm, kd.starts, kd.s, gs, "bfloat16")
     y = kd.product("bfloat16", m, hq, hs, hgs, kd.weight, kd.bias32, down.out_features, down.k_padded, torch.bfloat16,
                    kd.bias16)
-    return y.reshape(*x.shape[:-1], down.out_features)
+    y = y.reshape(*x.shape[:-1], down.out_features)
+    return y if residual is None else residual + y
 
 
 def _gate_up_scales(gate: QuantLinear, up: QuantLinear) -> torch.Tensor:

@@ -278,19 +278,25 @@ class QuantLinear(nn.Module):
         main = self.fmt.dequantize(*self.fmt.quantize(main, gs), gs)
         return torch.cat([main, fp8.fake_quantize_per_row(tail) if self.s else tail], 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., K) -> (..., N); with residual (..., N) of x's dtype: residual + that, as the decoder
+        layer adds it (the GEMVs add it in their epilogue: the same bits, one kernel fewer)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, this layer expects {self.in_features}")
+        if residual is not None and (residual.shape != (*x.shape[:-1], self.out_features) or residual.dtype != x.dtype):
+            raise ValueError(f"residual {residual.dtype} {tuple(residual.shape)} does not match this layer's output "
+                             f"{x.dtype} {(*x.shape[:-1], self.out_features)}")
         if self.kernel is not None:
             if x.device != self.weight_packed.device:
                 raise ValueError(f"input on {x.device}, this layer's weights on {self.weight_packed.device}")
-            return self.kernel.forward(self, x)
+            return self.kernel.forward(self, x, residual)
         flat = lambda t: self.quantize_input(t.reshape(-1, self.in_features))  # (M, K) -> (M, Kp+s)
         xq = self.shared.get(x, flat) if self.shared else flat(x)
         y = arc.augmented_matmul(xq, self.dequantized_weight())              # (M, N) float32
         if self.bias is not None:
             y = y + self.bias.to(torch.float32)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if residual is None else residual + y
 
 
 def _quantize_tail8(w_tail: torch.Tensor):

@@ -101,14 +101,15 @@ def test_cuda_kernel_plumbing_equals_reference(quantized, m, path):
         acts.append(args[-1])
         return OPS.quantize_act(*args)
 
-    def int8(xi, xs, gs, wc, ws, wgs, bias, s, out_dtype, nr, kw, u=1):
+    def int8(xi, xs, gs, wc, ws, wgs, bias, s, out_dtype, nr, kw, u=1, residual=None):
         calls.append("int8")
         e4m3 = lambda b: b.view(torch.float8_e4m3fn)          # scales cross the ops as their bits
-        return int8_gemv_reference(xi, e4m3(xs), gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype)
+        return epilogue(int8_gemv_reference(xi, e4m3(xs), gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype), residual)
 
-    def mma(xd, gs, wc, ws, wgs, bias, s, out_dtype, kw, occ):
+    def mma(xd, gs, wc, ws, wgs, bias, s, out_dtype, kw, occ, residual=None):
         calls.append("mma")
-        return fp16_gemm_reference(xd, gs, wc, ws.view(torch.float8_e4m3fn), wgs, s, bias).to(out_dtype)
+        return epilogue(fp16_gemm_reference(xd, gs, wc, ws.view(torch.float8_e4m3fn), wgs, s, bias).to(out_dtype),
+                        residual)
     fake_ops = SimpleNamespace(quantize_act=act, gemv_int8=int8, gemm_mma=mma)
     with torch.no_grad():
         refs = [p(x.float()) for p in projs]
@@ -128,6 +129,65 @@ def test_cuda_kernel_plumbing_equals_reference(quantized, m, path):
     for g, r in zip(got, refs):
         assert g.dtype == torch.bfloat16 and g.shape == r.shape
         assert ((g.float() - r).norm() / r.norm()) < 4e-3
+
+
+def epilogue(y, residual):
+    """The CUDA GEMVs' residual epilogue as the fakes here apply it: torch's add (the kernels'
+    bits against it: scripts/check_residual_epilogue.py on the GPU)."""
+    return y if residual is None else residual + y
+
+
+@pytest.mark.parametrize("m,path", [(1, "int8"), (11, "mma"), (40, "prefill")])
+def test_residual_goes_into_the_gemv_epilogue(quantized, m, path):
+    """QuantLinear(x, residual=r), as engine_fusion.linear_residual calls o_proj / down_proj: r +
+    the layer's output, bit for bit; on the CUDA GEMVs the residual is handed to the op (one kernel,
+    no add), at prefill sizes torch adds it afterwards, in a stacked group too; the reference
+    backend adds it; a residual of another shape or dtype is refused."""
+    from types import SimpleNamespace
+
+    from arcquant.gpu import stack_groups
+    from arcquant.kernels.cuda_gemv import fp16_gemm_reference, int8_gemv_reference
+    from arcquant.kernels.ops import OPS
+    attn = quantized.model.layers[2].self_attn
+    o, q = attn.o_proj, attn.q_proj
+    g = torch.Generator().manual_seed(m)
+    x = (torch.randn(1, m, o.in_features, generator=g) * 3).bfloat16()
+    r = (torch.randn(1, m, o.out_features, generator=g) * 2).bfloat16()
+    calls, e4m3 = [], lambda b: b.view(torch.float8_e4m3fn)
+
+    def int8(xi, xs, gs, wc, ws, wgs, bias, s, out_dtype, nr, kw, u=1, residual=None):
+        calls.append(("int8", residual is not None))
+        return epilogue(int8_gemv_reference(xi, e4m3(xs), gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype), residual)
+
+    def mma(xd, gs, wc, ws, wgs, bias, s, out_dtype, kw, occ, residual=None, **pipe):
+        calls.append(("mma", residual is not None))
+        return epilogue(fp16_gemm_reference(xd, gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype), residual)
+    fake_ops = SimpleNamespace(quantize_act=OPS.quantize_act, gemv_int8=int8, gemm_mma=mma,
+                               prefill=fast_prefill(calls, lambda wc: ("prefill", False)))
+    with torch.no_grad():
+        assert torch.equal(o(x, residual=r), r + o(x))                     # the reference backend
+        for p in (o, attn.q_proj, attn.k_proj, attn.v_proj):
+            p.kernel = KernelPath(p)
+            p.kernel.cuda_reason, p.kernel.int8_max_m, p.kernel.ops = None, 2, fake_ops
+        try:
+            plain = o(x)
+            calls.clear()
+            fused = o(x, residual=r)
+            assert calls == [(path, path != "prefill")]                     # the GEMVs take it into the op
+            assert fused.dtype == torch.bfloat16 and torch.equal(fused, r + plain)
+            rq = torch.randn(1, m, q.out_features, generator=g).bfloat16()
+            assert stack_groups(quantized)["stacked"] >= 1 and q.kernel.group is not None
+            calls.clear()
+            assert torch.equal(q(x[..., :q.in_features], residual=rq), rq + q(x[..., :q.in_features]))
+            assert calls[0][1] is False                                      # a group's launch: added after
+            with pytest.raises(ValueError, match=r"residual torch.float32 .* does not match .* torch.bfloat16"):
+                o(x, residual=r.float())
+            with pytest.raises(ValueError, match="does not match this layer's output"):
+                o(x, residual=r[..., :-1])
+        finally:
+            stack_groups(quantized, False)
+            for p in (o, attn.q_proj, attn.k_proj, attn.v_proj):
+                p.kernel = None
 
 
 @pytest.mark.parametrize("m,path", [(1, "int8"), (8, "mma"), (40, "prefill")])
@@ -150,7 +210,7 @@ def test_fused_rmsnorm_hands_its_operand_to_the_group(quantized, m, path):
     fake_ops = SimpleNamespace(
         quantize_act=lambda *a: calls.append("act") or OPS.quantize_act(*a),
         rmsnorm_quantize_act=lambda *a: calls.append("norm+act") or OPS.rmsnorm_quantize_act(*a),
-        gemv_int8=lambda xi, xs, gs, wc, ws, wgs, bias, s, out_dtype, nr, kw, u=1: calls.append("int8") or
+        gemv_int8=lambda xi, xs, gs, wc, ws, wgs, bias, s, out_dtype, nr, kw, u=1, residual=None: calls.append("int8") or
         int8_gemv_reference(xi, e4m3(xs), gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype),
         gemm_mma=lambda xd, gs, wc, ws, wgs, bias, s, out_dtype, kw, occ, **pipe: calls.append("mma") or
         fp16_gemm_reference(xd, gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype),
@@ -203,7 +263,9 @@ def test_fused_mlp_prefill_equals_the_unfused_layers(quantized, m, stack):
                                silu_mul_quantize_act=spy("silu_mul_quantize_act"), silu_mul=spy("silu_mul"),
                                prefill=fast_prefill(calls),
                                gemm_mma=lambda xd, gs, wc, ws, wgs, bias, s, out_dtype, kw, occ, **pipe:
-                               calls.append("mma") or fp16_gemm_reference(xd, gs, wc, ws.view(torch.float8_e4m3fn), wgs, s, bias).to(out_dtype))
+                               calls.append("mma") or epilogue(fp16_gemm_reference(
+                                   xd, gs, wc, ws.view(torch.float8_e4m3fn), wgs, s, bias).to(out_dtype),
+                                   pipe.get("residual")))
     projs = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     with torch.no_grad():
         for p in projs:
@@ -220,6 +282,9 @@ def test_fused_mlp_prefill_equals_the_unfused_layers(quantized, m, stack):
             assert "forward" in vars(mlp) and list(mlp.state_dict()) == keys        # checkpoints keep their keys
             del calls[:]
             got = mlp(x.clone())                                          # a new input: no cached operand
+            fused_calls = calls[:]
+            r = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).bfloat16()
+            with_residual = mlp(x.clone(), residual=r)                    # engine_fusion.mlp_residual's call
         finally:
             fuse_mlps(quantized, False)
             stack_groups(quantized, False)
@@ -229,11 +294,12 @@ def test_fused_mlp_prefill_equals_the_unfused_layers(quantized, m, stack):
     if m == 40:
         assert unfused_calls == ["quantize_act", "prefill", "prefill", "quantize_act", "prefill"]
         unscaled = ["prefill_unscaled"] * (1 if stack else 2)                  # stacked: one product for both
-        assert calls == ["quantize_act", *unscaled, "silu_mul_quantize_act", "prefill"]
+        assert fused_calls == ["quantize_act", *unscaled, "silu_mul_quantize_act", "prefill"]
     else:
         assert unfused_calls == ["quantize_act", "mma", "mma", "quantize_act", "mma"]
-        assert calls == ["quantize_act", "mma", "mma", "silu_mul", "quantize_act", "mma"]   # SiLU * up: one op
+        assert fused_calls == ["quantize_act", "mma", "mma", "silu_mul", "quantize_act", "mma"]   # SiLU * up: one op
     assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert torch.equal(with_residual, r + got)
 
 
 def test_mlp_fusion_refusals_name_the_reason(quantized):
@@ -294,7 +360,7 @@ def test_stacked_group_is_one_launch_with_the_same_outputs(quantized, m, path):
     calls, e4m3 = [], lambda b: b.view(torch.float8_e4m3fn)
     fake_ops = SimpleNamespace(
         quantize_act=OPS.quantize_act,
-        gemv_int8=lambda xi, xs, gs, wc, ws, wgs, bias, s, out_dtype, nr, kw, u=1: calls.append(wc.shape[0]) or
+        gemv_int8=lambda xi, xs, gs, wc, ws, wgs, bias, s, out_dtype, nr, kw, u=1, residual=None: calls.append(wc.shape[0]) or
         int8_gemv_reference(xi, e4m3(xs), gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype),
         gemm_mma=lambda xd, gs, wc, ws, wgs, bias, s, out_dtype, kw, occ, **pipe: calls.append(wc.shape[0]) or
         fp16_gemm_reference(xd, gs, wc, e4m3(ws), wgs, s, bias).to(out_dtype),

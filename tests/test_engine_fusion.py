@@ -148,8 +148,49 @@ def test_fused_attention_gives_the_eager_logits_bit_for_bit(fresh_smollm, monkey
     err = lambda x: (x - ref).abs().mean().item()
     assert err(both) < 1.25 * err(eager), (err(both), err(eager))
     counts = fuse_engine(model, False)
-    assert counts == {"attention": 30, "norms": 61, "other_attention": []}
-    assert "forward" not in model.model.layers[0].self_attn.__dict__
+    assert counts == {"attention": 30, "norms": 61, "layers": 30, "other_attention": []}
+    assert "forward" not in model.model.layers[0].self_attn.__dict__ and "forward" not in vars(model.model.layers[0])
+
+
+def test_residual_adds_go_into_the_projections(monkeypatch):
+    """engine_fusion._layer_forward: a decoder layer's two residual adds handed to o_proj and
+    down_proj (linear_residual) give the class forward's logits bit for bit where the add stays
+    torch's (CPU nn.Linear); with addmm (BF16_ADDMM: CUDA only, forced here) one rounding instead of
+    two, within an ulp of the add; residual=False leaves the class forward in place."""
+    from transformers import StaticCache
+
+    from arcquant import engine_fusion
+    from conftest import tiny_llama
+    model = tiny_llama(vocab=256).to(torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(5))
+
+    def logits():
+        cache = StaticCache(config=model.config, max_cache_len=8)
+        with torch.no_grad():
+            return model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+
+    with backend("triton"):
+        assert fuse_engine(model, True, norms=False, residual=False)["layers"] == 0
+        assert "forward" not in vars(model.model.layers[0])
+        plain = logits()
+        assert fuse_engine(model, True, norms=False)["layers"] == 2
+        calls = []
+        monkeypatch.setattr(engine_fusion, "linear_residual", lambda lin, x, r: calls.append(type(lin).__name__)
+                            or (r + lin(x) if r is not None else lin(x)))
+        spied = logits()
+        assert calls == ["Linear"] * 4                                  # o_proj and down_proj of both layers
+        monkeypatch.undo()
+        assert torch.equal(logits(), plain) and torch.equal(spied, plain)
+        fuse_engine(model, False)
+    lin, x = model.model.layers[0].mlp.down_proj, torch.randn(3, 5, model.config.intermediate_size).bfloat16()
+    r = torch.randn(3, 5, lin.out_features).bfloat16()
+    monkeypatch.setattr(engine_fusion, "_addmm_fits", lambda *a: True)
+    with torch.no_grad():
+        y = lin(x)
+        got, want = engine_fusion.linear_residual(lin, x, r), r + y
+    assert got.shape == want.shape and got.abs().sum() > 0
+    # r + bf16(y) rounds twice, addmm once: apart by at most an ulp of the larger term
+    assert ((got.float() - want.float()).abs() <= ULP[torch.bfloat16] * (r.float().abs() + y.float().abs())).all()
 
 
 def test_fused_attention_takes_batch_one_rotary_tables_and_falls_back_without_a_static_cache():

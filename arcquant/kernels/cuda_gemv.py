@@ -32,12 +32,15 @@ SRCS = [CSRC / f for f in ("arc_gemv.cu", "arc_act.cu", "arc_dequant.cu")]   # o
 HEADER = CSRC / "arc_launch.cuh"    # included by the sources; its text goes in first so that a change rebuilds
 MAX_M, MMA_MAX_M, PIPE_MAX_M = 8, 64, 16
 DECL = ("void arc_gemv_dp4a(torch::Tensor xi, torch::Tensor xs, torch::Tensor xgs, torch::Tensor wc, "
-        "torch::Tensor ws, torch::Tensor wgs, c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t s, "
+        "torch::Tensor ws, torch::Tensor wgs, c10::optional<torch::Tensor> bias, "
+        "c10::optional<torch::Tensor> residual, torch::Tensor y, int64_t s, "
         "int64_t nr, int64_t kw, int64_t u);\n"
         "void arc_gemm_mma(torch::Tensor xd, torch::Tensor xgs, torch::Tensor wc, torch::Tensor ws, "
-        "torch::Tensor wgs, c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t s, int64_t kw, int64_t occ);\n"
+        "torch::Tensor wgs, c10::optional<torch::Tensor> bias, "
+        "c10::optional<torch::Tensor> residual, torch::Tensor y, int64_t s, int64_t kw, int64_t occ);\n"
         "void arc_gemm_mma_pipe(torch::Tensor xd, torch::Tensor xgs, torch::Tensor wc, torch::Tensor ws, "
-        "torch::Tensor wgs, c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t s, int64_t kw, int64_t st, "
+        "torch::Tensor wgs, c10::optional<torch::Tensor> bias, "
+        "c10::optional<torch::Tensor> residual, torch::Tensor y, int64_t s, int64_t kw, int64_t st, "
         "int64_t xs);\n"
         "void arc_act_quant(torch::Tensor x, torch::Tensor starts, torch::Tensor gs, torch::Tensor gs_out, "
         "torch::Tensor xq, torch::Tensor scales, int64_t s, int64_t out, int64_t ctas);\n"
@@ -165,18 +168,25 @@ def tensor_scales(wgs, n: int) -> torch.Tensor:
     return w
 
 
-def _outputs(x, n: int, bias, out_dtype):
-    """-> (y (M, N) out_dtype, bias as float32 or None, the built extension)."""
+def _outputs(x, n: int, bias, out_dtype, residual=None):
+    """-> (y (M, N) out_dtype, bias as float32 or None, the built extension); residual (added to y
+    in the epilogue) checked: (M, N), out_dtype, contiguous, on x's device."""
     if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"out_dtype {out_dtype}: use bfloat16, float16 or float32")
+    if residual is not None and (residual.shape != (x.shape[0], n) or residual.dtype != out_dtype
+                                 or residual.device != x.device or not residual.is_contiguous()):
+        raise ValueError(f"residual must be a contiguous {out_dtype} ({x.shape[0]}, {n}) tensor on {x.device}; got "
+                         f"{residual.dtype} {tuple(residual.shape)} on {residual.device}"
+                         f"{'' if residual.is_contiguous() else ', not contiguous'}")
     y = torch.empty(x.shape[0], n, dtype=out_dtype, device=x.device)
     b = None if bias is None else bias.to(device=x.device, dtype=torch.float32).contiguous()
     return y, b, device_extension(x.device)
 
 
 def arc_gemv_int8(xi, xs, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat16, nr: int = 2,
-                  kw: int = 4, u: int = 1) -> torch.Tensor:
+                  kw: int = 4, u: int = 1, residual=None) -> torch.Tensor:
     """y (M, N) = 0.25 * sum_b isum_b * ws * xs / (xgs * wgs) (+ bias); M <= 8; wgs () or (N,).
+    residual (M, N) of out_dtype: y = out_dtype(y) + residual, rounded (torch's `residual + y`).
     nr: output rows per thread block (1, 2, 4); kw: warps splitting the depth; u: 32-code steps
     whose weight loads a lane issues together (1, or 2 / 4 for M <= 2; same result for every u)."""
     m, n, k = xi.shape[0], wc.shape[0], wc.shape[1] * 2
@@ -195,9 +205,9 @@ def arc_gemv_int8(xi, xs, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.b
     _check_weight_and_devices(wc, ws, {"xi": xi, "xs": xs, "wc": wc, "ws": ws})
     if any(t.data_ptr() % 16 for t in (xi, wc)):
         raise ValueError("xi and wc must start on a 16-byte boundary (take a fresh, contiguous tensor)")
-    y, b, ext = _outputs(xi, n, bias, out_dtype)
+    y, b, ext = _outputs(xi, n, bias, out_dtype, residual)
     ext.arc_gemv_dp4a(xi, xs.view(torch.uint8), xgs.to(torch.float32).reshape(-1).contiguous(), wc.contiguous(),
-                      ws.view(torch.uint8).contiguous(), tensor_scales(wgs, n), b, y, s,
+                      ws.view(torch.uint8).contiguous(), tensor_scales(wgs, n), b, residual, y, s,
                       nr, kw, u)
     return y
 
@@ -212,13 +222,14 @@ def _check_mma_operands(xd, wc, ws, s: int) -> None:
 
 
 def arc_gemm_mma(xd, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat16, kw: int = 4,
-                 occ: bool = False, st: int = 0, xs: bool = False) -> torch.Tensor:
+                 occ: bool = False, st: int = 0, xs: bool = False, residual=None) -> torch.Tensor:
     """y (M, N) = xd @ dequant(W_aug)^T / (xgs * wgs) (+ bias) on tensor cores; M <= 64; wgs () or (N,).
     xd (M, K+s) float16 = code * block scale in to_mma_order (quantize_act out="mma"); kw: warps
     splitting the depth (1..8); occ: the entry point with a register bound (more resident warps,
     see the .cu file). st > 0: the cp.async-pipelined kernel (arc_gemm_mma_pipe, st stages, xs:
     activations staged too) where it takes these operands and is built with these settings
-    (pipe_shape_reason, pipe_built_reason), else this one - the same bits either way."""
+    (pipe_shape_reason, pipe_built_reason), else this one - the same bits either way. residual: as
+    arc_gemv_int8's."""
     m, n = xd.shape[0], wc.shape[0]
     if not 1 <= m <= MMA_MAX_M:
         raise ValueError(f"the MMA GEMV handles 1 <= M <= {MMA_MAX_M}, got M={m}")
@@ -226,13 +237,13 @@ def arc_gemm_mma(xd, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat
     pipe = st and kw in (4, 8) and pipe_shape_reason(xd, wc, ws, kw) is None
     if pipe and pipe_built_reason(m, kw, st, xs) is None:
         _check_pipe_settings(kw, st)
-        return _launch_pipe(xd, xgs, wc, ws, wgs, s, bias, out_dtype, kw, st, xs)
+        return _launch_pipe(xd, xgs, wc, ws, wgs, s, bias, out_dtype, kw, st, xs, residual)
     if xd.data_ptr() % 16 or wc.data_ptr() % 8:
         raise ValueError("xd must start on a 16-byte and wc on an 8-byte boundary (take a fresh, contiguous tensor)")
     kw = max(1, min(kw, 8, 32 // -(-m // 8)))
-    y, b, ext = _outputs(xd, n, bias, out_dtype)
+    y, b, ext = _outputs(xd, n, bias, out_dtype, residual)
     ext.arc_gemm_mma(xd, xgs.to(torch.float32).reshape(-1).contiguous(), wc.contiguous(),
-                     ws.view(torch.uint8).contiguous(), tensor_scales(wgs, n), b, y, s, kw,
+                     ws.view(torch.uint8).contiguous(), tensor_scales(wgs, n), b, residual, y, s, kw,
                      int(occ))
     return y
 
@@ -251,7 +262,7 @@ def pipe_shape_reason(xd, wc, ws, kw: int) -> str | None:
 
 
 def arc_gemm_mma_pipe(xd, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.bfloat16, kw: int = 4,
-                      st: int = 3, xs: bool = False) -> torch.Tensor:
+                      st: int = 3, xs: bool = False, residual=None) -> torch.Tensor:
     """arc_gemm_mma with its weight (and with xs its activation) tiles streamed through shared
     memory by cp.async, st stages in flight; M <= 16, K % (128 * kw) == 0. Same bits as arc_gemm_mma
     with the same kw (same MMA tiles, same per-warp order). kw in {4, 8}, st in 2..4."""
@@ -260,7 +271,7 @@ def arc_gemm_mma_pipe(xd, xgs, wc, ws, wgs, s: int, bias=None, out_dtype=torch.b
     reason = pipe_shape_reason(xd, wc, ws, kw) or pipe_built_reason(xd.shape[0], kw, st, xs)
     if reason:
         raise ValueError(reason)
-    return _launch_pipe(xd, xgs, wc, ws, wgs, s, bias, out_dtype, kw, st, xs)
+    return _launch_pipe(xd, xgs, wc, ws, wgs, s, bias, out_dtype, kw, st, xs, residual)
 
 
 def _check_pipe_settings(kw: int, st: int) -> None:
@@ -268,11 +279,12 @@ def _check_pipe_settings(kw: int, st: int) -> None:
         raise ValueError(f"kw={kw}, st={st}: the pipelined MMA GEMV takes kw in (4, 8) and st in (2, 3, 4)")
 
 
-def _launch_pipe(xd, xgs, wc, ws, wgs, s, bias, out_dtype, kw, st, xs) -> torch.Tensor:
+def _launch_pipe(xd, xgs, wc, ws, wgs, s, bias, out_dtype, kw, st, xs, residual=None) -> torch.Tensor:
     """The pipelined kernel's launch, its operands already checked (arc_gemm_mma / arc_gemm_mma_pipe)."""
-    y, b, ext = _outputs(xd, wc.shape[0], bias, out_dtype)
+    y, b, ext = _outputs(xd, wc.shape[0], bias, out_dtype, residual)
     ext.arc_gemm_mma_pipe(xd, xgs.to(torch.float32).reshape(-1).contiguous(), wc.contiguous(),
-                          ws.view(torch.uint8).contiguous(), tensor_scales(wgs, wc.shape[0]), b, y, s, kw, st, int(xs))
+                          ws.view(torch.uint8).contiguous(), tensor_scales(wgs, wc.shape[0]), b, residual, y, s, kw,
+                          st, int(xs))
     return y
 
 

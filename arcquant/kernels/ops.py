@@ -5,8 +5,9 @@ and CUDA graphs capture them, with a backend choice per device.
     torch.ops.arcquant.rmsnorm_quantize_act(x, weight, eps, perm, starts, s, gs, out) -> (y, xq, scales, gs)
     torch.ops.arcquant.silu_mul_quantize_act(g, u, xgs, wgu, perm, starts, s, gs, out) -> (xq, scales, gs)
     torch.ops.arcquant.silu_mul(g, u) -> F.silu(g) * u, contiguous (M, K)
-    torch.ops.arcquant.gemv_int8(xi, xs, xgs, wc, ws, wgs, bias, s, nr, kw, out_dtype, u=1)
-    torch.ops.arcquant.gemm_mma(xd, xgs, wc, ws, wgs, bias, s, kw, occ, out_dtype, st=0, xs=False)   (xd: "mma")
+    torch.ops.arcquant.gemv_int8(xi, xs, xgs, wc, ws, wgs, bias, s, nr, kw, out_dtype, u=1, residual=None)
+    torch.ops.arcquant.gemm_mma(xd, xgs, wc, ws, wgs, bias, s, kw, occ, out_dtype, st=0, xs=False, residual=None)
+        (xd: "mma"; residual (M, N) of out_dtype: added to the rounded product in the epilogue)
     torch.ops.arcquant.gemv_triton(xd, xgs, wc, ws, wgs, bias, s, fma, block_n, block_k, split_k, out_dtype)
     torch.ops.arcquant.prefill(xd, xgs, wc, ws, wgs, bias, s, out_dtype)
     torch.ops.arcquant.prefill_unscaled(xd, wc, ws, s) -> xd @ dequant(W)^T, no tensor scales
@@ -188,12 +189,13 @@ def _e4m3(bits: Tensor | None) -> Tensor | None:
     return None if bits is None else bits.view(torch.float8_e4m3fn)
 
 
-def _product_reference(xq, xs, xgs, wc, ws, wgs, bias, s, out_dtype, mma_order=False):
+def _product_reference(xq, xs, xgs, wc, ws, wgs, bias, s, out_dtype, mma_order=False, residual=None):
     from .cuda_gemv import fp16_gemm_reference, int8_gemv_reference
     xs, ws = _e4m3(xs), _e4m3(ws)
     y = int8_gemv_reference(xq, xs, xgs, wc, ws, wgs, s, bias) if xq.dtype == torch.int8 else \
         fp16_gemm_reference(xq, xgs, wc, ws, wgs, s, bias, mma_order)
-    return y.to(out_dtype)
+    y = y.to(out_dtype)
+    return y if residual is None else residual + y
 
 
 def _out_fake(x: Tensor, wc: Tensor, out_dtype: torch.dtype) -> Tensor:
@@ -201,34 +203,35 @@ def _out_fake(x: Tensor, wc: Tensor, out_dtype: torch.dtype) -> Tensor:
 
 
 def _gemv_int8(xi: Tensor, xs: Tensor, xgs: Tensor, wc: Tensor, ws: Tensor, wgs: Tensor, bias: Tensor | None,
-              s: int, nr: int, kw: int, out_dtype: torch.dtype, u: int = 1) -> Tensor:
+               s: int, nr: int, kw: int, out_dtype: torch.dtype, u: int = 1, residual: Tensor | None = None) -> Tensor:
     if xi.device.type == "cpu":                                   # no CUDA kernel on CPU: the oracle
-        return _product_reference(xi, xs, xgs, wc, ws, wgs, bias, s, out_dtype)
+        return _product_reference(xi, xs, xgs, wc, ws, wgs, bias, s, out_dtype, residual=residual)
     from .cuda_gemv import arc_gemv_int8
-    return arc_gemv_int8(xi, _e4m3(xs), xgs, wc, _e4m3(ws), wgs, s, bias, out_dtype, nr, kw, u)
+    return arc_gemv_int8(xi, _e4m3(xs), xgs, wc, _e4m3(ws), wgs, s, bias, out_dtype, nr, kw, u, residual)
 
 
 gemv_int8 = custom_op("arcquant::gemv_int8", _gemv_int8, mutates_args=())
 
 
 @gemv_int8.register_fake
-def _(xi, xs, xgs, wc, ws, wgs, bias, s, nr, kw, out_dtype, u=1):
+def _(xi, xs, xgs, wc, ws, wgs, bias, s, nr, kw, out_dtype, u=1, residual=None):
     return _out_fake(xi, wc, out_dtype)
 
 
 def _gemm_mma(xd: Tensor, xgs: Tensor, wc: Tensor, ws: Tensor, wgs: Tensor, bias: Tensor | None, s: int, kw: int,
-             occ: bool, out_dtype: torch.dtype, st: int = 0, xs: bool = False) -> Tensor:
+              occ: bool, out_dtype: torch.dtype, st: int = 0, xs: bool = False,
+              residual: Tensor | None = None) -> Tensor:
     if xd.device.type == "cpu":                                  # xd: the "mma" operand
-        return _product_reference(xd, None, xgs, wc, ws, wgs, bias, s, out_dtype, mma_order=True)
+        return _product_reference(xd, None, xgs, wc, ws, wgs, bias, s, out_dtype, mma_order=True, residual=residual)
     from .cuda_gemv import arc_gemm_mma
-    return arc_gemm_mma(xd, xgs, wc, _e4m3(ws), wgs, s, bias, out_dtype, kw, occ, st, xs)
+    return arc_gemm_mma(xd, xgs, wc, _e4m3(ws), wgs, s, bias, out_dtype, kw, occ, st, xs, residual)
 
 
 gemm_mma = custom_op("arcquant::gemm_mma", _gemm_mma, mutates_args=())
 
 
 @gemm_mma.register_fake
-def _(xd, xgs, wc, ws, wgs, bias, s, kw, occ, out_dtype, st=0, xs=False):
+def _(xd, xgs, wc, ws, wgs, bias, s, kw, occ, out_dtype, st=0, xs=False, residual=None):
     return _out_fake(xd, wc, out_dtype)
 
 

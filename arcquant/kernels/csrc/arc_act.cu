@@ -153,29 +153,6 @@ __device__ __forceinline__ void load_strided(const uint4* __restrict__ src, int 
   }
 }
 
-template <typename T>
-__device__ float row_amax(const T* row, int K) {                   // whole CTA; K % 16 == 0
-  __shared__ float red[32];
-  float a = 0.f, f[8];
-  for (int i0 = threadIdx.x; i0 < K / 8; i0 += 4 * blockDim.x) {   // 4 loads in flight per thread
-    uint4 v[4];
-    load_strided(reinterpret_cast<const uint4*>(row), i0, K / 8, v);
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      unpack8<T>(v[u], f);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) a = fmaxf(a, fabsf(f[j]));
-    }
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, off));
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = a;
-  __syncthreads();
-  a = 0.f;
-  for (int w = 0; w < (int)(blockDim.x >> 5); ++w) a = fmaxf(a, red[w]);
-  return a;
-}
-
 // The CTA's sum (or max) of a: a butterfly within each warp, the warps' values through shared
 // memory, then a butterfly over them in every warp (each lane adds the same two values at each
 // level, so every thread ends with the same bits; v39 - the warps' values summed one after another
@@ -197,6 +174,23 @@ __device__ __forceinline__ float block_reduce(float a, bool is_max, float* red) 
   }
   __syncthreads();                                              // red is reused
   return a;
+}
+
+template <typename T>
+__device__ float row_amax(const T* row, int K) {                   // whole CTA; K % 16 == 0
+  __shared__ float red[32];
+  float a = 0.f, f[8];
+  for (int i0 = threadIdx.x; i0 < K / 8; i0 += 4 * blockDim.x) {   // 4 loads in flight per thread
+    uint4 v[4];
+    load_strided(reinterpret_cast<const uint4*>(row), i0, K / 8, v);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      unpack8<T>(v[u], f);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) a = fmaxf(a, fabsf(f[j]));
+    }
+  }
+  return block_reduce(a, true, red);
 }
 
 // A row's tensor scale: 2688 / max|row| (gs_mode 2; thread 0 of the row's first CTA writes it to

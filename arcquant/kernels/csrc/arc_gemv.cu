@@ -1,7 +1,7 @@
 // Decode-shaped ARC product on CUDA cores with integer dot products (sm_80+; E4M3 scale
 // converts in hardware on sm_89+).
 //
-//   y (M, N) = 0.25 * sum_b [ isum(b) * ws(n, b) * xs(m, b) ] / (xgs(m) * wgs(n)) (+ bias)
+//   y (M, N) = 0.25 * sum_b [ isum(b) * ws(n, b) * xs(m, b) ] / (xgs(m) * wgs(n)) (+ bias) (+ residual)
 // wgs: one tensor scale, or one per output row (several layers' weights stacked: q/k/v in one launch).
 //
 // Operands:
@@ -28,6 +28,33 @@
 #include "arc_launch.cuh"
 
 namespace {
+
+// What every GEMV's epilogue takes besides y: bias (float32 (N,) or null), residual (y's dtype and
+// shape, or null), y's kind (0 bfloat16, 1 float16, 2 float32).
+struct Epilogue {
+  const float* bias;
+  const void* res;
+  int out_kind;
+};
+
+// y[o] = T(v + bias[n]), then with a residual y[o] = T(float(y[o]) + float(res[o])): the rounding of
+// the layer output and then torch's `residual + out` (one fp32 add, rounded), fused.
+__device__ __forceinline__ void store_out(const Epilogue& ep, void* __restrict__ y, size_t o, int n, float v) {
+  if (ep.bias != nullptr) v += ep.bias[n];
+  if (ep.out_kind == 0) {
+    __nv_bfloat16 h = __float2bfloat16(v);
+    if (ep.res != nullptr)
+      h = __float2bfloat16(__fadd_rn(__bfloat162float(h), __bfloat162float(static_cast<const __nv_bfloat16*>(ep.res)[o])));
+    static_cast<__nv_bfloat16*>(y)[o] = h;
+  } else if (ep.out_kind == 1) {
+    __half h = __float2half(v);
+    if (ep.res != nullptr)
+      h = __float2half(__fadd_rn(__half2float(h), __half2float(static_cast<const __half*>(ep.res)[o])));
+    static_cast<__half*>(y)[o] = h;
+  } else {
+    static_cast<float*>(y)[o] = ep.res != nullptr ? __fadd_rn(v, static_cast<const float*>(ep.res)[o]) : v;
+  }
+}
 
 constexpr uint32_t LUT_LO = 0x03020100u;   // 2 * |E2M1| of magnitude codes 0..3
 constexpr uint32_t LUT_HI = 0x0C080604u;   // magnitude codes 4..7
@@ -197,8 +224,8 @@ template <int M, int NR, int U>
 __global__ void arc_gemv_kernel(const int8_t* __restrict__ xi, const uint8_t* __restrict__ xs,
                                 const float* __restrict__ xgs, int xgs_per_row,
                                 const uint8_t* __restrict__ wc, const uint8_t* __restrict__ ws,
-                                const float* __restrict__ wgs, int wgs_per_row, const float* __restrict__ bias,
-                                void* __restrict__ y, int out_kind, int mrows, int N, int K, int S) {
+                                const float* __restrict__ wgs, int wgs_per_row, const Epilogue ep,
+                                void* __restrict__ y, int mrows, int N, int K, int S) {
   arc::pdl_enter();
   const int lane = threadIdx.x, warp = threadIdx.y, kw = blockDim.y;
   const int n0 = blockIdx.x * NR;
@@ -292,44 +319,40 @@ __global__ void arc_gemv_kernel(const int8_t* __restrict__ xi, const uint8_t* __
       float v = 0.f;
       for (int q = 0; q < kw; ++q) v += red[q * NR * M + t];
       v = v * 0.25f / ((xgs_per_row ? xgs[m] : xgs[0]) * wgs[wgs_per_row ? n : 0]);
-      if (bias != nullptr) v += bias[n];
-      const size_t o = (size_t)m * N + n;
-      if (out_kind == 0) reinterpret_cast<__nv_bfloat16*>(y)[o] = __float2bfloat16(v);
-      else if (out_kind == 1) reinterpret_cast<__half*>(y)[o] = __float2half(v);
-      else reinterpret_cast<float*>(y)[o] = v;
+      store_out(ep, y, (size_t)m * N + n, n, v);
     }
   }
 }
 
 template <int M, int NR, int U>
 void launch(const torch::Tensor& xi, const torch::Tensor& xs, const torch::Tensor& xgs, const torch::Tensor& wc,
-            const torch::Tensor& ws, const torch::Tensor& wgs, const float* bias, torch::Tensor& y, int out_kind,
+            const torch::Tensor& ws, const torch::Tensor& wgs, const Epilogue& ep, torch::Tensor& y, 
             int kw, int s) {
   const int n = wc.size(0), k = wc.size(1) * 2, mrows = xi.size(0);
   dim3 grid((n + NR - 1) / NR), block(32, kw);
   const size_t smem = sizeof(float) * kw * NR * M;
   arc::launch(arc_gemv_kernel<M, NR, U>, mrows, grid, block, smem, at::cuda::getCurrentCUDAStream(),
               xi.data_ptr<int8_t>(), xs.data_ptr<uint8_t>(), xgs.data_ptr<float>(), xgs.numel() > 1 ? 1 : 0,
-              wc.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), wgs.data_ptr<float>(), wgs.numel() > 1 ? 1 : 0, bias,
-              y.data_ptr(), out_kind, mrows, n, k, s);
+              wc.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), wgs.data_ptr<float>(), wgs.numel() > 1 ? 1 : 0, ep,
+              y.data_ptr(), mrows, n, k, s);
 }
 
 template <int M, int U>
 void launch_nr(int nr, const torch::Tensor& xi, const torch::Tensor& xs, const torch::Tensor& xgs,
-               const torch::Tensor& wc, const torch::Tensor& ws, const torch::Tensor& wgs, const float* bias,
-               torch::Tensor& y, int out_kind, int kw, int s) {
-  if (nr == 1) launch<M, 1, U>(xi, xs, xgs, wc, ws, wgs, bias, y, out_kind, kw, s);
-  else if (nr == 2) launch<M, 2, U>(xi, xs, xgs, wc, ws, wgs, bias, y, out_kind, kw, s);
-  else launch<M, 4, U>(xi, xs, xgs, wc, ws, wgs, bias, y, out_kind, kw, s);
+               const torch::Tensor& wc, const torch::Tensor& ws, const torch::Tensor& wgs, const Epilogue& ep,
+               torch::Tensor& y,  int kw, int s) {
+  if (nr == 1) launch<M, 1, U>(xi, xs, xgs, wc, ws, wgs, ep, y, kw, s);
+  else if (nr == 2) launch<M, 2, U>(xi, xs, xgs, wc, ws, wgs, ep, y, kw, s);
+  else launch<M, 4, U>(xi, xs, xgs, wc, ws, wgs, ep, y, kw, s);
 }
 
 template <int M>
 void launch_u(int u, int nr, const torch::Tensor& xi, const torch::Tensor& xs, const torch::Tensor& xgs,
-              const torch::Tensor& wc, const torch::Tensor& ws, const torch::Tensor& wgs, const float* bias,
-              torch::Tensor& y, int out_kind, int kw, int s) {
-  if (u == 1) launch_nr<M, 1>(nr, xi, xs, xgs, wc, ws, wgs, bias, y, out_kind, kw, s);
-  else if (u == 2) launch_nr<M, 2>(nr, xi, xs, xgs, wc, ws, wgs, bias, y, out_kind, kw, s);
-  else launch_nr<M, 4>(nr, xi, xs, xgs, wc, ws, wgs, bias, y, out_kind, kw, s);
+              const torch::Tensor& wc, const torch::Tensor& ws, const torch::Tensor& wgs, const Epilogue& ep,
+              torch::Tensor& y,  int kw, int s) {
+  if (u == 1) launch_nr<M, 1>(nr, xi, xs, xgs, wc, ws, wgs, ep, y, kw, s);
+  else if (u == 2) launch_nr<M, 2>(nr, xi, xs, xgs, wc, ws, wgs, ep, y, kw, s);
+  else launch_nr<M, 4>(nr, xi, xs, xgs, wc, ws, wgs, ep, y, kw, s);
 }
 
 
@@ -341,7 +364,7 @@ void launch_u(int u, int nr, const torch::Tensor& xi, const torch::Tensor& xs, c
 // inside an MMA is free (the dot product does not care), so lane (g, t) of a warp reads 16
 // contiguous codes of 2 blocks per row - coalesced 8-byte loads - and the activation half of the
 // same 32 depth positions.
-//   y = 2^14 * acc / (xgs(m) * wgs(n)) (+ bias); wgs one value or one per row, as above
+//   y = 2^14 * acc / (xgs(m) * wgs(n)) (+ bias) (+ residual); wgs one value or one per row, as above
 // Decode (decode8): the E2M1 code s e1 e0 m placed as an fp16's sign bit and its exponent's low two
 // bits + mantissa's top bit reads as the code's value times 2^-14 (e = 0: m * 2^-15, subnormal;
 // else (1 + m/2) * 2^(e-15)), and times the block scale it stays exact in fp16 (at most 5
@@ -441,7 +464,7 @@ template <int MT>
 __device__ __forceinline__ void mma_epilogue(const float (*acc)[4], float* red, int kw, int n0,
                                              const float* __restrict__ xgs, int xgs_per_row,
                                              const float* __restrict__ wgs, int wgs_per_row,
-                                             const float* __restrict__ bias, void* __restrict__ y, int out_kind,
+                                             const Epilogue ep, void* __restrict__ y,
                                              int mrows, int N) {
   const int lane = threadIdx.x, warp = threadIdx.y, g = lane >> 2, t = lane & 3;
 #pragma unroll
@@ -459,11 +482,7 @@ __device__ __forceinline__ void mma_epilogue(const float (*acc)[4], float* red, 
       const int n = n0 + g + (e >= 2 ? 8 : 0), m = mt * 8 + 2 * t + (e & 1);
       if (n < N && m < mrows) {
         v = (v * 16384.f) / ((xgs_per_row ? xgs[m] : xgs[0]) * wgs[wgs_per_row ? n : 0]);   // decode8's 2^-14
-        if (bias != nullptr) v += bias[n];
-        const size_t o = (size_t)m * N + n;
-        if (out_kind == 0) reinterpret_cast<__nv_bfloat16*>(y)[o] = __float2bfloat16(v);
-        else if (out_kind == 1) reinterpret_cast<__half*>(y)[o] = __float2half(v);
-        else reinterpret_cast<float*>(y)[o] = v;
+        store_out(ep, y, (size_t)m * N + n, n, v);
       }
     }
 }
@@ -492,8 +511,8 @@ __device__ __forceinline__ WeightStep load_step(const uint8_t* wr0, const uint8_
 template <int MT>
 __device__ __forceinline__ void mma_body(const __half* __restrict__ xd, const float* __restrict__ xgs, int xgs_per_row,
                                          const uint8_t* __restrict__ wc, const uint8_t* __restrict__ ws,
-                                         const float* __restrict__ wgs, int wgs_per_row, const float* __restrict__ bias,
-                                         void* __restrict__ y, int out_kind, int mrows, int N, int K, int S) {
+                                         const float* __restrict__ wgs, int wgs_per_row, const Epilogue ep,
+                                         void* __restrict__ y, int mrows, int N, int K, int S) {
   arc::pdl_enter();
   const int lane = threadIdx.x, warp = threadIdx.y, kw = blockDim.y;
   const int g = lane >> 2, t = lane & 3;
@@ -528,14 +547,14 @@ __device__ __forceinline__ void mma_body(const __half* __restrict__ xd, const fl
   }
 
   extern __shared__ float red[];                                 // (KW, MT * 4 * 32)
-  mma_epilogue<MT>(acc, red, kw, n0, xgs, xgs_per_row, wgs, wgs_per_row, bias, y, out_kind, mrows, N);
+  mma_epilogue<MT>(acc, red, kw, n0, xgs, xgs_per_row, wgs, wgs_per_row, ep, y, mrows, N);
 }
 
 #define MMA_PARAMS                                                                                  \
   const __half* __restrict__ xd, const float* __restrict__ xgs, int xgs_per_row, const uint8_t* __restrict__ wc, \
-      const uint8_t* __restrict__ ws, const float* __restrict__ wgs, int wgs_per_row, const float* __restrict__ bias,          \
-      void* __restrict__ y, int out_kind, int mrows, int N, int K, int S
-#define MMA_ARGS xd, xgs, xgs_per_row, wc, ws, wgs, wgs_per_row, bias, y, out_kind, mrows, N, K, S
+      const uint8_t* __restrict__ ws, const float* __restrict__ wgs, int wgs_per_row, const Epilogue ep, void* __restrict__ y,  \
+      int mrows, int N, int K, int S
+#define MMA_ARGS xd, xgs, xgs_per_row, wc, ws, wgs, wgs_per_row, ep, y, mrows, N, K, S
 
 // Two entry points: the compiler's own register choice (77 / 106 / 150 / 144 registers for MT
 // 1 / 2 / 4 / 8 on sm_90 with nvcc 13.0: 6, 4, 3, 3 blocks of 4 warps per SM), and one bounded
@@ -553,15 +572,15 @@ __global__ void __launch_bounds__(256, mma_min_blocks(MT)) arc_gemm_mma_bounded(
 
 template <int MT>
 void launch_mma(const torch::Tensor& xd, const torch::Tensor& xgs, const torch::Tensor& wc, const torch::Tensor& ws,
-                const torch::Tensor& wgs, const float* bias, torch::Tensor& y, int out_kind, int kw, int s, bool occ) {
+                const torch::Tensor& wgs, const Epilogue& ep, torch::Tensor& y,  int kw, int s, bool occ) {
   const int n = wc.size(0), k = wc.size(1) * 2, mrows = xd.size(0);
   dim3 grid((n + 15) / 16), block(32, kw);
   const size_t smem = sizeof(float) * kw * MT * 4 * 32;
   auto kernel = occ ? arc_gemm_mma_bounded<MT> : arc_gemm_mma_kernel<MT>;
   arc::launch(kernel, mrows, grid, block, smem, at::cuda::getCurrentCUDAStream(),
               reinterpret_cast<const __half*>(xd.data_ptr<at::Half>()), xgs.data_ptr<float>(), xgs.numel() > 1 ? 1 : 0,
-              wc.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), wgs.data_ptr<float>(), wgs.numel() > 1 ? 1 : 0, bias,
-              y.data_ptr(), out_kind, mrows, n, k, s);
+              wc.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), wgs.data_ptr<float>(), wgs.numel() > 1 ? 1 : 0, ep,
+              y.data_ptr(), mrows, n, k, s);
 }
 
 
@@ -710,13 +729,13 @@ __global__ void __launch_bounds__(32 * KW) arc_gemm_mma_pipe_kernel(MMA_PARAMS) 
   }
   cp_wait<0>();
   __syncthreads();                                               // the code buffers become the reduction
-  mma_epilogue<MT>(acc, reinterpret_cast<float*>(smem), KW, n0, xgs, xgs_per_row, wgs, wgs_per_row, bias, y,
-                   out_kind, mrows, N);
+  mma_epilogue<MT>(acc, reinterpret_cast<float*>(smem), KW, n0, xgs, xgs_per_row, wgs, wgs_per_row, ep, y,
+                   mrows, N);
 }
 
 template <int MT, int KW, int ST, bool XS>
 void launch_pipe(const torch::Tensor& xd, const torch::Tensor& xgs, const torch::Tensor& wc, const torch::Tensor& ws,
-                 const torch::Tensor& wgs, const float* bias, torch::Tensor& y, int out_kind, int s) {
+                 const torch::Tensor& wgs, const Epilogue& ep, torch::Tensor& y,  int s) {
   using G = PipeGeom<KW>;
   const int n = wc.size(0), k = wc.size(1) * 2, mrows = xd.size(0);
   const size_t smem = std::max<size_t>(ST * 16 * G::CP + 16 * (k / 16 + G::SB) + (XS ? ST * 8 * MT * G::AP : 0),
@@ -725,41 +744,43 @@ void launch_pipe(const torch::Tensor& xd, const torch::Tensor& xgs, const torch:
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   arc::launch(kernel, mrows, dim3((n + 15) / 16), dim3(32, KW), smem, at::cuda::getCurrentCUDAStream(),
               reinterpret_cast<const __half*>(xd.data_ptr<at::Half>()), xgs.data_ptr<float>(), xgs.numel() > 1 ? 1 : 0,
-              wc.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), wgs.data_ptr<float>(), wgs.numel() > 1 ? 1 : 0, bias,
-              y.data_ptr(), out_kind, mrows, n, k, s);
+              wc.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), wgs.data_ptr<float>(), wgs.numel() > 1 ? 1 : 0, ep,
+              y.data_ptr(), mrows, n, k, s);
 }
 
 template <int MT, int KW, int ST>
 void launch_pipe_xs(bool xs, const torch::Tensor& xd, const torch::Tensor& xgs, const torch::Tensor& wc,
-                    const torch::Tensor& ws, const torch::Tensor& wgs, const float* bias, torch::Tensor& y,
-                    int out_kind, int s) {
-  if (xs) launch_pipe<MT, KW, ST, true>(xd, xgs, wc, ws, wgs, bias, y, out_kind, s);
-  else launch_pipe<MT, KW, ST, false>(xd, xgs, wc, ws, wgs, bias, y, out_kind, s);
+                    const torch::Tensor& ws, const torch::Tensor& wgs, const Epilogue& ep, torch::Tensor& y,
+                     int s) {
+  if (xs) launch_pipe<MT, KW, ST, true>(xd, xgs, wc, ws, wgs, ep, y, s);
+  else launch_pipe<MT, KW, ST, false>(xd, xgs, wc, ws, wgs, ep, y, s);
 }
 
 template <int MT, int KW>
 void launch_pipe_st(int st, bool xs, const torch::Tensor& xd, const torch::Tensor& xgs, const torch::Tensor& wc,
-                    const torch::Tensor& ws, const torch::Tensor& wgs, const float* bias, torch::Tensor& y,
-                    int out_kind, int s) {
-  if (st == 2) launch_pipe_xs<MT, KW, 2>(xs, xd, xgs, wc, ws, wgs, bias, y, out_kind, s);
-  else if (st == 3) launch_pipe_xs<MT, KW, 3>(xs, xd, xgs, wc, ws, wgs, bias, y, out_kind, s);
-  else launch_pipe_xs<MT, KW, 4>(xs, xd, xgs, wc, ws, wgs, bias, y, out_kind, s);
+                    const torch::Tensor& ws, const torch::Tensor& wgs, const Epilogue& ep, torch::Tensor& y,
+                     int s) {
+  if (st == 2) launch_pipe_xs<MT, KW, 2>(xs, xd, xgs, wc, ws, wgs, ep, y, s);
+  else if (st == 3) launch_pipe_xs<MT, KW, 3>(xs, xd, xgs, wc, ws, wgs, ep, y, s);
+  else launch_pipe_xs<MT, KW, 4>(xs, xd, xgs, wc, ws, wgs, ep, y, s);
 }
 
-struct Epilogue {              // what every GEMV's epilogue takes: bias (float32 (N,) or null), y's kind
-  const float* bias;
-  int out_kind;                // 0 bfloat16, 1 float16, 2 float32
-};
-
-Epilogue epilogue_args(const c10::optional<torch::Tensor>& bias, const torch::Tensor& y, int64_t n) {
+Epilogue epilogue_args(const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& residual,
+                        const torch::Tensor& y, int64_t n) {
   const float* b = nullptr;
   if (bias.has_value()) {
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n && bias->is_cuda(), "bias: float32 (N,)");
     b = bias->data_ptr<float>();
   }
+  const void* r = nullptr;
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->scalar_type() == y.scalar_type() && residual->sizes() == y.sizes() &&
+                residual->is_contiguous() && residual->device() == y.device(), "residual: contiguous, y's dtype and shape");
+    r = residual->data_ptr();
+  }
   const int out_kind = y.scalar_type() == at::kBFloat16 ? 0 : y.scalar_type() == at::kHalf ? 1 : 2;
   TORCH_CHECK(out_kind < 2 || y.scalar_type() == at::kFloat, "y: bfloat16, float16 or float32");
-  return {b, out_kind};
+  return {b, r, out_kind};
 }
 
 // The checks both tensor-core GEMVs share: devices, dtypes, contiguity, shapes, tensor-scale counts.
@@ -784,7 +805,8 @@ void check_mma_io(const torch::Tensor& xd, const torch::Tensor& xgs, const torch
 // Shapes and dtypes are checked in arcquant/kernels/cuda_gemv.py (clear messages); these
 // checks only guard memory safety.
 void arc_gemv_dp4a(torch::Tensor xi, torch::Tensor xs, torch::Tensor xgs, torch::Tensor wc, torch::Tensor ws,
-                   torch::Tensor wgs, c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t s, int64_t nr,
+                   torch::Tensor wgs, c10::optional<torch::Tensor> bias,
+                   c10::optional<torch::Tensor> residual, torch::Tensor y, int64_t s, int64_t nr,
                    int64_t kw, int64_t u) {
   const at::cuda::CUDAGuard guard(xi.device());
   const int64_t m = xi.size(0), n = wc.size(0), k = wc.size(1) * 2;
@@ -803,29 +825,31 @@ void arc_gemv_dp4a(torch::Tensor xi, torch::Tensor xs, torch::Tensor xgs, torch:
   TORCH_CHECK(u == 1 || ((u == 2 || u == 4) && m <= 2), "u in {1, 2, 4} (2 and 4 for M <= 2)");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(xs.data_ptr()) % 2 == 0 && reinterpret_cast<uintptr_t>(ws.data_ptr()) % 2 == 0,
               "xs and ws must start on a 2-byte boundary");
-  const auto [b, out_kind] = epilogue_args(bias, y, n);
-  if (m == 1) launch_u<1>((int)u, nr, xi, xs, xgs, wc, ws, wgs, b, y, out_kind, kw, s);
-  else if (m == 2) launch_u<2>((int)u, nr, xi, xs, xgs, wc, ws, wgs, b, y, out_kind, kw, s);
-  else if (m <= 4) launch_nr<4, 1>(nr, xi, xs, xgs, wc, ws, wgs, b, y, out_kind, kw, s);
-  else launch_nr<8, 1>(nr, xi, xs, xgs, wc, ws, wgs, b, y, out_kind, kw, s);
+  const Epilogue ep = epilogue_args(bias, residual, y, n);
+  if (m == 1) launch_u<1>((int)u, nr, xi, xs, xgs, wc, ws, wgs, ep, y, kw, s);
+  else if (m == 2) launch_u<2>((int)u, nr, xi, xs, xgs, wc, ws, wgs, ep, y, kw, s);
+  else if (m <= 4) launch_nr<4, 1>(nr, xi, xs, xgs, wc, ws, wgs, ep, y, kw, s);
+  else launch_nr<8, 1>(nr, xi, xs, xgs, wc, ws, wgs, ep, y, kw, s);
 }
 
 void arc_gemm_mma(torch::Tensor xd, torch::Tensor xgs, torch::Tensor wc, torch::Tensor ws, torch::Tensor wgs,
-                  c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t s, int64_t kw, int64_t occ) {
+                  c10::optional<torch::Tensor> bias,
+                   c10::optional<torch::Tensor> residual, torch::Tensor y, int64_t s, int64_t kw, int64_t occ) {
   const at::cuda::CUDAGuard guard(xd.device());
   const int64_t m = xd.size(0), n = wc.size(0), k = wc.size(1) * 2;
   check_mma_io(xd, xgs, wc, ws, wgs, y, s);
   TORCH_CHECK(m >= 1 && m <= 64 && k % 16 == 0, "need 1 <= M <= 64");
   TORCH_CHECK(kw >= 1 && kw <= 8 && kw * ((m + 7) / 8) <= 32, "kw in 1..8 and kw * ceil(M / 8) <= 32 (shared memory)");
-  const auto [b, out_kind] = epilogue_args(bias, y, n);
-  if (m <= 8) launch_mma<1>(xd, xgs, wc, ws, wgs, b, y, out_kind, kw, s, occ != 0);
-  else if (m <= 16) launch_mma<2>(xd, xgs, wc, ws, wgs, b, y, out_kind, kw, s, occ != 0);
-  else if (m <= 32) launch_mma<4>(xd, xgs, wc, ws, wgs, b, y, out_kind, kw, s, occ != 0);
-  else launch_mma<8>(xd, xgs, wc, ws, wgs, b, y, out_kind, kw, s, occ != 0);
+  const Epilogue ep = epilogue_args(bias, residual, y, n);
+  if (m <= 8) launch_mma<1>(xd, xgs, wc, ws, wgs, ep, y, kw, s, occ != 0);
+  else if (m <= 16) launch_mma<2>(xd, xgs, wc, ws, wgs, ep, y, kw, s, occ != 0);
+  else if (m <= 32) launch_mma<4>(xd, xgs, wc, ws, wgs, ep, y, kw, s, occ != 0);
+  else launch_mma<8>(xd, xgs, wc, ws, wgs, ep, y, kw, s, occ != 0);
 }
 
 void arc_gemm_mma_pipe(torch::Tensor xd, torch::Tensor xgs, torch::Tensor wc, torch::Tensor ws, torch::Tensor wgs,
-                       c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t s, int64_t kw, int64_t st,
+                       c10::optional<torch::Tensor> bias,
+                   c10::optional<torch::Tensor> residual, torch::Tensor y, int64_t s, int64_t kw, int64_t st,
                        int64_t xs) {
   const at::cuda::CUDAGuard guard(xd.device());
   const int64_t m = xd.size(0), n = wc.size(0), k = wc.size(1) * 2;
@@ -834,24 +858,24 @@ void arc_gemm_mma_pipe(torch::Tensor xd, torch::Tensor xgs, torch::Tensor wc, to
   TORCH_CHECK(m >= 1 && m <= 16 && k % (128 * kw) == 0, "need 1 <= M <= 16, K % (128 * kw) == 0");
   const auto aligned = [](const torch::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
   TORCH_CHECK(aligned(xd) && aligned(wc) && aligned(ws), "xd, wc and ws must start on 16-byte boundaries");
-  const auto [b, out_kind] = epilogue_args(bias, y, n);
+  const Epilogue ep = epilogue_args(bias, residual, y, n);
 #ifdef ARC_PIPE_ALL                      // every (kw, st, xs): the benchmarks' sweeps (ARCQUANT_EXT_SWEEP=1)
   if (m <= 8) {
-    if (kw == 4) launch_pipe_st<1, 4>((int)st, xs != 0, xd, xgs, wc, ws, wgs, b, y, out_kind, s);
-    else launch_pipe_st<1, 8>((int)st, xs != 0, xd, xgs, wc, ws, wgs, b, y, out_kind, s);
+    if (kw == 4) launch_pipe_st<1, 4>((int)st, xs != 0, xd, xgs, wc, ws, wgs, ep, y, s);
+    else launch_pipe_st<1, 8>((int)st, xs != 0, xd, xgs, wc, ws, wgs, ep, y, s);
   } else {
-    if (kw == 4) launch_pipe_st<2, 4>((int)st, xs != 0, xd, xgs, wc, ws, wgs, b, y, out_kind, s);
-    else launch_pipe_st<2, 8>((int)st, xs != 0, xd, xgs, wc, ws, wgs, b, y, out_kind, s);
+    if (kw == 4) launch_pipe_st<2, 4>((int)st, xs != 0, xd, xgs, wc, ws, wgs, ep, y, s);
+    else launch_pipe_st<2, 8>((int)st, xs != 0, xd, xgs, wc, ws, wgs, ep, y, s);
   }
 #else                                     // the settings gpu.mma_config takes (cuda_gemv.PIPE_SETTINGS)
   const int key = (m <= 8 ? 1000 : 2000) + (int)kw * 100 + (int)st * 10 + (xs != 0);
   switch (key) {                          // PIPE_SETTINGS: tiles * 1000 + kw * 100 + st * 10 + xs
-    case 1420: launch_pipe<1, 4, 2, false>(xd, xgs, wc, ws, wgs, b, y, out_kind, s); break;
-    case 1431: launch_pipe<1, 4, 3, true>(xd, xgs, wc, ws, wgs, b, y, out_kind, s); break;
-    case 1820: launch_pipe<1, 8, 2, false>(xd, xgs, wc, ws, wgs, b, y, out_kind, s); break;
-    case 1831: launch_pipe<1, 8, 3, true>(xd, xgs, wc, ws, wgs, b, y, out_kind, s); break;
-    case 2431: launch_pipe<2, 4, 3, true>(xd, xgs, wc, ws, wgs, b, y, out_kind, s); break;
-    case 2441: launch_pipe<2, 4, 4, true>(xd, xgs, wc, ws, wgs, b, y, out_kind, s); break;
+    case 1420: launch_pipe<1, 4, 2, false>(xd, xgs, wc, ws, wgs, ep, y, s); break;
+    case 1431: launch_pipe<1, 4, 3, true>(xd, xgs, wc, ws, wgs, ep, y, s); break;
+    case 1820: launch_pipe<1, 8, 2, false>(xd, xgs, wc, ws, wgs, ep, y, s); break;
+    case 1831: launch_pipe<1, 8, 3, true>(xd, xgs, wc, ws, wgs, ep, y, s); break;
+    case 2431: launch_pipe<2, 4, 3, true>(xd, xgs, wc, ws, wgs, ep, y, s); break;
+    case 2441: launch_pipe<2, 4, 4, true>(xd, xgs, wc, ws, wgs, ep, y, s); break;
     default:
       TORCH_CHECK(false, "pipelined setting ", key, " (tiles kw st xs) not built: ARCQUANT_EXT_SWEEP=1 builds all");
   }
