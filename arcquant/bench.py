@@ -354,14 +354,22 @@ def check_same_shape(source, checkpoint) -> None:
                          f"({'; '.join(diff)}, BF16 model vs checkpoint): give the model it was quantized from")
 
 
+AB = ("fusion", "pdl", "residual", "pipeline", "prefill")   # the same run's A/Bs, run_bench(ab=)
+
+
 def run_bench(source, checkpoint, batches=(1, 8, 32), decode: int = 64, prefill: int = 2048,
-              repeats: int = 5, compile_batches=(), bf16_stacked: bool = True) -> list:
+              repeats: int = 5, compile_batches=(), bf16_stacked: bool = True, ab=AB) -> list:
     """BF16 `source` folder vs the arcquant `checkpoint`, one after the other on one GPU.
     bf16_stacked: also time the BF16 model with q/k/v and gate/up stacked (stacking.py), as the
-    quantized model's GEMVs are (gpu.stack_groups) - the fair baseline for them."""
+    quantized model's GEMVs are (gpu.stack_groups) - the fair baseline for them. ab: which of
+    the A/Bs in AB to run as well (engine fusions, PDL, residual fusion, pipelined GEMV, prefill
+    fusions)."""
     from transformers import AutoModelForCausalLM
     from .checkpoint import load_quantized
     from .gpu import use_kernels
+    unknown = set(ab) - set(AB)
+    if unknown:
+        raise ValueError(f"unknown A/B {sorted(unknown)}: choose from {list(AB)}")
     check_same_shape(source, checkpoint)
     if not torch.cuda.is_available():
         raise ValueError("arcquant bench measures GPU speed and needs a CUDA GPU (none found); "
@@ -370,9 +378,7 @@ def run_bench(source, checkpoint, batches=(1, 8, 32), decode: int = 64, prefill:
     model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.bfloat16).cuda().eval()
     rows.append(bench_one(model, "bf16", batches, decode, prefill, repeats, compile_batches))
     rows[-1]["backend"] = "cuBLAS (torch)"
-    rows[-1].update(fusion_ab(model, "bf16", batches, decode, prefill, repeats))
-    rows[-1].update(pdl_ab(model, "bf16", batches, decode, repeats))
-    rows[-1].update(residual_ab(model, "bf16", batches, decode, prefill, repeats))
+    rows[-1].update(_engine_abs(model, "bf16", ab, batches, decode, prefill, repeats))
     if bf16_stacked:
         from .stacking import stack_linears
         groups = stack_linears(model)
@@ -388,15 +394,25 @@ def run_bench(source, checkpoint, batches=(1, 8, 32), decode: int = 64, prefill:
     row["backend"] = (f"kernels for {counts['kernels']} layers (CUDA GEMVs for {counts['cuda_gemv']}), "
                       f"reference for {counts['reference']}, {counts['fused_mlps']} MLPs fused for prefill")
     row.update(decode_repeat(model))
-    row.update(fusion_ab(model, "arc", batches, decode, prefill, repeats))
-    row.update(pdl_ab(model, "arc", batches, decode, repeats))
-    row.update(residual_ab(model, "arc", batches, decode, prefill, repeats))
-    if counts["cuda_gemv"]:
+    row.update(_engine_abs(model, "arc", ab, batches, decode, prefill, repeats))
+    if counts["cuda_gemv"] and "pipeline" in ab:
         row.update(decode_pipeline_ab(model, batches, decode, repeats))
-    if counts["fused_mlps"]:
+    if counts["fused_mlps"] and "prefill" in ab:
         row.update(prefill_fusion_ab(model, prefill, repeats))
     rows.append(row)
     return rows
+
+
+def _engine_abs(model, label: str, ab, batches, decode: int, prefill: int, repeats: int) -> dict:
+    """The A/Bs both models take (engine fusions, PDL, residual fusion), as chosen."""
+    out = {}
+    if "fusion" in ab:
+        out.update(fusion_ab(model, label, batches, decode, prefill, repeats))
+    if "pdl" in ab:
+        out.update(pdl_ab(model, label, batches, decode, repeats))
+    if "residual" in ab:
+        out.update(residual_ab(model, label, batches, decode, prefill, repeats))
+    return out
 
 
 def engine_fusion_logits(rows) -> str:

@@ -17,7 +17,7 @@ import torch
 import transformers
 import triton
 
-from arcquant.bench import quantized_shape, run_bench, table, temp_work
+from arcquant.bench import AB, quantized_shape, run_bench, table, temp_work
 
 
 def main():
@@ -34,6 +34,8 @@ def main():
                     help="also time these batches with the decode step through torch.compile")
     ap.add_argument("--no-bf16-stacked", action="store_true",
                     help="skip the BF16 row with q/k/v and gate/up stacked (the fair baseline for ARC's stacked GEMVs)")
+    ap.add_argument("--ab", nargs="*", default=list(AB), choices=AB,
+                    help="the same run's A/Bs to run as well (default: all)")
     a = ap.parse_args()
     head = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
             f"transformers {transformers.__version__}")
@@ -41,7 +43,7 @@ def main():
     for shape in a.shapes:
         work = temp_work()
         src, ck = quantized_shape(shape, work, a.calib_source, a.tokenizer)
-        rows = run_bench(src, ck, a.batches, a.decode, a.prefill, a.repeats, a.compile, not a.no_bf16_stacked)
+        rows = run_bench(src, ck, a.batches, a.decode, a.prefill, a.repeats, a.compile, not a.no_bf16_stacked, a.ab)
         record["shapes"][shape] = rows
         md += [f"## {shape}", "", table(rows, a.batches, a.prefill), "", "Top CUDA ops of one eager decode step, batch 1:", ""]
         ops = lambda prof: "; ".join(f"{n[:60]} x{c} {ms:.3f} ms" for n, c, ms in prof)

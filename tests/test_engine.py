@@ -504,6 +504,20 @@ def test_bench_table_ratios_and_graph_prefill_column():
     arc8 = dict(arc, decode_tok_s_b8=1150.0, decode_tok_s_b8_unpipelined=1100.0)   # the pipelined GEMV's A/B
     last = table([dict(base, decode_tok_s_b8=880.0), arc8], [1, 8], 2048).splitlines()[-1]
     assert last == "arc decode b8 with the pipelined GEMV off: 1100.0 tok/s (1.25x BF16; on: 1150.0)"
+    res = lambda r, b1, b8, p, d: dict(r, decode_tok_s_b1_no_residual=b1, decode_tok_s_b8_no_residual=b8,  # noqa: E731
+                                       prefill_ms_2048_graph_no_residual=p, no_residual_logits_max_abs_diff=d)
+    last = table([res(dict(base, decode_tok_s_b8=880.0), 90.0, 800.0, 76.0, 1.5), res(arc8, 135.0, 1000.0, 98.0, 0.0)],
+                 [1, 8], 2048).splitlines()[-1]                          # the residual fusion's A/B
+    assert last == ("Residual adds as separate kernels (engine_fusion.linear_residual off; tok/s): bf16 b1 90.0, b8 "
+                    "800.0, prefill graph 76.0 ms, teacher-forced logits vs fused: max |diff| 1.5; arc b1 135.0 (1.50x), "
+                    "b8 1000.0 (1.25x), prefill graph 98.0 ms, teacher-forced logits vs fused: max |diff| 0")
+
+
+def test_bench_refuses_an_unknown_ab():
+    from arcquant.bench import AB, run_bench
+    with pytest.raises(ValueError, match=r"unknown A/B \['speed'\]: choose from \['fusion', 'pdl', 'residual'"):
+        run_bench("bf16-folder", "arc-folder", ab=("pdl", "speed"))
+    assert set(AB) == {"fusion", "pdl", "residual", "pipeline", "prefill"}
 
 
 def test_teacher_forced_logits_feed_the_given_tokens_and_compare_step_by_step(fresh_smollm):
