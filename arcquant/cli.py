@@ -17,6 +17,7 @@ from .export.writer import parse_size
 from .zeroshot import TASKS as ZS_TASKS
 from .formats import FORMATS
 from .modeling import DEFAULT_MODEL, UnsupportedModelError
+from .bench import AB as BENCH_AB
 from .synth import SHAPES
 
 DEFAULTS = QuantConfig()
@@ -128,7 +129,7 @@ def cmd_bench(a):
         from .modeling import resolve_model
         meta = read_meta(Path(a.checkpoint))
         src, ck = resolve_model(meta["source_model"]), a.checkpoint
-    rows = run_bench(src, ck, a.batch, a.decode, a.prefill, a.repeats)
+    rows = run_bench(src, ck, a.batch, a.decode, a.prefill, a.repeats, ab=a.ab)
     print(table(rows, a.batch, a.prefill))
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1, default=str))
@@ -226,6 +227,8 @@ def build_parser():
     p.add_argument("--decode", type=int, default=64, help="decode steps timed (default: %(default)s)")
     p.add_argument("--prefill", type=int, default=2048, help="prompt length timed (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--ab", nargs="*", default=list(BENCH_AB), choices=BENCH_AB,
+                   help="the same run's A/Bs to make as well (default: all; none: just the two models)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(fn=cmd_bench)
     p = sub.add_parser("compare", help="perplexity of several methods on one model, as a table")
