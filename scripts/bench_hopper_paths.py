@@ -13,6 +13,9 @@ triton.testing.do_bench (it flushes L2 before every repetition), the GEMV config
 """
 import argparse
 import json
+import sys
+
+from pathlib import Path
 
 import torch
 import triton
@@ -54,6 +57,19 @@ def gpu_run() -> tuple:
     a = ap.parse_args()
     torch.manual_seed(0)
     return a, torch.device("cuda")
+
+
+def finish_check(out: str, rows: list, bad: list, **summary) -> None:
+    """How the GPU exactness checks end: the summary (card, versions, case and failure counts, and
+    `summary`) printed, each failed row printed, everything written to `out`, exit status 1 if any
+    case failed."""
+    record = {"header": run_header(), **summary, "cases": len(rows), "failed": len(bad), "rows": rows}
+    print(json.dumps({k: v for k, v in record.items() if k != "rows"}), flush=True)
+    for r in bad:
+        print("FAILED", json.dumps(r), flush=True)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(record, indent=1))
+    sys.exit(1 if bad else 0)
 
 
 def graphed(fn):

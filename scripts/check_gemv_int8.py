@@ -8,14 +8,13 @@ with a bias, every nr at kw 1 / 2 / 4.
 
     PYTHONPATH=. python3 scripts/check_gemv_int8.py --out results/gemv-int8-check-h200.json
 """
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_hopper_paths import gpu_run, make_layer, make_x, run_header  # noqa: E402
+from bench_hopper_paths import finish_check, gpu_run, make_layer, make_x  # noqa: E402
 
 from arcquant.kernels.act_quant import arc_quantize_activation_gemv, block_starts  # noqa: E402
 from arcquant.kernels.cuda_gemv import arc_gemv_int8, int8_gemv_reference  # noqa: E402
@@ -46,14 +45,7 @@ def main():
     a, dev = gpu_run()
     rows = [case(k, s, m, n, per_row, dev) for k in (3584, 4096, 14336, 18944) for s in (0, 16, 64, 448)
             for m in (1, 2) for n, per_row in ((1001, False), (37, True))]
-    bad = [r for r in rows if not r["equal"] or r["max_rel"] > 1e-6]
-    out = {"header": run_header(), "settings_nr_kw": SETTINGS, "cases": len(rows), "failed": len(bad), "rows": rows}
-    print(json.dumps({k: v for k, v in out.items() if k != "rows"}), flush=True)
-    for r in bad:
-        print("FAILED", json.dumps(r), flush=True)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=1))
-    sys.exit(1 if bad else 0)
+    finish_check(a.out, rows, [r for r in rows if not r["equal"] or r["max_rel"] > 1e-6], settings_nr_kw=SETTINGS)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,13 @@ N 1001). Residuals are random and of the product's size, so the add's rounding m
 
     PYTHONPATH=. python3 scripts/check_residual_epilogue.py --out results/residual-epilogue-h200.json
 """
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_hopper_paths import gpu_run, make_layer, make_x, run_header  # noqa: E402
+from bench_hopper_paths import finish_check, gpu_run, make_layer, make_x  # noqa: E402
 
 from arcquant.kernels.act_quant import arc_quantize_activation_gemv, block_starts  # noqa: E402
 from arcquant.kernels.cuda_gemv import PIPE_SETTINGS, arc_gemm_mma, arc_gemv_int8  # noqa: E402
@@ -62,14 +61,7 @@ def main():
                 want = res + y
                 rows.append({"K": k, "s": s, "M": m, "kernel": name, "dtype": str(dt).split(".")[-1],
                              "equal": bool(torch.equal(got, want)), "changed": bool(not torch.equal(got, y))})
-    bad = [r for r in rows if not r["equal"] or not r["changed"]]
-    out = {"header": run_header(), "cases": len(rows), "failed": len(bad), "rows": rows}
-    print(json.dumps({k: v for k, v in out.items() if k != "rows"}), flush=True)
-    for r in bad:
-        print("FAILED", json.dumps(r), flush=True)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=1))
-    sys.exit(1 if bad else 0)
+    finish_check(a.out, rows, [r for r in rows if not r["equal"] or not r["changed"]])
 
 
 if __name__ == "__main__":

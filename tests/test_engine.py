@@ -568,3 +568,22 @@ def test_layer_benchmark_tables_state_the_measured_ranges():
     assert md.count("\n| ") == len(d["rows"]) + 1                 # header row + one per measured row
     bad = subprocess.run([sys.executable, str(root / "scripts" / "bench_layers.py")], capture_output=True, text=True)
     assert bad.returncode == 2 and "--out FILE" in bad.stderr
+
+
+def test_gpu_checks_report_and_fail_on_a_bad_case(tmp_path, monkeypatch, capsys):
+    """scripts/bench_hopper_paths.finish_check, how every GPU exactness check ends: the record with
+    the case and failure counts written, each failed row printed, exit status 1 if any failed."""
+    import json
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_hopper_paths
+    monkeypatch.setattr(bench_hopper_paths, "run_header", lambda **extra: {"card": "test"})
+    rows = [{"K": 64, "equal": True}, {"K": 96, "equal": False}]
+    for bad, code in (([rows[1]], 1), ([], 0)):
+        with pytest.raises(SystemExit) as exit_:
+            bench_hopper_paths.finish_check(str(tmp_path / "sub" / "out.json"), rows, bad, settings=[1, 2])
+        assert exit_.value.code == code
+        record = json.loads((tmp_path / "sub" / "out.json").read_text())
+        assert record == {"header": {"card": "test"}, "settings": [1, 2], "cases": 2, "failed": len(bad), "rows": rows}
+        assert ('FAILED {"K": 96, "equal": false}' in capsys.readouterr().out) == bool(bad)
