@@ -545,18 +545,81 @@ def test_every_kernel_launched_with_pdl_waits_before_touching_memory():
             stmts = [t.strip() for t in first(bodies[re.match(r"(\w+)<", stmts[0]).group(1)])]
         lead = [t for t in stmts[:stmts.index("arc::pdl_enter()")] if t]
         assert all(t.startswith(("using ", "constexpr ")) for t in lead), (k, lead)
+    import ast
     import inspect
-    from arcquant.kernels import act_quant, decode_attention, rmsnorm, rope_cache
+    from arcquant.kernels import pdl
     seen = 0
-    for mod in (act_quant, decode_attention, rmsnorm, rope_cache):
-        for name, fn in vars(mod).items():
-            text = inspect.getsource(fn.fn) if hasattr(fn, "fn") else ""
-            if "PDL: tl.constexpr" in text:
-                body = text.split("PDL: tl.constexpr", 1)[1]
-                assert "tl.load" not in body[:body.index("gdc_wait()")], name
-                assert "gdc_launch_dependents()" in body, name
-                seen += 1
+    for name, fn in _pdl_triton_kernels().items():
+        body = ast.parse(inspect.getsource(fn.fn)).body[0].body
+        body = body[1:] if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) else body  # docstring
+        assert ast.unparse(body[0]) == "pdl_enter(PDL)", (name, ast.unparse(body[0]))   # its first statement
+        seen += 1
     assert seen == 5
+    helper = inspect.getsource(pdl.pdl_enter.fn)
+    assert helper.index("gdc_launch_dependents()") < helper.index("gdc_wait()")
+
+
+def _pdl_triton_kernels() -> dict:
+    """name -> every Triton kernel of the package taking a PDL constexpr."""
+    import inspect
+    from arcquant.kernels import act_quant, decode_attention, pdl, rmsnorm, rope_cache
+    return {name: fn for mod in (act_quant, decode_attention, rmsnorm, rope_cache) for name, fn in vars(mod).items()
+            if hasattr(fn, "fn") and fn is not pdl.pdl_enter and "PDL: tl.constexpr" in inspect.getsource(fn.fn)}
+
+
+# Each PDL Triton kernel compiled for sm_90 as the model launches it: the types of its
+# non-constexpr arguments other than i32 and its constexprs (PDL on).
+PDL_COMPILE = {
+    "rmsnorm._rmsnorm_kernel": ({"x": "*bf16", "w": "*bf16", "y": "*bf16", "eps": "fp32"}, {"BLOCK": 4096}),
+    "act_quant._arc_act_quant_kernel": (
+        {"x_ptr": "*bf16", "perm_ptr": "*i32", "gs_ptr": "*fp32", "codes_ptr": "*u8", "scales_ptr": "*u8",
+         "xd_ptr": "*i8", "xi_ptr": "*i8"},
+        {"GS_PER_ROW": True, "NB": 16, "PACKED": False, "DEQUANTIZED": False, "INT8": True, "ROW_AMAX": True,
+         "ROW_TILES": 4, "AMAX_TILE": 1024, "BLOCK_PERM": True, "MMA_ORDER": False}),
+    "decode_attention._decode_attention_kernel": (
+        {"q": "*bf16", "k": "*bf16", "v": "*bf16", "mask": "*i1", "nvalid": "*i64", "o": "*bf16", "wacc": "*fp32",
+         "wml": "*fp32", "scale": "fp32"}, {"D": 128, "GP": 16, "BN": 64, "PER": 4, "SPLIT": True, "F32": False}),
+    "decode_attention._combine_kernel": ({"wacc": "*fp32", "wml": "*fp32", "o": "*bf16"}, {"D": 128, "SP": 4}),
+    "rope_cache._rope_cache_kernel": (
+        {n: "*bf16" for n in ("q", "k", "v", "cos", "sin", "qo", "kc", "vc")} | {"start": "*i64"},
+        {"HALF": 64, "BLOCK": 64}),
+}
+
+PTX_ORDER = """
+import importlib, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+out = {}
+for key, (types, consts) in json.loads(sys.argv[1]).items():
+    mod, name = key.split(".")
+    fn = getattr(importlib.import_module("arcquant.kernels." + mod), name)
+    sig = {p.name: "constexpr" if p.is_constexpr else types.get(p.name, "i32") for p in fn.params}
+    consts = dict(consts, PDL=True)
+    assert set(consts) == {p.name for p in fn.params if p.is_constexpr}, key
+    ptx = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    lines = [line.strip() for line in ptx.splitlines()]
+    at = lambda ops: min([i for i, line in enumerate(lines) if any(op in line.split("//")[0] for op in ops)] or [-1])
+    out[key] = [at(["griddepcontrol.launch_dependents"]), at(["griddepcontrol.wait"]), at(["ld.global", "st.global"])]
+print(json.dumps(out))
+"""
+
+
+def test_pdl_triton_kernels_wait_before_their_first_memory_access_in_the_ptx():
+    """The code generated for sm_90 (compiled here, no GPU needed; in a child process, since this
+    one runs Triton through the interpreter) with PDL on: in every PDL Triton kernel the
+    launch-dependents and wait instructions come before its first global load or store."""
+    import json
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", PTX_ORDER, json.dumps(PDL_COMPILE)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    order = json.loads(done.stdout.splitlines()[-1])
+    assert set(order) == set(PDL_COMPILE) and len(order) == len(_pdl_triton_kernels())
+    for key, (launch, wait, access) in order.items():
+        assert 0 <= launch < wait < access, (key, launch, wait, access)
 
 
 def test_pdl_is_off_for_the_cpu_and_the_interpreter_and_switchable():

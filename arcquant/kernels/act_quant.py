@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .fp4_jit import e2m1_decode, tail_to_main
-from .pdl import triton_args
+from .pdl import pdl_enter, triton_args
 
 # Triton path, per-token scale: inside the kernel (every program re-reads its row) unless there
 # are many long rows; then one amax pass first (H200, M = 4096: K = 14336 470 -> 222 us, but
@@ -100,9 +100,7 @@ def _arc_act_quant_kernel(
     MMA_ORDER: tl.constexpr,                                  # xd's 8-column groups as 0,4,1,5,2,6,3,7
     PDL: tl.constexpr = False,                                # launched with PDL (kernels/pdl.py)
 ):
-    if PDL:                                                       # kernels/pdl.py
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    pdl_enter(PDL)                                                # kernels/pdl.py
     m = tl.program_id(0)
     # this program's blocks are gathered first: their loads (and the block starts' before them) do not
     # wait for the row's amax pass, which a decode-sized call is latency-bound on

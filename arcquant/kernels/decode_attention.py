@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import triton_args
+from .pdl import pdl_enter, triton_args
 
 MAX_T, BN = 16, 64
 TARGET_PROGRAMS = 264                     # ~2 per SM of an H100 / H200 (132 SMs)
@@ -39,9 +39,7 @@ def _decode_attention_kernel(q, k, v, mask, nvalid, o, wacc, wml, scale, T, HQ, 
                              sq_b, sq_h, sq_t, sm_b, sm_t,
                              D: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, PER: tl.constexpr,
                              SPLIT: tl.constexpr, F32: tl.constexpr, PDL: tl.constexpr = False):
-    if PDL:                                                       # kernels/pdl.py
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    pdl_enter(PDL)                                                # kernels/pdl.py
     bj = tl.program_id(0)                                  # b * HKV + key/value head j
     t = tl.program_id(1)                                   # new token
     sp = tl.program_id(2)                                  # key split: blocks sp*PER .. sp*PER + PER - 1
@@ -91,9 +89,7 @@ def _decode_attention_kernel(q, k, v, mask, nvalid, o, wacc, wml, scale, T, HQ, 
 
 @triton.jit
 def _combine_kernel(wacc, wml, o, R, S, D: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr = False):
-    if PDL:                                                       # kernels/pdl.py
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    pdl_enter(PDL)                                                # kernels/pdl.py
     r = tl.program_id(0)                                   # output row (b, t, query head)
     sidx = tl.arange(0, SP)
     d = tl.arange(0, D)

@@ -18,6 +18,8 @@ import functools
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 MAX_ROWS = 2
 MIN_CAPABILITY = (9, 0)                    # griddepcontrol: Hopper and later
@@ -78,3 +80,14 @@ def triton_args(device: torch.device, rows: int) -> dict:
     has more rows than max_rows(): the kernel's PDL stays False)."""
     on = _STATE["on"] and rows <= _STATE["max_rows"] and _device_has_pdl(device)
     return {"PDL": True, "launch_pdl": True} if on else {}
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """The first statement of every Triton kernel with a PDL constexpr (launched with triton_args):
+    let the next kernel be placed, then wait until every earlier one has finished and its writes
+    are visible - before any load or store (csrc/arc_launch.cuh's arc::pdl_enter for the CUDA ones).
+    Nothing when PDL is False (the default, the interpreter)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .fp4_jit import round_to
-from .pdl import triton_args
+from .pdl import pdl_enter, triton_args
 from .rope_cache import DTYPES
 
 MAX_N = 16384
@@ -21,9 +21,7 @@ MAX_N = 16384
 
 @triton.jit
 def _rmsnorm_kernel(x, w, y, N, sx, sy, eps, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-    if PDL:                                                       # kernels/pdl.py
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    pdl_enter(PDL)                                                # kernels/pdl.py
     row = tl.program_id(0)
     i = tl.arange(0, BLOCK)
     m = i < N

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .fp4_jit import round_to
-from .pdl import triton_args
+from .pdl import pdl_enter, triton_args
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -47,9 +47,7 @@ def _rotate_store(src, dst, c_lo, c_hi, s_lo, s_hi, i, m, HALF: tl.constexpr):
 def _rope_cache_kernel(q, k, v, cos, sin, qo, kc, vc, start,
                        T, HQ, HKV, L, sq_b, sq_t, sk_b, sk_t, sv_b, sv_t, sc_b, sc_t,
                        HALF: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-    if PDL:                                                       # kernels/pdl.py
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    pdl_enter(PDL)                                                # kernels/pdl.py
     bt = tl.program_id(0)                              # token: b * T + t
     h = tl.program_id(1)                               # head: < HQ a query head, else key/value head h - HQ
     b = bt // T
