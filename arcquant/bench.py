@@ -427,6 +427,15 @@ def engine_fusion_logits(rows) -> str:
         f"{r['model']} {r['unfused_engine_logits_max_abs_diff']:.3g}" for r in rows)
 
 
+def _ab_cells(rows: list, batches, key: str) -> list:
+    """An A/B line's cell for each row: its decode tok/s with the setting off, `decode_tok_s_b{b}_{key}`,
+    as "model b1 x, b8 y", each after the first row with its ratio to the first row's."""
+    off = lambda r, b: r[f"decode_tok_s_b{b}_{key}"]                     # noqa: E731
+    return [f"{r['model']} " + ", ".join(f"b{b} {off(r, b):.1f}" + ("" if r is rows[0] else
+                                                                    f" ({off(r, b) / off(rows[0], b):.2f}x)")
+                                         for b in batches) for r in rows]
+
+
 def table(rows: list, batches, prefill: int) -> str:
     gib = lambda b: f"{b / 2**30:.2f}"
     graphed = all(f"prefill_ms_{prefill}_graph" in r for r in rows)
@@ -462,12 +471,8 @@ def table(rows: list, batches, prefill: int) -> str:
                 lines += ["", f"{r['model']} prefill {prefill} graph with {what}: {off:.1f} ms ({off / base[key]:.2f}x "
                           f"BF16; all fused {r[key]:.1f} ms); logits vs fused: max |diff| {r[f'{name}_logits_max_abs_diff']:.3g}"]
     if all(f"decode_tok_s_b{b}_unfused_engine" in r for r in rows for b in batches):   # the engine fusions' A/B
-        old = rows[0]
-        cells = [f"{r['model']} " + ", ".join(
-            f"b{b} {r[f'decode_tok_s_b{b}_unfused_engine']:.1f}" + ("" if r is old else
-                                                                    f" ({r[f'decode_tok_s_b{b}_unfused_engine'] / old[f'decode_tok_s_b{b}_unfused_engine']:.2f}x)")
-            for b in batches) + f", prefill graph {r[f'prefill_ms_{prefill}_graph_unfused_engine']:.1f} ms"
-            for r in rows]
+        cells = [c + f", prefill graph {r[f'prefill_ms_{prefill}_graph_unfused_engine']:.1f} ms"
+                 for c, r in zip(_ab_cells(rows, batches, "unfused_engine"), rows)]
         lines += ["", "Engine fusions off (the eager attention and norms; tok/s): " + "; ".join(cells) + "; " +
                   engine_fusion_logits(rows)]
     for r in rows:                                                      # the pipelined GEMV's A/B
@@ -478,19 +483,13 @@ def table(rows: list, batches, prefill: int) -> str:
                           f"({off / base[f'decode_tok_s_b{b}']:.2f}x BF16; on: {r[f'decode_tok_s_b{b}']:.1f})"]
     pdl_batches = [b for b in batches if all(f"decode_tok_s_b{b}_no_pdl" in r for r in rows)]
     if pdl_batches:                                                     # the PDL A/B
-        old = rows[0]
-        off = lambda r, b: r[f"decode_tok_s_b{b}_no_pdl"]                # noqa: E731
-        cells = [f"{r['model']} " + ", ".join(
-            f"b{b} {off(r, b):.1f}" + ("" if r is old else f" ({off(r, b) / off(old, b):.2f}x)") for b in pdl_batches)
-            + f", logits on vs off: max |diff| {r['pdl_logits_max_abs_diff']:.3g}" for r in rows]
+        cells = [c + f", logits on vs off: max |diff| {r['pdl_logits_max_abs_diff']:.3g}"
+                 for c, r in zip(_ab_cells(rows, pdl_batches, "no_pdl"), rows)]
         lines += ["", "Programmatic dependent launch off (kernels/pdl.py; tok/s): " + "; ".join(cells)]
     if all(f"decode_tok_s_b{b}_no_residual" in r for r in rows for b in batches):   # the residual fusion's A/B
-        old = rows[0]
-        off = lambda r, b: r[f"decode_tok_s_b{b}_no_residual"]           # noqa: E731
-        cells = [f"{r['model']} " + ", ".join(
-            f"b{b} {off(r, b):.1f}" + ("" if r is old else f" ({off(r, b) / off(old, b):.2f}x)") for b in batches)
-            + f", prefill graph {r[f'prefill_ms_{prefill}_graph_no_residual']:.1f} ms, teacher-forced logits vs fused: "
-            f"max |diff| {r['no_residual_logits_max_abs_diff']:.3g}" for r in rows]
+        cells = [c + f", prefill graph {r[f'prefill_ms_{prefill}_graph_no_residual']:.1f} ms, teacher-forced logits "
+                 f"vs fused: max |diff| {r['no_residual_logits_max_abs_diff']:.3g}"
+                 for c, r in zip(_ab_cells(rows, batches, "no_residual"), rows)]
         lines += ["", "Residual adds as separate kernels (engine_fusion.linear_residual off; tok/s): " + "; ".join(cells)]
     for r in rows:
         if "decode_repeat_logits_max_abs_diff" in r:

@@ -43,8 +43,10 @@ __device__ __forceinline__ void store_out(const Epilogue& ep, void* __restrict__
   if (ep.bias != nullptr) v += ep.bias[n];
   if (ep.out_kind == 0) {
     __nv_bfloat16 h = __float2bfloat16(v);
-    if (ep.res != nullptr)
-      h = __float2bfloat16(__fadd_rn(__bfloat162float(h), __bfloat162float(static_cast<const __nv_bfloat16*>(ep.res)[o])));
+    if (ep.res != nullptr) {
+      const __nv_bfloat16 r = static_cast<const __nv_bfloat16*>(ep.res)[o];
+      h = __float2bfloat16(__fadd_rn(__bfloat162float(h), __bfloat162float(r)));
+    }
     static_cast<__nv_bfloat16*>(y)[o] = h;
   } else if (ep.out_kind == 1) {
     __half h = __float2half(v);
@@ -326,7 +328,7 @@ __global__ void arc_gemv_kernel(const int8_t* __restrict__ xi, const uint8_t* __
 
 template <int M, int NR, int U>
 void launch(const torch::Tensor& xi, const torch::Tensor& xs, const torch::Tensor& xgs, const torch::Tensor& wc,
-            const torch::Tensor& ws, const torch::Tensor& wgs, const Epilogue& ep, torch::Tensor& y, 
+            const torch::Tensor& ws, const torch::Tensor& wgs, const Epilogue& ep, torch::Tensor& y,
             int kw, int s) {
   const int n = wc.size(0), k = wc.size(1) * 2, mrows = xi.size(0);
   dim3 grid((n + NR - 1) / NR), block(32, kw);
@@ -340,7 +342,7 @@ void launch(const torch::Tensor& xi, const torch::Tensor& xs, const torch::Tenso
 template <int M, int U>
 void launch_nr(int nr, const torch::Tensor& xi, const torch::Tensor& xs, const torch::Tensor& xgs,
                const torch::Tensor& wc, const torch::Tensor& ws, const torch::Tensor& wgs, const Epilogue& ep,
-               torch::Tensor& y,  int kw, int s) {
+               torch::Tensor& y, int kw, int s) {
   if (nr == 1) launch<M, 1, U>(xi, xs, xgs, wc, ws, wgs, ep, y, kw, s);
   else if (nr == 2) launch<M, 2, U>(xi, xs, xgs, wc, ws, wgs, ep, y, kw, s);
   else launch<M, 4, U>(xi, xs, xgs, wc, ws, wgs, ep, y, kw, s);
@@ -349,7 +351,7 @@ void launch_nr(int nr, const torch::Tensor& xi, const torch::Tensor& xs, const t
 template <int M>
 void launch_u(int u, int nr, const torch::Tensor& xi, const torch::Tensor& xs, const torch::Tensor& xgs,
               const torch::Tensor& wc, const torch::Tensor& ws, const torch::Tensor& wgs, const Epilogue& ep,
-              torch::Tensor& y,  int kw, int s) {
+              torch::Tensor& y, int kw, int s) {
   if (u == 1) launch_nr<M, 1>(nr, xi, xs, xgs, wc, ws, wgs, ep, y, kw, s);
   else if (u == 2) launch_nr<M, 2>(nr, xi, xs, xgs, wc, ws, wgs, ep, y, kw, s);
   else launch_nr<M, 4>(nr, xi, xs, xgs, wc, ws, wgs, ep, y, kw, s);
@@ -552,8 +554,8 @@ __device__ __forceinline__ void mma_body(const __half* __restrict__ xd, const fl
 
 #define MMA_PARAMS                                                                                  \
   const __half* __restrict__ xd, const float* __restrict__ xgs, int xgs_per_row, const uint8_t* __restrict__ wc, \
-      const uint8_t* __restrict__ ws, const float* __restrict__ wgs, int wgs_per_row, const Epilogue ep, void* __restrict__ y,  \
-      int mrows, int N, int K, int S
+      const uint8_t* __restrict__ ws, const float* __restrict__ wgs, int wgs_per_row, const Epilogue ep,            \
+      void* __restrict__ y, int mrows, int N, int K, int S
 #define MMA_ARGS xd, xgs, xgs_per_row, wc, ws, wgs, wgs_per_row, ep, y, mrows, N, K, S
 
 // Two entry points: the compiler's own register choice (77 / 106 / 150 / 144 registers for MT
@@ -572,7 +574,7 @@ __global__ void __launch_bounds__(256, mma_min_blocks(MT)) arc_gemm_mma_bounded(
 
 template <int MT>
 void launch_mma(const torch::Tensor& xd, const torch::Tensor& xgs, const torch::Tensor& wc, const torch::Tensor& ws,
-                const torch::Tensor& wgs, const Epilogue& ep, torch::Tensor& y,  int kw, int s, bool occ) {
+                const torch::Tensor& wgs, const Epilogue& ep, torch::Tensor& y, int kw, int s, bool occ) {
   const int n = wc.size(0), k = wc.size(1) * 2, mrows = xd.size(0);
   dim3 grid((n + 15) / 16), block(32, kw);
   const size_t smem = sizeof(float) * kw * MT * 4 * 32;
@@ -775,7 +777,8 @@ Epilogue epilogue_args(const c10::optional<torch::Tensor>& bias, const c10::opti
   const void* r = nullptr;
   if (residual.has_value()) {
     TORCH_CHECK(residual->scalar_type() == y.scalar_type() && residual->sizes() == y.sizes() &&
-                residual->is_contiguous() && residual->device() == y.device(), "residual: contiguous, y's dtype and shape");
+                residual->is_contiguous() && residual->device() == y.device(),
+                "residual: contiguous, y's dtype and shape");
     r = residual->data_ptr();
   }
   const int out_kind = y.scalar_type() == at::kBFloat16 ? 0 : y.scalar_type() == at::kHalf ? 1 : 2;
